@@ -1,0 +1,21 @@
+"""Shared fixtures: the repo on sys.path, and one local Ray for the whole test session."""
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A real local Ray with 2 CPUs, shared by every test that runs trials (scripts reuse it)."""
+    import ray
+
+    import training
+
+    training.init_ray(argparse.Namespace(gpus_id=None, ray_address=None, num_cpus=2))
+    yield ray
+    ray.shutdown()
