@@ -72,7 +72,10 @@ def _regularizer(mode: str, y: Tensor, map_params: dict) -> Tensor:
     if mode == "k_subsets":
         # weights w = mu / k with mu = argmax_{mu in M_k} <theta, mu> - 1/2 ||mu||^2, so on M_k / k
         # the map is argmax_w <theta, w> - (k/2) ||w||^2.
-        return 0.5 * map_params.get("k", 2) * y.pow(2).sum(-1)
+        # (with normalize=False the weights are the marginals themselves: Omega = 1/2 ||mu||^2)
+        k = map_params.get("k", 2) if map_params.get("normalize", True) else 1
+        return 0.5 * k * y.pow(2).sum(-1)
+    # sequential k-subsets: Omega* also needs the pair marginals of the chain, which the map does not return
     raise NotImplementedError(f"energy is not available for mode {mode!r}")
 
 
@@ -112,7 +115,9 @@ class Hopfield(nn.Module):
 
     so T = 1 is one retrieval (attention) and T > 1 iterates the Hopfield update on the queries before
     reading out the values. ``update_steps=None`` iterates to the fixed point q* = y(beta q* K^T) K
-    with the DEQ solver of ``deq.py`` (implicit gradients). Heads are concatenated; with ``mix=True``
+    with the DEQ solver of ``deq.py`` (implicit gradients). A fixed point does not depend on the
+    starting query except through the basin it lies in, so with ``update_steps=None`` no gradient
+    reaches W_Q (or HopfieldPooling's learned queries): they only pick the basin. Heads are concatenated; with ``mix=True``
     a learned output projection W_O mixes them, with ``mix=False`` the heads stay separate (no W_O).
 
     Args:
@@ -124,12 +129,16 @@ class Hopfield(nn.Module):
         dropout: dropout on the association weights A.
         mix: mix heads with an output projection.
         normalize_patterns: LayerNorm on state and stored patterns before projection (Ramsauer et al.).
+        fixed_point: options of ``deq.fixed_point`` for ``update_steps=None`` (solver, max_iter, tol,
+            backward, ...); default Anderson, tol 1e-5, implicit gradients with adjoint tol 1e-6. The last solve's statistics
+            (iterations, residuals, seconds) are kept in ``last_fixed_point_stats``.
         map_params: map parameters, e.g. ``alpha`` (entmax_alpha, normmax, gsh initial value) or ``k``.
     """
 
     def __init__(self, d_model: int, n_heads: int = 1, mode: str = "softmax", scale: float | None = None,
                  update_steps: int | None = 1, dropout: float = 0.0, mix: bool = True,
-                 normalize_patterns: bool = False, **map_params) -> None:
+                 normalize_patterns: bool = False, fixed_point: dict | None = None,
+                 **map_params) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
@@ -142,6 +151,9 @@ class Hopfield(nn.Module):
         self.scale = scale if scale is not None else 1.0 / math.sqrt(self.d_head)
         self.update_steps = update_steps
         self.map_params = dict(map_params)
+        # float32 cannot reach deq's default adjoint tolerance of 1e-8: stop the adjoint at 1e-6
+        self.fixed_point_options = {"tol": 1e-5, "backward_tol": 1e-6, **(fixed_point or {})}
+        self.last_fixed_point_stats: dict | None = None
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
@@ -183,7 +195,7 @@ class Hopfield(nn.Module):
         def update(state: Tensor) -> Tensor:
             return self._weights(state, k, pad) @ k
 
-        q_star, self.last_fixed_point_stats = deq.fixed_point(update, q)
+        q_star, self.last_fixed_point_stats = deq.fixed_point(update, q, **self.fixed_point_options)
         return q_star
 
     def forward(self, R: Tensor, Y: Tensor, key_padding_mask: Tensor | None = None,

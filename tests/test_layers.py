@@ -11,7 +11,8 @@ from layers import Hopfield, HopfieldLayer, HopfieldPooling, energy, retrieve, s
 
 ENERGY_MODES = [("softmax", {}), ("sparsemax", {}), ("entmax", {}), ("entmax_alpha", {"alpha": 1.3}),
                 ("entmax_alpha", {"alpha": 1.8}), ("normmax", {"alpha": 2.0}), ("normmax", {"alpha": 3.0}),
-                ("k_subsets", {"k": 2}), ("k_subsets", {"k": 3})]
+                ("k_subsets", {"k": 2}), ("k_subsets", {"k": 3}),
+                ("k_subsets", {"k": 2, "normalize": False})]
 SPARSE_MODES = ["sparsemax", "entmax", "entmax_alpha", "gsh", "normmax", "k_subsets"]
 
 
@@ -289,3 +290,26 @@ def test_scaled_dot_product_reference_single_head():
     q, k, v = (torch.randn(2, 1, 3, 4, dtype=torch.float64) for _ in range(3))
     ours = sparsemax.softmax(q @ k.transpose(-1, -2) / 2.0) @ v
     assert torch.allclose(ours, F.scaled_dot_product_attention(q, k, v), atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,solver", [("softmax", "anderson"), ("softmax", "picard"),
+                                         ("sparsemax", "picard"), ("entmax", "picard")])
+def test_fixed_point_retrieval_matches_long_iteration_and_its_gradient(mode, solver):
+    """update_steps=None solves q* = y(beta q* K^T) K; value and implicit gradient match a long unroll.
+    (Sparse maps have several fixed points: Picard follows the plain iteration into the same one.)"""
+    torch.manual_seed(0)
+    opts = {"solver": solver, "max_iter": 300, "tol": 1e-11, "backward_iter": 300, "backward_tol": 1e-12}
+    deq_hop = Hopfield(8, 2, mode=mode, update_steps=None, scale=0.5, fixed_point=opts).double()
+    unrolled = Hopfield(8, 2, mode=mode, update_steps=400, scale=0.5).double()
+    unrolled.load_state_dict(deq_hop.state_dict())
+    R, Y = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    out_deq, out_unrolled = deq_hop(R, Y), unrolled(R, Y)
+    assert torch.allclose(out_deq, out_unrolled, atol=1e-7)
+    assert deq_hop.last_fixed_point_stats["converged"]
+    out_deq.pow(2).sum().backward()
+    out_unrolled.pow(2).sum().backward()
+    for (name, p), q in zip(deq_hop.named_parameters(), unrolled.parameters()):
+        if name.startswith("q_proj"):  # a fixed point does not depend on where the iteration starts
+            assert p.grad is None and q.grad.abs().max() < 1e-6, name
+        else:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), name

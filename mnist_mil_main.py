@@ -1,0 +1,543 @@
+"""MNIST multiple-instance learning with Hopfield pooling (Hu et al. 2023; Santos et al. 2024).
+
+Two tasks, one script:
+
+* **MNIST bags** (default; Hu et al. 2023, after Ilse et al. 2018): a bag of ``--bag_size`` MNIST digits
+  is positive iff it contains a 9. Model (``training.BagClassifier`` with ``training.mlp_encoder``):
+
+      flattened 784 -> Linear -> LayerNorm -> HopfieldPooling -> GELU -> LayerNorm -> Linear -> 1 logit
+
+  trained with AdamW + cosine schedule on BCE-with-logits, evaluated in eval mode with logit > 0.
+  Reported: test accuracy of the last epoch, mean +- std over ``--trials`` seeds (no selection on test).
+* **K-MIL** (``--k_mil K``; Santos et al. 2024): a bag (size ~ N(10, 2)) is positive iff it holds at least
+  K nines; a small LeNet encoder replaces the linear one. Reported: test accuracy at the epoch of best
+  validation accuracy, mean +- std over seeds, beside the SparseMAP numbers of Santos et al. (default
+  modes: softmax, sparsemax, entmax and SparseMAP k_subsets with k = 2, 3, 5).
+
+Modes are the retrieval maps of ``sparsemax.py``; a mode may carry its parameter after a colon:
+``k_subsets:3`` (SparseMAP over 3-subsets), ``sequential_k_subsets:2``, ``entmax_alpha:1.3``,
+``normmax:3`` or ``gsh:1.2`` (initial alpha). Without it, ``k_subsets`` uses ``--k`` and alpha modes use
+``--alpha`` (or the map's default).
+
+Every (mode, seed) pair is a Ray Tune trial (``training.run_trials``): rerunning the same command (or the
+same ``--exp_name``) resumes and keeps every finished trial. ``--tune`` instead samples
+``--num_samples`` hyperparameter configurations per mode (space: ``tune_space()``) scored on validation
+bags built from MNIST-train images disjoint from the training bags' images.
+
+Outputs: ``{img_dir}/{train_acc,test_acc,train_loss,test_loss}_{tag}.png`` (mean curve and std band per
+mode), ``{img_dir}/metrics_{tag}.csv`` (per-epoch metrics of every trial), and
+``{results_dir}/mnist_mil_{tag}_summary.{csv,json}`` plus the run's config; ``tag`` is the bag size, or
+``kmil{K}`` for K-MIL.
+
+    python3 mnist_mil_main.py --quick                       # minutes on 2 CPU cores
+    python3 mnist_mil_main.py --bag_size 10                 # full setting of Hu et al. (5 seeds, 100 epochs)
+    python3 mnist_mil_main.py --k_mil 3 --modes softmax sparsemax k_subsets:2 k_subsets:3
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import sparsemax
+import training
+
+REPO_DIR = Path(__file__).resolve().parent
+METRICS = ("train_acc", "test_acc", "train_loss", "test_loss")
+DEFAULT_MODES = ("softmax", "sparsemax", "entmax", "gsh")
+KMIL_DEFAULT_MODES = ("softmax", "sparsemax", "entmax", "k_subsets:2", "k_subsets:3", "k_subsets:5")
+MODE_PARAM = {"k_subsets": ("k", int), "sequential_k_subsets": ("k", int), "entmax_alpha": ("alpha", float),
+              "normmax": ("alpha", float), "gsh": ("alpha", float)}
+
+# Hyperparameters resolved per task; ``--quick`` overrides the first group, explicit flags win over both.
+BAG_DEFAULTS = dict(n_train=4000, n_val=1000, n_test=1000, epochs=100, trials=5, d_model=512, n_heads=4,
+                    num_pattern=2, scale=0.1, update_steps=1, dropout=0.3, lr=1e-4, weight_decay=1e-3,
+                    batch_size=256, grad_clip=None)
+BAG_QUICK = dict(epochs=10, trials=2)
+KMIL_DEFAULTS = dict(n_train=2000, n_val=500, n_test=500, epochs=50, trials=5, d_model=128, n_heads=4,
+                     num_pattern=1, scale=None, update_steps=1, dropout=0.0, lr=1e-4, weight_decay=1e-4,
+                     batch_size=16, grad_clip=1.0)
+KMIL_QUICK = dict(n_train=500, n_val=200, n_test=200, epochs=5, trials=2)
+
+# Santos et al. (2024), K-MIL test accuracy (%) of SparseMAP k-subsets pooling: {k: {K: acc}}.
+SANTOS_KMIL_SPARSEMAP = {2: {2: 97.7, 3: 95.1, 5: 92.6}, 3: {2: 96.1, 3: 96.5, 5: 92.2},
+                         5: {2: 96.2, 3: 95.1, 5: 95.1}}
+
+
+def tune_space() -> dict:
+    """Hyperparameter search space of ``--tune`` (sampled ``--num_samples`` times per mode)."""
+    from ray import tune
+
+    return {"lr": tune.loguniform(1e-5, 1e-3), "weight_decay": tune.loguniform(1e-4, 1e-2),
+            "dropout": tune.choice([0.0, 0.1, 0.3, 0.5]), "scale": tune.choice([0.05, 0.1, 0.25, 0.5, 1.0]),
+            "d_model": tune.choice([128, 256, 512]), "n_heads": tune.choice([1, 2, 4]),
+            "num_pattern": tune.choice([1, 2, 4])}
+
+
+TUNE_SPACE_DOC = ("lr ~ loguniform(1e-5, 1e-3), weight_decay ~ loguniform(1e-4, 1e-2), dropout in {0, .1, .3, .5}, "
+                  "scale in {.05, .1, .25, .5, 1}, d_model in {128, 256, 512}, n_heads in {1, 2, 4}, "
+                  "num_pattern in {1, 2, 4}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def _scale(text: str) -> float | str:
+    return "auto" if text.lower() in ("auto", "none") else float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    task = parser.add_argument_group("task")
+    task.add_argument("--bag_size", type=int, default=5, help="instances per MNIST bag (default 5)")
+    task.add_argument("--k_mil", type=int, default=None,
+                      help="run K-MIL instead: a bag is positive iff it holds >= K nines (LeNet encoder)")
+    task.add_argument("--modes", nargs="+", default=None,
+                      help=f"retrieval maps, from {', '.join(sparsemax.MODES)}; 'name:param' sets k or alpha "
+                           f"(default: {' '.join(DEFAULT_MODES)}; K-MIL: {' '.join(KMIL_DEFAULT_MODES)})")
+    task.add_argument("--k", type=int, default=2, help="SparseMAP k of k_subsets modes without ':k' (default 2)")
+    task.add_argument("--alpha", type=float, default=None,
+                      help="alpha of entmax_alpha/normmax/gsh modes without ':alpha' (default: the map's)")
+    task.add_argument("--seed", type=int, default=0, help="data seed; trial i trains with seed + i")
+    task.add_argument("--quick", action="store_true",
+                      help=f"smoke setting: {BAG_QUICK} (K-MIL: {KMIL_QUICK}); explicit flags still win")
+    task.add_argument("--tune", action="store_true",
+                      help=f"hyperparameter search instead of the fixed config: {TUNE_SPACE_DOC}")
+    task.add_argument("--num_samples", type=int, default=8, help="configurations per mode with --tune")
+    hyper = parser.add_argument_group("hyperparameters (defaults depend on the task, see BAG_DEFAULTS/KMIL_DEFAULTS)")
+    for name, kind in (("n_train", int), ("n_val", int), ("n_test", int), ("epochs", int), ("trials", int),
+                       ("d_model", int), ("n_heads", int), ("num_pattern", int), ("update_steps", int),
+                       ("dropout", float), ("lr", float), ("weight_decay", float), ("batch_size", int),
+                       ("grad_clip", float)):
+        hyper.add_argument(f"--{name}", type=kind, default=None)
+    hyper.add_argument("--scale", type=_scale, default=None, help="beta; 'auto' = 1/sqrt(d_model/n_heads)")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--img_dir", default=str(REPO_DIR / "imgs"), help="figures and per-epoch CSV")
+    out.add_argument("--results_dir", default=str(REPO_DIR / "results"), help="summary CSV/JSON and config")
+    training.add_ray_args(parser, default_exp_name="auto")
+    return parser
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset hyperparameters from the task's defaults (quick overrides first); expand the modes."""
+    defaults = dict(KMIL_DEFAULTS if args.k_mil else BAG_DEFAULTS)
+    if args.quick:
+        defaults.update(KMIL_QUICK if args.k_mil else BAG_QUICK)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.scale == "auto":
+        args.scale = None
+    if args.modes is None:
+        args.modes = list(KMIL_DEFAULT_MODES if args.k_mil else DEFAULT_MODES)
+    args.modes = [canonical_mode(spec, args.k, args.alpha) for spec in args.modes]
+    if len(set(args.modes)) != len(args.modes):
+        raise SystemExit(f"duplicate modes: {args.modes}")
+    if args.tune:
+        args.trials = 1
+    args.tag = f"kmil{args.k_mil}" if args.k_mil else str(args.bag_size)
+    if args.exp_name == "auto":
+        args.exp_name = f"mnist_mil_{args.tag}_{config_fingerprint(args)}"
+    return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return resolve_args(build_parser().parse_args(argv))
+
+
+# Flags that do not change any trial's result (so they may differ on resume).
+_NON_RESULT_FLAGS = {"ray_address", "cpus_per_trial", "gpus_per_trial", "gpus_id", "num_cpus", "exp_name",
+                     "ray_dir", "img_dir", "results_dir", "quick"}
+
+
+def result_config(args: argparse.Namespace) -> dict:
+    """The flags that determine the trials' results."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _NON_RESULT_FLAGS}
+
+
+def config_fingerprint(args: argparse.Namespace) -> str:
+    return hashlib.sha1(json.dumps(result_config(args), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+# --------------------------------------------------------------------------------------------------
+# Modes
+# --------------------------------------------------------------------------------------------------
+def parse_mode(spec: str) -> tuple[str, dict]:
+    """'k_subsets:3' -> ('k_subsets', {'k': 3}); 'entmax_alpha:1.3' -> ('entmax_alpha', {'alpha': 1.3})."""
+    name, _, param = spec.partition(":")
+    if name not in sparsemax.MODES:
+        raise ValueError(f"unknown mode {name!r}; choose from {', '.join(sparsemax.MODES)}")
+    if not param:
+        return name, {}
+    if name not in MODE_PARAM:
+        raise ValueError(f"mode {name!r} takes no parameter (got {spec!r})")
+    key, kind = MODE_PARAM[name]
+    return name, {key: kind(param)}
+
+
+def canonical_mode(spec: str, k: int, alpha: float | None) -> str:
+    """Spell out the default parameter of a mode: 'k_subsets' -> 'k_subsets:{k}' (validates the name)."""
+    name, params = parse_mode(spec)
+    if params or name not in MODE_PARAM:
+        return spec
+    key = MODE_PARAM[name][0]
+    if key == "k":
+        return f"{name}:{k}"
+    return f"{name}:{alpha:g}" if alpha is not None else name
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: built once in the driver, shipped to trials through Ray's object store
+# --------------------------------------------------------------------------------------------------
+class IndexedBags:
+    """Fixed-size bags stored as indices into one image array: ``bags[i] = images[indices[i]]``.
+
+    Quacks like the (n_bags, bag_size, 28, 28) tensor that ``training.iterate_batches`` slices, but
+    gathers images per mini-batch, so 4000 bags of 100 digits cost 60000 images, not 400000.
+    """
+
+    def __init__(self, images: Tensor, indices: Tensor) -> None:
+        self.images, self.indices = images, indices
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.indices.shape, *self.images.shape[1:]))
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def __getitem__(self, idx: Tensor | slice | int) -> Tensor:
+        return self.images[self.indices[idx]]
+
+
+def _compact(images: np.ndarray, indices: np.ndarray) -> dict:
+    """Keep only the images some bag uses, and renumber the indices accordingly."""
+    used = np.unique(indices)
+    return {"images": np.ascontiguousarray(images[used]), "indices": np.searchsorted(used, indices)}
+
+
+def build_bag_data(args: argparse.Namespace) -> dict[str, dict]:
+    """MNIST bags: train from MNIST-train, test from MNIST-test (the seeds of ``datasets.mnist_bag_splits``);
+    with ``--tune`` also validation bags from 10000 MNIST-train images that no training bag uses."""
+    import datasets
+
+    train_images, train_labels = datasets.load_mnist("train")
+    test_images, test_labels = datasets.load_mnist("test")
+    sample = datasets.sample_mnist_bag_indices
+    pools = {"train": np.arange(len(train_labels))}
+    if args.tune:
+        perm = np.random.default_rng((args.seed, 2)).permutation(len(train_labels))
+        pools = {"train": np.sort(perm[10_000:]), "val": np.sort(perm[:10_000])}
+    data = {}
+    for name, pool in pools.items():
+        stream = {"train": 0, "val": 2}[name]
+        idx, y = sample(train_labels[pool], getattr(args, f"n_{name}"), args.bag_size, seed=(args.seed, stream))
+        data[name] = {**_compact(train_images, pool[idx]), "labels": y}
+    idx, y = sample(test_labels, args.n_test, args.bag_size, seed=(args.seed, 1))
+    data["test"] = {**_compact(test_images, idx), "labels": y}
+    return data
+
+
+def build_kmil_data(args: argparse.Namespace) -> dict[str, dict]:
+    """K-MIL splits (``datasets.kmil_splits``), zero-padded to the longest bag with a padding mask."""
+    import datasets
+
+    splits = datasets.kmil_splits(args.k_mil, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
+                                  n_test=args.n_test)
+    data = {}
+    for name, (bags, labels) in splits.items():
+        padded, mask = datasets.pad_bags(bags)
+        data[name] = {"bags": padded, "mask": mask, "labels": labels}
+    return data
+
+
+def split_tensors(split: dict) -> tuple[Any, Tensor | None, Tensor]:
+    """(bags, key_padding_mask or None, labels) as ``training.train_bag_classifier`` expects."""
+    labels = torch.as_tensor(split["labels"])
+    if "indices" in split:
+        return IndexedBags(torch.tensor(split["images"]), torch.as_tensor(split["indices"])), None, labels
+    return torch.tensor(split["bags"]), torch.as_tensor(split["mask"]), labels
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and trial
+# --------------------------------------------------------------------------------------------------
+def lenet_encoder(d_model: int) -> nn.Module:
+    """LeNet-style instance encoder (Ilse et al. 2018): (n, 28, 28) -> conv5-pool-conv5-pool -> Linear+ReLU (n, d_model)."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28)),
+        nn.Conv2d(1, 20, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(50 * 4 * 4, d_model), nn.ReLU())
+
+
+class SkipPaddingEncoder(nn.Module):
+    """Run ``encoder`` on real instances only; all-zero instances (the padding of ``datasets.pad_bags``;
+    no MNIST digit is blank) get a zero embedding, which the pooling masks out anyway."""
+
+    def __init__(self, encoder: nn.Module, d_model: int) -> None:
+        super().__init__()
+        self.encoder, self.d_model = encoder, d_model
+
+    def forward(self, x: Tensor) -> Tensor:
+        real = x.flatten(1).ne(0).any(1)
+        if bool(real.all()):
+            return self.encoder(x)
+        index = real.nonzero().squeeze(1)
+        embedded = self.encoder(x[index])
+        return embedded.new_zeros(x.shape[0], self.d_model).index_copy(0, index, embedded)
+
+
+def build_model(config: dict) -> training.BagClassifier:
+    """Bag classifier of a trial config (keys: mode, encoder, d_model, n_heads, num_pattern, scale, ...)."""
+    mode, map_params = parse_mode(config["mode"])
+    if config["encoder"] == "lenet":
+        encoder = SkipPaddingEncoder(lenet_encoder(config["d_model"]), config["d_model"])
+    else:
+        encoder = training.mlp_encoder(28 * 28, config["d_model"])
+    return training.BagClassifier(encoder, config["d_model"], num_pattern=config["num_pattern"],
+                                  n_heads=config["n_heads"], mix=True, update_steps=config["update_steps"],
+                                  dropout=config["dropout"], mode=mode, scale=config["scale"], **map_params)
+
+
+def run_trial(config: dict, data: dict, report) -> list[dict]:
+    """Train one model; ``report`` gets each epoch's metrics (plus val_loss/val_acc when data has 'val')."""
+    device = training.trial_device(config)
+    training.seed_everything(config["seed"])
+    splits = {name: split_tensors(split) for name, split in data.items()}
+    model = build_model(config)
+
+    def report_epoch(metrics: dict) -> None:
+        if "val" in splits:
+            val = training.evaluate_bags(model, *splits["val"], batch_size=config["batch_size"])
+            metrics.update(val_loss=val["loss"], val_acc=val["acc"])
+        report(metrics)
+
+    return training.train_bag_classifier(
+        model, splits["train"], splits["test"], epochs=config["epochs"], lr=config["lr"],
+        weight_decay=config["weight_decay"], batch_size=config["batch_size"], grad_clip=config["grad_clip"],
+        seed=config["seed"], report=report_epoch, device=device)
+
+
+def train_trial(config: dict, data: dict) -> None:
+    """Ray Tune trainable: one (mode, seed[, hyperparameters]) trial, one report per epoch."""
+    from ray import tune
+
+    run_trial(config, data, tune.report)
+
+
+def param_space(args: argparse.Namespace) -> dict:
+    """Trial grid: every mode x seed (or x sampled hyperparameters with --tune)."""
+    from ray import tune
+
+    fixed = {name: getattr(args, name) for name in
+             ("epochs", "d_model", "n_heads", "num_pattern", "scale", "update_steps", "dropout", "lr",
+              "weight_decay", "batch_size", "grad_clip")}
+    space = {**fixed, "encoder": "lenet" if args.k_mil else "mlp", "mode": tune.grid_search(args.modes),
+             "seed": tune.grid_search([args.seed + i for i in range(args.trials)])}
+    if args.tune:
+        space.update(tune_space())
+    return space
+
+
+# --------------------------------------------------------------------------------------------------
+# Results: tables, summaries, plots
+# --------------------------------------------------------------------------------------------------
+_HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc")
+
+
+def epoch_records(trials: list[dict]) -> list[dict]:
+    """One row per (trial, epoch): mode, seed, trial index, the trial's tuned values, the metrics."""
+    rows = []
+    order = sorted(trials, key=lambda t: json.dumps(t["config"], sort_keys=True, default=str))
+    for trial_index, trial in enumerate(order):
+        config = trial["config"]
+        for h in sorted(trial["history"], key=lambda r: r["epoch"]):
+            row = {"mode": config["mode"], "seed": config["seed"], "trial": trial_index}
+            row.update({k: config[k] for k in ("lr", "weight_decay", "dropout", "scale", "d_model", "n_heads",
+                                               "num_pattern")})
+            row.update({k: h[k] for k in _HISTORY_KEYS if k in h})
+            rows.append(row)
+    return rows
+
+
+def select_epoch(rows: list[dict], by_validation: bool) -> dict:
+    """The reported epoch of one trial: best validation accuracy (first on ties) or the last epoch."""
+    if by_validation:
+        return max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
+    return max(rows, key=lambda r: r["epoch"])
+
+
+def summarize(records: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Per mode: test accuracy mean +- std (population std over seeds) of the selected epochs.
+
+    Fixed config: one trial per seed. ``--tune``: per mode the sampled config with the best selected
+    validation accuracy (its test accuracy is then a single-seed number).
+    """
+    import pandas as pd
+
+    frame = pd.DataFrame(records)
+    by_validation = "val_acc" in frame.columns
+    summary = []
+    for mode in args.modes:
+        selected = [select_epoch(group.to_dict("records"), by_validation)
+                    for _, group in frame[frame["mode"] == mode].groupby("trial")]
+        if args.tune:
+            selected = [max(selected, key=lambda r: (r["val_acc"], -r["trial"]))]
+        accs = np.array([r["test_acc"] for r in selected])
+        entry = {"mode": mode, "test_acc_mean": float(accs.mean()), "test_acc_std": float(accs.std()),
+                 "n_trials": len(accs), "epochs": [int(r["epoch"]) for r in selected],
+                 "test_acc_per_trial": accs.tolist(),
+                 "selection": "best validation epoch" if by_validation else "last epoch"}
+        if by_validation:
+            entry["val_acc_mean"] = float(np.mean([r["val_acc"] for r in selected]))
+        if args.tune:
+            entry["best_config"] = {k: selected[0][k] for k in ("lr", "weight_decay", "dropout", "scale", "d_model",
+                                                                "n_heads", "num_pattern")}
+        reference = reference_accuracy(mode, args.k_mil)
+        if reference is not None:
+            entry["santos2024_test_acc"] = reference
+        summary.append(entry)
+    return summary
+
+
+def reference_accuracy(mode: str, k_mil: int | None) -> float | None:
+    """Santos et al. (2024) K-MIL accuracy (%) for a k_subsets mode, if the paper reports it."""
+    name, params = parse_mode(mode)
+    if k_mil is None or name != "k_subsets":
+        return None
+    return SANTOS_KMIL_SPARSEMAP.get(params.get("k"), {}).get(k_mil)
+
+
+def format_table(summary: list[dict], title: str) -> str:
+    """Markdown table: mode | test acc (%) mean +- std | trials [| Santos et al. 2024]."""
+    with_reference = any("santos2024_test_acc" in s for s in summary)
+    head = "| mode | test acc (%) | trials |" + (" Santos et al. 2024 (%) |" if with_reference else "")
+    lines = [title, "", head, "|" + "---|" * (4 if with_reference else 3)]
+    for s in summary:
+        line = f"| {s['mode']} | {100 * s['test_acc_mean']:.1f} +- {100 * s['test_acc_std']:.1f} | {s['n_trials']} |"
+        if with_reference:
+            ref = s.get("santos2024_test_acc")
+            line += f" {ref:.1f} |" if ref is not None else " - |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot_mean_std(curves: dict[str, np.ndarray], xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """One line per label: mean over rows of a (n_runs, n_points) array, with a +-1 std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (label, values) in enumerate(curves.items()):
+        values = np.atleast_2d(np.asarray(values, dtype=float))
+        x = np.arange(1, values.shape[1] + 1)
+        mean, std = values.mean(0), values.std(0)
+        ax.plot(x, mean, label=label, linestyle=("-", "--", "-.", ":")[i % 4])  # overlapping modes stay visible
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(records: list[dict], args: argparse.Namespace) -> list[Path]:
+    """``{img_dir}/{metric}_{tag}.png`` for each metric in METRICS (and val_acc when present)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(records)
+    task = f"K-MIL, K={args.k_mil}" if args.k_mil else f"MNIST bags, bag size {args.bag_size}"
+    paths = []
+    for metric in METRICS + (("val_acc",) if "val_acc" in frame.columns else ()):
+        curves = {}
+        for mode in args.modes:
+            pivot = frame[frame["mode"] == mode].pivot(index="trial", columns="epoch", values=metric)
+            curves[mode] = pivot.to_numpy()
+        split, kind = metric.split("_")
+        ylabel = f"{split} {'accuracy' if kind == 'acc' else 'BCE loss'}"
+        path = Path(args.img_dir) / f"{metric}_{args.tag}.png"
+        plot_mean_std(curves, "epoch", ylabel, f"{task}: {ylabel} (mean +- std over trials)", path)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(records: list[dict], summary: list[dict], args: argparse.Namespace) -> dict[str, Path]:
+    import pandas as pd
+
+    img_dir, results_dir = Path(args.img_dir), Path(args.results_dir)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    files = {"metrics_csv": img_dir / f"metrics_{args.tag}.csv",
+             "summary_csv": results_dir / f"mnist_mil_{args.tag}_summary.csv",
+             "summary_json": results_dir / f"mnist_mil_{args.tag}_summary.json"}
+    pd.DataFrame(records).to_csv(files["metrics_csv"], index=False)
+    flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in s.items()} for s in summary]
+    pd.DataFrame(flat).to_csv(files["summary_csv"], index=False)
+    files["summary_json"].write_text(json.dumps({"config": result_config(args), "exp_name": args.exp_name,
+                                                 "summary": summary}, indent=2, default=str))
+    for i, path in enumerate(plot_curves(records, args)):
+        files[f"plot_{i}"] = path
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+def check_resume_config(args: argparse.Namespace) -> None:
+    """Refuse to resume an experiment that was started with different result-changing flags."""
+    path = Path(args.ray_dir).resolve() / f"{args.exp_name}.mnist_mil_config.json"
+    config = json.loads(json.dumps(result_config(args), default=str))
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != config:
+            diff = {k: (previous.get(k), config.get(k)) for k in set(previous) | set(config)
+                    if previous.get(k) != config.get(k)}
+            raise SystemExit(f"experiment {args.exp_name!r} was started with other settings "
+                             f"(flag: (then, now)) {diff}; use another --exp_name or the original flags")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run all trials (resuming ``--exp_name``), write figures/CSV/JSON, print the table; returns
+    ``{"summary": [...], "files": {...}, "trials": [...]}``."""
+    from ray import tune
+
+    args = parse_args(argv)
+    training.log_config(args, Path(args.results_dir) / f"mnist_mil_{args.tag}_config.json")
+    check_resume_config(args)
+    training.seed_everything(args.seed)
+    data = build_kmil_data(args) if args.k_mil else build_bag_data(args)
+    sizes = {name: len(split["labels"]) for name, split in data.items()}
+    print(f"bags per split: {sizes}; experiment {args.exp_name!r} under {args.ray_dir}")
+    trainable = tune.with_parameters(train_trial, data=data)
+    trials = training.run_trials(trainable, param_space(args), args, metric="val_acc" if args.tune else None,
+                                 mode="max", num_samples=args.num_samples if args.tune else 1)
+    records = epoch_records(trials)
+    summary = summarize(records, args)
+    files = write_outputs(records, summary, args)
+    task = f"K-MIL K={args.k_mil}" if args.k_mil else f"MNIST bags, bag size {args.bag_size}"
+    selection = summary[0]["selection"] if summary else ""
+    print("\n" + format_table(summary, f"{task} ({selection}, mean +- std over trials)"))
+    print("\nwrote:\n" + "\n".join(f"  {path}" for path in files.values()))
+    return {"summary": summary, "files": files, "trials": trials, "args": args}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

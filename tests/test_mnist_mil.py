@@ -1,0 +1,189 @@
+"""Tests of mnist_mil_main.py: model learns, end-to-end Ray runs write their outputs, resume, K-MIL."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import datasets
+import mnist_mil_main as mm
+import training
+
+TINY = ["--trials", "1", "--epochs", "2", "--n_train", "64", "--n_test", "32", "--d_model", "16",
+        "--n_heads", "2", "--batch_size", "32"]
+
+
+def _dirs(tmp_path) -> list[str]:
+    return ["--img_dir", str(tmp_path / "imgs"), "--results_dir", str(tmp_path / "results"),
+            "--ray_dir", str(tmp_path / "ray")]
+
+
+# ------------------------------------------------------------------ pure helpers (no Ray, no training)
+def test_parse_mode_and_canonical_names():
+    assert mm.parse_mode("softmax") == ("softmax", {})
+    assert mm.parse_mode("k_subsets:3") == ("k_subsets", {"k": 3})
+    assert mm.parse_mode("entmax_alpha:1.25") == ("entmax_alpha", {"alpha": 1.25})
+    assert mm.canonical_mode("k_subsets", k=5, alpha=None) == "k_subsets:5"
+    assert mm.canonical_mode("normmax", k=2, alpha=3.0) == "normmax:3"
+    assert mm.canonical_mode("gsh", k=2, alpha=None) == "gsh"
+    with pytest.raises(ValueError):
+        mm.parse_mode("nosuchmap")
+    with pytest.raises(ValueError):
+        mm.parse_mode("softmax:2")
+
+
+def test_defaults_quick_and_explicit_flags():
+    full = mm.parse_args([])
+    assert (full.n_train, full.n_test, full.epochs, full.trials, full.d_model, full.n_heads) == (4000, 1000, 100, 5, 512, 4)
+    assert (full.num_pattern, full.scale, full.dropout, full.lr, full.weight_decay, full.batch_size) == (2, 0.1, 0.3, 1e-4, 1e-3, 256)
+    assert full.modes == ["softmax", "sparsemax", "entmax", "gsh"]
+    quick = mm.parse_args(["--quick", "--epochs", "3"])
+    assert quick.trials == mm.BAG_QUICK["trials"] and quick.epochs == 3
+    kmil = mm.parse_args(["--k_mil", "3", "--modes", "k_subsets", "--k", "5", "--scale", "auto"])
+    assert kmil.modes == ["k_subsets:5"] and kmil.scale is None and kmil.tag == "kmil3"
+    assert (kmil.n_train, kmil.n_val, kmil.n_test) == (2000, 500, 500)
+    assert mm.parse_args(["--k_mil", "5"]).modes == list(mm.KMIL_DEFAULT_MODES)
+    # the automatic experiment name changes with any result-changing flag, not with output dirs
+    assert mm.parse_args(["--lr", "1e-3"]).exp_name != full.exp_name
+    assert mm.parse_args(["--img_dir", "/elsewhere"]).exp_name == full.exp_name
+
+
+def test_indexed_bags_gather_matches_make_mnist_bags():
+    images, labels = datasets.load_mnist("test")
+    idx, y = datasets.sample_mnist_bag_indices(labels, 20, 7, seed=(3, 1))
+    dense, dense_y = datasets.make_mnist_bags(images, labels, 20, 7, seed=(3, 1))
+    compact = mm._compact(images, idx)
+    bags = mm.IndexedBags(torch.tensor(compact["images"]), torch.as_tensor(compact["indices"]))
+    assert bags.shape == (20, 7, 28, 28) and len(compact["images"]) <= 140
+    order = torch.tensor([4, 0, 19])
+    assert torch.equal(bags[order], torch.tensor(dense)[order])
+    assert np.array_equal(y, dense_y)
+
+
+def test_skip_padding_encoder_matches_dense_encoding_on_real_instances():
+    torch.manual_seed(0)
+    enc = mm.SkipPaddingEncoder(mm.lenet_encoder(8), 8)
+    x = torch.rand(6, 28, 28)
+    x[[1, 4]] = 0.0  # padding rows
+    out = enc(x)
+    assert out.shape == (6, 8)
+    assert torch.allclose(out[[0, 2, 3, 5]], enc.encoder(x[[0, 2, 3, 5]]), atol=1e-6)
+    assert torch.equal(out[[1, 4]], torch.zeros(2, 8))
+    out.sum().backward()  # gradients flow through the scatter
+    assert enc.encoder[1].weight.grad.abs().sum() > 0
+
+
+def test_summary_selects_last_epoch_or_best_validation_epoch():
+    args = mm.parse_args(["--modes", "softmax", "k_subsets:2", "--k_mil", "2"])
+    rows = []
+    for trial, (mode, val, test) in enumerate([("softmax", [0.6, 0.9, 0.8], [0.5, 0.7, 0.95]),
+                                                 ("softmax", [0.7, 0.7, 0.6], [0.6, 0.9, 0.9]),
+                                                 ("k_subsets:2", [0.5, 0.6, 0.9], [0.5, 0.6, 0.8])]):
+        rows += [{"mode": mode, "trial": trial, "epoch": e + 1, "val_acc": v, "test_acc": t}
+                 for e, (v, t) in enumerate(zip(val, test))]
+    summary = {s["mode"]: s for s in mm.summarize(rows, args)}
+    # best validation epochs: trial 0 -> epoch 2 (0.7), trial 1 -> epoch 1 (first of the ties, 0.6)
+    assert summary["softmax"]["test_acc_per_trial"] == [0.7, 0.6]
+    assert summary["softmax"]["test_acc_mean"] == pytest.approx(0.65)
+    assert summary["softmax"]["test_acc_std"] == pytest.approx(0.05)
+    assert summary["k_subsets:2"]["santos2024_test_acc"] == 97.7
+    assert "97.7" in mm.format_table(list(summary.values()), "t")
+    without_val = [{k: v for k, v in r.items() if k != "val_acc"} for r in rows]
+    last = {s["mode"]: s for s in mm.summarize(without_val, args)}
+    assert last["softmax"]["test_acc_per_trial"] == [0.95, 0.9]
+
+
+# ------------------------------------------------------------------ learning (no Ray)
+@pytest.mark.parametrize("mode", ["softmax", "sparsemax"])
+def test_bag_classifier_learns_separable_bags(mode):
+    """Bags of 5 digits, positive iff one is a 0 (the most distinctive digit): well above chance
+    after a few epochs. A model that ignores its input, or pools wrongly, stays near 0.5."""
+    torch.set_num_threads(1)
+    train_images, train_labels = datasets.load_mnist("train")
+    test_images, test_labels = datasets.load_mnist("test")
+    xb, yb = datasets.make_mnist_bags(train_images, train_labels, 1000, 5, target=0, seed=0)
+    xt, yt = datasets.make_mnist_bags(test_images, test_labels, 400, 5, target=0, seed=1)
+    training.seed_everything(0)
+    model = mm.build_model(dict(mode=mode, encoder="mlp", d_model=64, n_heads=2, num_pattern=1, scale=None,
+                                update_steps=1, dropout=0.0))
+    history = training.train_bag_classifier(model, (torch.tensor(xb), None, torch.tensor(yb)),
+                                            (torch.tensor(xt), None, torch.tensor(yt)),
+                                            epochs=6, lr=1e-3, batch_size=32, seed=0)
+    assert history[-1]["test_acc"] > 0.9, history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+# ------------------------------------------------------------------ end to end through Ray
+@pytest.fixture(scope="module")
+def tiny_run(local_ray, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mnist_mil")
+    argv = TINY + ["--modes", "softmax", "sparsemax", "--exp_name", "tiny"] + _dirs(tmp_path)
+    return argv, tmp_path, mm.main(argv)
+
+
+def test_end_to_end_writes_figures_and_csv(tiny_run):
+    _, tmp_path, out = tiny_run
+    for metric in mm.METRICS:
+        png = tmp_path / "imgs" / f"{metric}_5.png"
+        assert png.exists() and png.stat().st_size > 5000
+    frame = pd.read_csv(tmp_path / "imgs" / "metrics_5.csv")
+    assert sorted(frame["mode"].unique()) == ["softmax", "sparsemax"]
+    assert sorted(frame["epoch"].unique()) == [1, 2] and len(frame) == 4
+    assert frame["test_acc"].between(0, 1).all() and (frame["train_loss"] > 0).all()
+    summary = json.loads((tmp_path / "results" / "mnist_mil_5_summary.json").read_text())
+    assert [s["mode"] for s in summary["summary"]] == ["softmax", "sparsemax"]
+    last = frame[frame["epoch"] == 2].set_index("mode")["test_acc"]
+    for s in summary["summary"]:
+        assert s["test_acc_mean"] == pytest.approx(last[s["mode"]])
+    assert (tmp_path / "results" / "mnist_mil_5_summary.csv").exists()
+
+
+def test_resume_keeps_finished_trials(tiny_run):
+    argv, _, first = tiny_run
+    second = mm.main(argv)
+
+    def stamps(out):
+        return sorted((t["metrics"]["trial_id"], t["metrics"]["timestamp"], t["metrics"]["time_total_s"])
+                      for t in out["trials"])
+
+    assert stamps(second) == stamps(first)  # same trials, same results: nothing was retrained
+    with pytest.raises(SystemExit, match="other settings"):
+        mm.main(argv[:-6] + ["--lr", "1e-2"] + argv[-6:])  # same exp_name, different config
+
+
+def test_tune_space_and_selection_on_validation():
+    """--tune: the grid keeps every mode, samples the documented space, and per mode reports the
+    configuration with the best validation accuracy (its test accuracy at its best validation epoch)."""
+    from ray.tune.search.sample import Domain
+
+    args = mm.parse_args(["--tune", "--modes", "softmax", "sparsemax", "--num_samples", "3"])
+    space = mm.param_space(args)
+    assert space["mode"] == {"grid_search": ["softmax", "sparsemax"]} and space["seed"] == {"grid_search": [0]}
+    for name in ("lr", "weight_decay", "dropout", "scale", "d_model", "n_heads", "num_pattern"):
+        assert isinstance(space[name], Domain), name
+    assert all(1e-5 <= space["lr"].sample() <= 1e-3 for _ in range(20))
+    hp = dict(weight_decay=1e-3, dropout=0.0, scale=0.1, d_model=64, n_heads=1, num_pattern=1)
+    rows = []
+    for trial, (lr, val, test) in enumerate([(1e-4, [0.6, 0.8], [0.6, 0.7]), (3e-4, [0.9, 0.7], [0.85, 0.95]),
+                                             (1e-3, [0.5, 0.85], [0.5, 0.99])]):
+        rows += [{"mode": "softmax", "trial": trial, "epoch": e + 1, "lr": lr, "val_acc": v, "test_acc": t, **hp}
+                 for e, (v, t) in enumerate(zip(val, test))]
+    rows += [{**r, "mode": "sparsemax", "trial": r["trial"] + 3} for r in rows]
+    summary = mm.summarize(rows, args)
+    assert [s["best_config"]["lr"] for s in summary] == [3e-4, 3e-4]
+    assert [s["test_acc_mean"] for s in summary] == [0.85, 0.85] and summary[0]["n_trials"] == 1
+
+
+def test_kmil_tiny_run(local_ray, tmp_path):
+    argv = ["--k_mil", "2", "--modes", "k_subsets:2", "--trials", "1", "--epochs", "2", "--n_train", "32",
+            "--n_val", "16", "--n_test", "16", "--d_model", "16", "--n_heads", "2"] + _dirs(tmp_path)
+    out = mm.main(argv)
+    (entry,) = out["summary"]
+    assert entry["mode"] == "k_subsets:2" and entry["santos2024_test_acc"] == 97.7
+    assert entry["selection"] == "best validation epoch" and 0 <= entry["test_acc_mean"] <= 1
+    frame = pd.read_csv(tmp_path / "imgs" / "metrics_kmil2.csv")
+    assert {"val_acc", "test_acc"} <= set(frame.columns) and len(frame) == 2
+    assert (tmp_path / "imgs" / "val_acc_kmil2.png").exists()

@@ -1,0 +1,490 @@
+"""Tests of sparsemax.py against independent references.
+
+References: sorting closed form (sparsemax), float64 bisection on the threshold (entmax, normmax,
+k-subsets), SLSQP on the defining optimization problems (entmax, normmax), brute force over all
+structures + a generic QP solver (k-subsets, sequential k-subsets SparseMAP), autograd.gradcheck in
+float64, masks, fully masked rows, extreme scales, float32.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+import sparsemax as S
+
+torch.set_num_threads(1)
+
+
+def rand(*shape, scale=1.0, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# independent references (numpy / float64)
+# --------------------------------------------------------------------------------------------------
+def ref_sparsemax(x: np.ndarray) -> np.ndarray:
+    """Sorting closed form (Martins & Astudillo 2016, Alg. 1), row by row."""
+    out = np.zeros_like(x)
+    for i, row in enumerate(x):
+        zs = np.sort(row)[::-1]
+        cs = np.cumsum(zs)
+        ks = np.arange(1, len(row) + 1)
+        kmax = ks[1 + ks * zs > cs].max()
+        tau = (cs[kmax - 1] - 1) / kmax
+        out[i] = np.maximum(row - tau, 0)
+    return out
+
+
+def bisect_tau(fun, lo, hi, iters=200):
+    """Root of a decreasing function by bisection."""
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if fun(mid) >= 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def ref_entmax(x: np.ndarray, alpha: float) -> np.ndarray:
+    out = np.zeros_like(x)
+    for i, row in enumerate(x):
+        z = (alpha - 1) * row
+        p = 1 / (alpha - 1)
+        tau = bisect_tau(lambda t: (np.maximum(z - t, 0) ** p).sum() - 1, z.max() - 1, z.max())
+        y = np.maximum(z - tau, 0) ** p
+        out[i] = y / y.sum()
+    return out
+
+
+def ref_normmax(x: np.ndarray, alpha: float) -> np.ndarray:
+    out = np.zeros_like(x)
+    for i, row in enumerate(x):
+        q = alpha / (alpha - 1)
+        tau = bisect_tau(lambda t: (np.maximum(row - t, 0) ** q).sum() - 1, row.max() - 1, row.max())
+        y = np.maximum(row - tau, 0) ** (1 / (alpha - 1))
+        out[i] = y / y.sum()
+    return out
+
+
+def ref_budget(x: np.ndarray, k: float) -> np.ndarray:
+    out = np.zeros_like(x)
+    for i, row in enumerate(x):
+        tau = bisect_tau(lambda t: np.clip(row - t, 0, 1).sum() - k, row.min() - 1, row.max())
+        out[i] = np.clip(row - tau, 0, 1)
+    return out
+
+
+def slsqp_simplex(objective, n, x0=None):
+    """argmin of a smooth objective over the probability simplex (high-precision SLSQP)."""
+    x0 = np.full(n, 1.0 / n) if x0 is None else x0
+    res = minimize(objective, x0, method="SLSQP", bounds=[(0, 1)] * n,
+                   constraints=[{"type": "eq", "fun": lambda y: y.sum() - 1}],
+                   options=dict(ftol=1e-15, maxiter=2000))
+    return res.x
+
+
+def structures(n: int, k: int) -> np.ndarray:
+    """All binary vectors of length n with k ones, (C(n,k), n)."""
+    rows = []
+    for comb in itertools.combinations(range(n), k):
+        z = np.zeros(n)
+        z[list(comb)] = 1
+        rows.append(z)
+    return np.array(rows)
+
+
+def ref_sparsemap(theta: np.ndarray, Z: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """SparseMAP by brute force: min_{p in simplex} 1/2 ||Z^T p||^2 - <Z theta + extra, p>, mu = Z^T p.
+
+    Solved with SLSQP over the convex-combination weights of *all* structures, then polished by an
+    exact KKT solve on the support found (so the reference is accurate to ~1e-10)."""
+    s = Z @ theta + extra
+    G = Z @ Z.T
+    obj = lambda p: 0.5 * p @ G @ p - s @ p  # noqa: E731
+    jac = lambda p: G @ p - s  # noqa: E731
+    m = len(s)
+    res = minimize(obj, np.full(m, 1.0 / m), jac=jac, method="SLSQP", bounds=[(0, None)] * m,
+                   constraints=[{"type": "eq", "fun": lambda p: p.sum() - 1, "jac": lambda p: np.ones(m)}],
+                   options=dict(ftol=1e-14, maxiter=1000))
+    mu = Z.T @ res.x
+    # polish: the optimal mu is unique; re-solve the KKT system on the structures that are optimal
+    # for the linearization (ties within 1e-6), least squares on the affine hull.
+    grad = s - Z @ mu
+    act = np.where(grad >= grad.max() - 1e-6)[0]
+    Za = Z[act]
+    A = np.block([[Za @ Za.T, np.ones((len(act), 1))], [np.ones((1, len(act))), np.zeros((1, 1))]])
+    b = np.concatenate([s[act], [1.0]])
+    sol = np.linalg.lstsq(A, b, rcond=None)[0]
+    p = sol[:-1]
+    if (p >= -1e-9).all():
+        mu_polished = Za.T @ p
+        if np.abs(mu_polished - mu).max() < 1e-4:
+            mu = mu_polished
+    return mu
+
+
+def assert_sparsemap_optimal(mu: np.ndarray, theta: np.ndarray, Z: np.ndarray, extra: np.ndarray):
+    """Exact optimality certificate by enumeration: mu is the SparseMAP solution iff mu lies in the
+    convex hull of the structures maximizing the linearization s(z) - <z, mu> (first-order condition
+    of the strongly convex problem in mu). Checked with NNLS on [Z_T; 1] p = [mu; 1]."""
+    from scipy.optimize import nnls
+    val = Z @ theta + extra - Z @ mu
+    T = Z[val >= val.max() - 1e-7 * (1 + np.abs(extra).max())]
+    A = np.vstack([T.T, np.ones((1, len(T)))])
+    _, resid = nnls(A, np.concatenate([mu, [1.0]]))
+    assert resid < 1e-7, resid
+
+
+def chain_pairs(Z: np.ndarray) -> np.ndarray:
+    return (Z[:, 1:] * Z[:, :-1]).sum(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# values against references
+# --------------------------------------------------------------------------------------------------
+SCALES = [0.1, 1.0, 10.0]
+
+
+@pytest.mark.parametrize("scale", SCALES + [1e3])
+def test_sparsemax_matches_sorting_closed_form(scale):
+    x = rand(50, 37, scale=scale, seed=1)
+    torch.testing.assert_close(S.sparsemax(x), torch.from_numpy(ref_sparsemax(x.numpy())), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("alpha", [1.1, 1.5, 1.75, 2.0, 2.5])
+def test_entmax_matches_bisection(alpha, scale):
+    x = rand(20, 23, scale=scale, seed=2)
+    expect = torch.from_numpy(ref_entmax(x.numpy(), alpha))
+    torch.testing.assert_close(S.entmax(x, alpha), expect, atol=1e-9, rtol=0)
+    alpha_t = torch.full((20, 1), alpha, dtype=torch.float64)
+    torch.testing.assert_close(S.entmax(x, alpha_t), expect, atol=1e-9, rtol=0)
+    if alpha == 1.5:
+        torch.testing.assert_close(S.entmax15(x), expect, atol=1e-10, rtol=0)
+
+
+def test_entmax_alpha_one_is_softmax_and_per_row_alpha():
+    x = rand(6, 9, seed=3)
+    torch.testing.assert_close(S.entmax(x, 1.0), torch.softmax(x, -1))
+    alpha = torch.tensor([1.2, 1.5, 1.9, 2.0, 1.01, 3.0], dtype=torch.float64).view(6, 1)
+    y = S.entmax(x, alpha)
+    for i in range(6):
+        torch.testing.assert_close(y[i], torch.from_numpy(ref_entmax(x[i:i + 1].numpy(), alpha[i].item()))[0],
+                                   atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 4.0])
+def test_entmax_and_normmax_solve_their_optimization_problems(alpha):
+    """Independent of the threshold equations: SLSQP on max <x,y> - Omega(y) over the simplex."""
+    x = rand(3, 6, scale=1.5, seed=4).numpy()
+    for row in x:
+        tsallis = lambda y: -(row @ y) + (np.sum(np.abs(y) ** alpha) - 1) / (alpha * (alpha - 1))  # noqa: E731
+        norm = lambda y: -(row @ y) + np.sum(np.abs(y) ** alpha) ** (1 / alpha)  # noqa: E731
+        y_ent = S.entmax(torch.from_numpy(row), alpha).numpy()
+        y_nm = S.normmax(torch.from_numpy(row), alpha).numpy()
+        np.testing.assert_allclose(y_ent, slsqp_simplex(tsallis, 6, y_ent), atol=2e-5)
+        np.testing.assert_allclose(y_nm, slsqp_simplex(norm, 6, y_nm), atol=2e-5)
+        # the optimum is not beaten by random simplex points
+        rng = np.random.default_rng(0)
+        for _ in range(200):
+            v = rng.dirichlet(np.ones(6) * 0.3)
+            assert tsallis(y_ent) <= tsallis(v) + 1e-12
+            assert norm(y_nm) <= norm(v) + 1e-12
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("alpha", [1.2, 2.0, 3.0, 5.0])
+def test_normmax_matches_bisection(alpha, scale):
+    x = rand(20, 17, scale=scale, seed=5)
+    torch.testing.assert_close(S.normmax(x, alpha), torch.from_numpy(ref_normmax(x.numpy(), alpha)),
+                               atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_k_subsets_matches_bisection_and_brute_force(k, scale):
+    x = rand(20, 9, scale=scale, seed=6)
+    mu = S.k_subsets(x, k, normalize=False)
+    torch.testing.assert_close(mu, torch.from_numpy(ref_budget(x.numpy(), k)), atol=1e-9, rtol=0)
+    torch.testing.assert_close(S.k_subsets(x, k), mu / k)
+    Z = structures(9, k)
+    for i in range(2):  # brute force SparseMAP over all k-subsets
+        assert_sparsemap_optimal(mu[i].numpy(), x[i].numpy(), Z, np.zeros(len(Z)))
+        np.testing.assert_allclose(mu[i].numpy(), ref_sparsemap(x[i].numpy(), Z, np.zeros(len(Z))), atol=1e-4)
+
+
+@pytest.mark.parametrize("transition", [0.0, 0.7, 3.0, S.SEQUENTIAL_TRANSITION_DEFAULT])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_sequential_k_subsets_matches_brute_force(k, transition):
+    n = 6
+    x = rand(4, n, scale=2.0, seed=7 + k)
+    mu = S.sequential_k_subsets(x, k, transition=transition, normalize=False)
+    Z = structures(n, k)
+    for i in range(x.shape[0]):
+        extra = transition * chain_pairs(Z)
+        assert_sparsemap_optimal(mu[i].numpy(), x[i].numpy(), Z, extra)
+        np.testing.assert_allclose(mu[i].numpy(), ref_sparsemap(x[i].numpy(), Z, extra), atol=1e-4)
+    torch.testing.assert_close(S.sequential_k_subsets(x, k, transition=transition), mu / k)
+
+
+def test_optimality_certificate_rejects_wrong_marginals():
+    x = rand(1, 6, scale=2.0, seed=30)
+    Z = structures(6, 2)
+    extra = 0.7 * chain_pairs(Z)
+    mu = S.sequential_k_subsets(x, 2, transition=0.7, normalize=False)[0].numpy()
+    assert_sparsemap_optimal(mu, x[0].numpy(), Z, extra)
+    wrong = S.k_subsets(x, 2, normalize=False)[0].numpy()  # ignores the transition bonus
+    with pytest.raises(AssertionError):
+        assert_sparsemap_optimal(wrong, x[0].numpy(), Z, extra)
+    with pytest.raises(AssertionError):
+        assert_sparsemap_optimal(0.98 * mu + 0.02 * Z[0], x[0].numpy(), Z, extra)
+
+
+def test_budgeted_viterbi_oracle_by_enumeration():
+    """The MAP oracle of sequential_k_subsets: argmax over all k-subsets (ties and masks included)."""
+    g = torch.Generator().manual_seed(40)
+    n = 7
+    for trial in range(60):
+        k = 1 + trial % 4
+        th = torch.randn(3, n, generator=g, dtype=torch.float64)
+        if trial % 3 == 0:
+            th[0, 2] = float("-inf")
+        if trial % 5 == 0:
+            th = th.round()  # many ties
+        eta = 2.0 * torch.rand(1, generator=g).item()
+        z = S._budget_viterbi(th, k, eta)
+        assert (z.sum(1) == k).all()
+        for b in range(3):
+            best = max(th[b, list(c)].sum().item() + eta * sum(1 for a in c if a + 1 in c)
+                       for c in itertools.combinations(range(n), k))
+            sel = z[b].bool()
+            got = th[b, sel].sum().item() + eta * (z[b, 1:] * z[b, :-1]).sum().item()
+            assert abs(got - best) < 1e-9
+
+
+def test_sequential_without_transition_equals_k_subsets():
+    x = rand(30, 12, scale=3.0, seed=11)
+    torch.testing.assert_close(S.sequential_k_subsets(x, 3, transition=0.0), S.k_subsets(x, 3), atol=1e-9, rtol=0)
+
+
+def test_sequential_transition_favours_contiguous_selection():
+    x = torch.tensor([[3.0, -3.0, 2.5, 2.4, -3.0, -3.0]], dtype=torch.float64)
+    no_bonus = S.sequential_k_subsets(x, 2, transition=0.0, normalize=False)
+    bonus = S.sequential_k_subsets(x, 2, transition=100.0, normalize=False)
+    assert no_bonus[0, 0] > 0.5  # the two best items are not adjacent
+    torch.testing.assert_close(bonus, torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0]], dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------------
+# structure of the outputs
+# --------------------------------------------------------------------------------------------------
+ALL_MAPS = {
+    "softmax": lambda x: S.softmax(x),
+    "sparsemax": lambda x: S.sparsemax(x),
+    "entmax15": lambda x: S.entmax15(x),
+    "entmax_1.3": lambda x: S.entmax(x, 1.3),
+    "entmax_2.5": lambda x: S.entmax(x, 2.5),
+    "normmax_2": lambda x: S.normmax(x, 2.0),
+    "normmax_3": lambda x: S.normmax(x, 3.0),
+    "k_subsets_3": lambda x: S.k_subsets(x, 3),
+    "sequential_3": lambda x: S.sequential_k_subsets(x, 3, transition=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(ALL_MAPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outputs_on_simplex_any_dim_and_dtype(name, dtype):
+    f = ALL_MAPS[name]
+    x = rand(4, 10, 6, scale=2.0, seed=12, dtype=dtype)
+    y = f(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert (y >= 0).all() and (y <= 1 + tol).all()
+    torch.testing.assert_close(y.sum(-1), torch.ones(4, 10, dtype=dtype), atol=tol, rtol=0)
+    # dim argument: normalizing dim 1 equals transposing
+    fd = {"softmax": S.softmax, "sparsemax": S.sparsemax, "entmax15": S.entmax15}.get(name)
+    y1 = (lambda z: f(z.transpose(1, 2)).transpose(1, 2))(x)
+    if fd is not None:
+        torch.testing.assert_close(fd(x, dim=1), y1)
+    # float32 agrees with float64
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), f(x.double()), atol=2e-5, rtol=0)
+
+
+def test_dim_argument_for_every_map():
+    x = rand(3, 8, 5, scale=2.0, seed=13)
+    pairs = [(S.entmax(x, 1.3, dim=1), S.entmax(x.transpose(1, 2), 1.3).transpose(1, 2)),
+             (S.normmax(x, 3.0, dim=1), S.normmax(x.transpose(1, 2), 3.0).transpose(1, 2)),
+             (S.k_subsets(x, 2, dim=1), S.k_subsets(x.transpose(1, 2), 2).transpose(1, 2)),
+             (S.sequential_k_subsets(x, 2, dim=1, transition=1.0),
+              S.sequential_k_subsets(x.transpose(1, 2), 2, transition=1.0).transpose(1, 2))]
+    for a, b in pairs:
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", list(ALL_MAPS))
+def test_masks_and_fully_masked_rows(name):
+    f = ALL_MAPS[name]
+    x = rand(5, 9, scale=2.0, seed=14)
+    mask = torch.zeros(5, 9, dtype=torch.bool)
+    mask[0, [1, 4]] = True
+    mask[1, :] = True  # fully masked row
+    mask[2, 3:] = True
+    xm = x.masked_fill(mask, float("-inf")).requires_grad_(True)
+    y = f(xm)
+    assert torch.isfinite(y).all()
+    assert (y[mask] == 0).all()
+    assert (y[1] == 0).all()
+    torch.testing.assert_close(y[[0, 2, 3, 4]].sum(-1), torch.ones(4, dtype=y.dtype))
+    # a masked row equals the map on the unmasked entries only
+    torch.testing.assert_close(y[2, :3], f(x[2:3, :3])[0])
+    (y * rand(5, 9, seed=15)).sum().backward()
+    assert torch.isfinite(xm.grad).all()
+    assert (xm.grad[mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", list(ALL_MAPS))
+def test_extreme_scales(name):
+    f = ALL_MAPS[name]
+    for scale, dtype in [(1e4, torch.float64), (1e-6, torch.float64), (1e3, torch.float32), (1e-4, torch.float32)]:
+        x = rand(4, 8, scale=scale, seed=16, dtype=dtype)
+        y = f(x)
+        assert torch.isfinite(y).all(), (scale, dtype)
+        torch.testing.assert_close(y.sum(-1), torch.ones(4, dtype=dtype), atol=1e-5, rtol=0)
+    # huge scores: a single winner (or k winners) for the sparse maps
+    x = torch.tensor([[0.0, 5e3, 1.0, -2e3]], dtype=torch.float64)
+    if name not in ("softmax",) and not name.startswith(("k_subsets", "sequential")):
+        torch.testing.assert_close(f(x), torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64))
+
+
+def test_sparsemax_float32_large_problem_matches_reference():
+    x = rand(64, 1000, scale=1.0, seed=17, dtype=torch.float32)
+    torch.testing.assert_close(S.sparsemax(x).double(), torch.from_numpy(ref_sparsemax(x.double().numpy())),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(S.entmax15(x).double(), torch.from_numpy(ref_entmax(x.double().numpy(), 1.5)),
+                               atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# gradients
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(ALL_MAPS))
+def test_gradcheck_x(name):
+    f = ALL_MAPS[name]
+    x = rand(4, 7, scale=1.5, seed=18).requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_gradcheck_x_with_mask():
+    x = rand(3, 7, scale=1.5, seed=19)
+    x[0, 2] = float("-inf")
+    x = x.requires_grad_(True)
+    for f in ALL_MAPS.values():
+        # finite differences never touch the -inf entry (its gradient is exactly 0)
+        y = f(x)
+        g = rand(3, 7, seed=20)
+        (grad,) = torch.autograd.grad((y * g).sum(), x)
+        assert grad[0, 2] == 0
+        assert torch.autograd.gradcheck(lambda z: f(torch.cat([z[:, :2], x[:, 2:3].detach(), z[:, 3:]], 1)),
+                                        (x.detach().masked_fill(torch.isinf(x), 0.0).requires_grad_(True),),
+                                        eps=1e-6, atol=1e-6)
+
+
+def test_own_entmax15_solver_on_short_rows():
+    """entmax15 dispatches short unmasked rows to the entmax package; check our solver there too."""
+    x = rand(30, 11, scale=2.0, seed=31)
+    torch.testing.assert_close(S._Entmax15.apply(x), torch.from_numpy(ref_entmax(x.numpy(), 1.5)), atol=1e-10, rtol=0)
+    assert torch.autograd.gradcheck(S._Entmax15.apply, (x[:4].clone().requires_grad_(True),), eps=1e-6, atol=1e-6)
+
+
+def test_compact_candidate_path_equals_dense_path(monkeypatch):
+    """Long rows iterate only on the entries above max - 1 and store outputs/gradients on the
+    support; compare values and vector-Jacobian products (x and alpha) with the dense path."""
+    x = rand(48, 1000, scale=3.0, seed=32)
+    x[3, 10:] = float("-inf")
+    x[5] = float("-inf")
+    g = rand(48, 1000, seed=33)
+    alpha = torch.linspace(1.1, 1.9, 48, dtype=torch.float64).view(48, 1)
+    fns = {"sparsemax": lambda z, a: S.sparsemax(z), "entmax15": lambda z, a: S._Entmax15.apply(z),
+           "entmax_alpha": lambda z, a: S.entmax(z, a), "normmax2": lambda z, a: S.normmax(z, 2.0),
+           "normmax3": lambda z, a: S.normmax(z, 3.0), "k_subsets1": lambda z, a: S.k_subsets(z, 1),
+           "k_subsets2": lambda z, a: S.k_subsets(z / 3.0, 2),
+           "k_subsets3": lambda z, a: S.k_subsets(z, 3)}
+    used = []
+    orig = S._CompactRows.__init__
+
+    def spy(self, *args, **kw):
+        used.append(1)
+        orig(self, *args, **kw)
+
+    monkeypatch.setattr(S._CompactRows, "__init__", spy)
+
+    def run(fn):
+        xx, aa = x.clone().requires_grad_(True), alpha.clone().requires_grad_(True)
+        y = fn(xx, aa)
+        gx, ga = torch.autograd.grad((y * g).sum(), (xx, aa), allow_unused=True)
+        return y, gx, ga
+
+    for name, fn in fns.items():
+        used.clear()
+        y_c, gx_c, ga_c = run(fn)
+        assert used, name  # the compact path was taken
+        with monkeypatch.context() as mp:
+            mp.setattr(S, "_COMPACT_MIN_SIZE", 1 << 40)
+            y_d, gx_d, ga_d = run(fn)
+        torch.testing.assert_close(y_c, y_d, atol=1e-12, rtol=0)
+        torch.testing.assert_close(gx_c, gx_d, atol=1e-10, rtol=0)
+        if ga_d is not None:
+            torch.testing.assert_close(ga_c, ga_d, atol=1e-10, rtol=0)
+        assert (y_c[5] == 0).all() and (y_c[3, 10:] == 0).all()
+
+
+def test_gradcheck_alpha_entmax():
+    x = rand(4, 6, scale=1.5, seed=21).requires_grad_(True)
+    alpha = torch.tensor([1.2, 1.5, 1.8, 2.3], dtype=torch.float64).view(4, 1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: S.entmax(a, b), (x, alpha), eps=1e-6, atol=1e-6)
+    # per-head alpha broadcast over a 4-d score tensor, normalized over the last dim
+    scores = rand(2, 3, 2, 5, seed=22).requires_grad_(True)
+    alpha_h = torch.tensor([1.3, 1.6, 1.9], dtype=torch.float64).view(1, 3, 1, 1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: S.entmax(a, b), (scores, alpha_h), eps=1e-6, atol=1e-6)
+
+
+def test_sparse_maps_are_sparse_and_softmax_is_not():
+    x = rand(8, 20, scale=3.0, seed=23)
+    assert (S.softmax(x) > 0).all()
+    for f in [S.sparsemax, S.entmax15, lambda z: S.normmax(z, 2.0), lambda z: S.k_subsets(z, 2)]:
+        assert (f(x) == 0).any()
+
+
+# --------------------------------------------------------------------------------------------------
+# get_map
+# --------------------------------------------------------------------------------------------------
+def test_get_map_modes():
+    x = rand(3, 8, scale=2.0, seed=24)
+    alpha = torch.full((3, 1), 1.7, dtype=torch.float64)
+    expect = {
+        "softmax": torch.softmax(x, -1),
+        "sparsemax": S.sparsemax(x),
+        "entmax": S.entmax15(x),
+        "entmax_alpha": S.entmax(x, 1.3),
+        "gsh": S.entmax(x, alpha),
+        "normmax": S.normmax(x, 3.0),
+        "k_subsets": S.k_subsets(x, 3),
+        "sequential_k_subsets": S.sequential_k_subsets(x, 3),
+    }
+    params = {"entmax_alpha": {"alpha": 1.3}, "gsh": {"alpha": alpha}, "normmax": {"alpha": 3.0},
+              "k_subsets": {"k": 3}, "sequential_k_subsets": {"k": 3}}
+    assert set(expect) == set(S.MODES)
+    for mode in S.MODES:
+        torch.testing.assert_close(S.get_map(mode, **params.get(mode, {}))(x), expect[mode])
+    torch.testing.assert_close(S.get_map("k_subsets", k=3, normalize=False)(x), 3 * expect["k_subsets"])
+    with pytest.raises(ValueError):
+        S.get_map("nope")
+    assert math.isclose(S.SEQUENTIAL_TRANSITION_DEFAULT, 100.0)
