@@ -352,14 +352,13 @@ def plot_curves(records: list[dict], args: argparse.Namespace) -> list[Path]:
     for metric, ylabel in (("test_acc", "test accuracy"), ("train_loss", "train BCE loss")):
         fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False, sharey=True)
         for ax, setting in zip(axes[0], settings):
+            curves, epochs = {}, None
             for mode in args.modes:
                 d = frame[(frame.setting == setting) & (frame["mode"] == mode)]
-                if d.empty:
-                    continue
-                curves = d.pivot(index="seed", columns="epoch", values=metric)
-                mean, std = curves.mean(axis=0), curves.std(axis=0, ddof=0)
-                ax.plot(mean.index, mean.values, label=mode)
-                ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
+                if not d.empty:
+                    pivot = d.pivot(index="seed", columns="epoch", values=metric)
+                    curves[mode], epochs = pivot.to_numpy(), pivot.columns.to_numpy()
+            training.draw_mean_std(ax, curves, epochs)
             ax.set_title(setting, fontsize=9)
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)

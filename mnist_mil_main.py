@@ -439,12 +439,7 @@ def plot_mean_std(curves: dict[str, np.ndarray], xlabel: str, ylabel: str, title
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (label, values) in enumerate(curves.items()):
-        values = np.atleast_2d(np.asarray(values, dtype=float))
-        x = np.arange(1, values.shape[1] + 1)
-        mean, std = values.mean(0), values.std(0)
-        ax.plot(x, mean, label=label, linestyle=("-", "--", "-.", ":")[i % 4])  # overlapping modes stay visible
-        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    training.draw_mean_std(ax, curves)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

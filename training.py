@@ -223,3 +223,17 @@ def train_bag_classifier(model: nn.Module, train: tuple[Tensor, Tensor | None, T
         if report is not None:
             report(metrics)
     return history
+
+
+# --------------------------------------------------------------------------------------------------
+# Curves
+# --------------------------------------------------------------------------------------------------
+def draw_mean_std(ax: Any, curves: dict[str, np.ndarray], x: np.ndarray | None = None) -> None:
+    """Draw, per label, the mean over runs of a (n_runs, n_points) array with a +-1 std band
+    (population std). Line styles alternate so that overlapping modes stay visible."""
+    for i, (label, values) in enumerate(curves.items()):
+        values = np.atleast_2d(np.asarray(values, dtype=float))
+        xs = np.arange(1, values.shape[1] + 1) if x is None else np.asarray(x)
+        mean, std = values.mean(0), values.std(0)
+        ax.plot(xs, mean, label=label, linestyle=("-", "--", "-.", ":")[i % 4])
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
