@@ -16,10 +16,12 @@ Conventions shared by all maps
         stopped when a closed-form point keeps the support it came from (exact);
       - alpha-entmax, alpha-normmax: safeguarded Newton on ||[z - tau]_+||_p (convex for p >= 1),
         stopped at |F(tau) - 1| <= 1e-13 or when no representable progress is left.
-    Every tau iterate stays above a lower bound (max - 1 for the simplex maps), so the entries below
-    it are dropped once (flat "candidate" list) and later steps cost O(#candidates); outputs and
-    backward passes are computed on the support only. Exception: 1.5-entmax on short unmasked rows
-    (<= 256) calls the ``entmax`` package's exact sort-based solver, which is faster there.
+    Every tau iterate stays above a lower bound: max - 1 for the simplex maps, raised (rows >= 64) to
+    the root of the same equation over the maxima of 16 column blocks (a subset of the entries, so
+    its root is <= tau). The entries below the bound are dropped once: the candidates are packed
+    left into a small dense (rows, L) tensor (padded with -inf) found by scanning only the blocks
+    whose max exceeds the bound, and later steps cost O(rows * L); outputs and backward passes are
+    computed on the support only (gather / scatter_add).
     bench/bench_maps.py times every map against torch.softmax and the ``entmax`` package.
   * sequential_k_subsets: active-set SparseMAP with a budgeted-Viterbi MAP oracle (exact).
   * Gradients are closed-form custom backward passes (Martins & Astudillo 2016; Peters et al. 2019;
@@ -42,11 +44,6 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor
-
-try:  # used only where its exact sort-based solver is the faster one (short rows of 1.5-entmax)
-    import entmax as _entmax_pkg
-except ImportError:  # pragma: no cover
-    _entmax_pkg = None
 
 MODES = ("softmax", "sparsemax", "entmax", "entmax_alpha", "gsh", "normmax", "k_subsets",
          "sequential_k_subsets")
@@ -122,98 +119,204 @@ class _DenseSupport:
         return v
 
 
-class _SparseSupport:
-    """Values stored only at the (row, col) positions of the support of a (B, n) output."""
+class _PackedSupport:
+    """Values stored at (row, cols[row, j]) of a (B, n) output, packed left in a (B, L) tensor.
 
-    def __init__(self, rows: Tensor, cols: Tensor, B: int, n: int):
-        self.rows, self.cols, self.B, self.n = rows, cols, B, n
+    Padding slots hold the value 0 (and column 0): they add nothing to sums nor to the dense output
+    (scatter_add), and every backward formula gives them 0."""
+
+    def __init__(self, cols: Tensor, n: int):
+        self.cols, self.n = cols, n
 
     def sum(self, v: Tensor) -> Tensor:
-        return torch.zeros(self.B, dtype=v.dtype, device=v.device).index_add_(0, self.rows, v).unsqueeze(1)
+        return v.sum(-1, keepdim=True)
 
     def bc(self, t):
-        return t.reshape(-1)[self.rows] if isinstance(t, Tensor) and t.dim() > 0 else t
+        return t
 
     def take(self, g: Tensor) -> Tensor:
-        return g[self.rows, self.cols]
+        return g.gather(1, self.cols)
 
     def dense(self, v: Tensor) -> Tensor:
-        out = torch.zeros(self.B, self.n, dtype=v.dtype, device=v.device)
-        out[self.rows, self.cols] = v
-        return out
+        out = torch.zeros(v.shape[0], self.n, dtype=v.dtype, device=v.device)
+        return out.scatter_add_(1, self.cols, v)
+
+
+def _pack_rows(values: Tensor, cols: Tensor | None, flat: Tensor, fill: float) -> tuple[Tensor, Tensor]:
+    """Pack the entries of values (B, L0) at the flat indices ``flat`` (increasing) to the left of a
+    (B, L) tensor, L = max kept per row; other slots get ``fill`` (column 0). cols (B, L0) are the
+    entries' columns (None: their position). Returns (packed values, packed columns)."""
+    B, L0 = values.shape
+    rows = torch.div(flat, L0, rounding_mode="floor")
+    counts = torch.bincount(rows, minlength=B)
+    L = max(int(counts.max()), 1) if B > 0 else 1
+    start = counts.cumsum(0) - counts
+    dst = rows * L + (torch.arange(flat.numel(), device=flat.device) - start[rows])
+    out_v = torch.full((B * L,), fill, dtype=values.dtype, device=values.device)
+    out_v[dst] = values.reshape(-1)[flat]
+    out_c = torch.zeros(B * L, dtype=torch.long, device=values.device)
+    out_c[dst] = (flat - rows * L0) if cols is None else cols.reshape(-1)[flat]
+    return out_v.view(B, L), out_c.view(B, L)
 
 
 class _CompactRows:
-    """The entries of a (B, n) tensor above a per-row lower bound of tau, stored flat.
+    """The entries of a (B, n) tensor above a per-row lower bound of tau, packed left into a dense
+    (B, L) float64 tensor (L = the largest count), padded with -inf (which every solver treats as a
+    masked entry).
 
     Every iterate of the threshold solvers is >= that bound, so the other entries never enter a sum:
-    iterating on the candidates only costs O(#candidates) per step instead of O(B n)."""
+    iterating on the candidates only costs O(B L) per step instead of O(B n), with plain dense row
+    reductions."""
 
-    def __init__(self, z: Tensor, rows: Tensor, cols: Tensor, row_shape: torch.Size, scale: float = 1.0):
-        self.rows, self.cols = rows, cols
-        self.z = z[rows, cols].double()
+    def __init__(self, z: Tensor, flat: Tensor | None, scale: float | Tensor = 1.0,
+                 packed: tuple[Tensor, Tensor] | None = None):
+        """flat: flat indices of the candidates in z, or packed = (values, columns) already."""
+        self.B, self.n = z.shape
+        self.z, self.cols = packed if packed is not None else _pack_rows(z, None, flat, float("-inf"))
+        self.z = self.z.double()
         if isinstance(scale, Tensor) or scale != 1.0:
             self.z = self.z * scale
-        self.B, self.n = z.shape
-        self.row_shape = row_shape
 
     def shrink(self, lo: Tensor, n_above: Tensor | None = None) -> None:
-        """Drop the candidates <= lo (a new lower bound of tau) once they are at least half of them.
+        """Drop the candidates <= lo (a new lower bound of tau) once the widest row would halve.
 
         n_above: per-row counts of candidates above some point >= lo (a cheap lower estimate of the
         number kept, used to skip the work when little would be dropped)."""
-        if n_above is not None and float(n_above.sum()) > self.z.numel() // 2:
+        L = self.z.shape[1]
+        if L < 8 or (n_above is not None and float(n_above.max()) > L // 2):
             return
-        keep = (self.z > self.bc(lo)).nonzero().squeeze(1)
-        if keep.numel() <= self.z.numel() // 2:
-            self.rows, self.cols, self.z = self.rows[keep], self.cols[keep], self.z[keep]
+        keep = self.z > lo
+        if int(keep.sum(-1).max()) <= L // 2:
+            flat = keep.reshape(-1).nonzero().squeeze(1)
+            self.z, self.cols = _pack_rows(self.z, self.cols, flat, float("-inf"))
 
     def support(self, tau: Tensor, empty: Tensor | None):
-        r = self.z - self.bc(tau)
-        keep = r > 0
+        r = (self.z - tau).clamp_min_(0.0)
         if empty is not None:
-            keep &= ~empty.reshape(-1)[self.rows]
-        return _SparseSupport(self.rows[keep], self.cols[keep], self.B, self.n), r[keep]
+            r.masked_fill_(empty, 0.0)
+        return _PackedSupport(self.cols, self.n), r
 
     def sum(self, v: Tensor) -> Tensor:
-        out = torch.zeros(self.B, dtype=v.dtype, device=v.device)
-        return out.index_add_(0, self.rows, v).view(self.row_shape)
+        return v.sum(-1, keepdim=True)
 
     def bc(self, t):
-        return t.reshape(-1)[self.rows] if isinstance(t, Tensor) and t.dim() > 0 else t
+        return t
 
 
 _COMPACT_MIN_SIZE = 1 << 15  # below this many entries the dense loop is cheaper
 _COMPACT_MAX_FRACTION = 0.25
 
 
-def _rows_for(z: Tensor, lo: Tensor, scale: float | Tensor = 1.0):
-    """Rows of scale * z (float64) as a compact list of the entries above lo when that is much
-    smaller than z (scale > 0, a float or a per-row (B, 1) tensor), else densely."""
+def _rows_for(z: Tensor, lo: Tensor, scale: float | Tensor = 1.0, bm: Tensor | None = None):
+    """Rows of scale * z (float64) as a packed list of the entries above lo when that is much
+    smaller than z (scale > 0, a float or a per-row (B, 1) tensor), else densely.
+
+    bm: block maxima of z (see _block_max): only the blocks whose max is above lo are scanned."""
     if z.numel() < _COMPACT_MIN_SIZE:
         return _DenseRows(z, scale)
     z2 = z.reshape(-1, z.shape[-1])
     thr = lo.reshape(-1, 1) / scale if isinstance(scale, Tensor) or scale != 1.0 else lo.reshape(-1, 1)
     if z.dtype != torch.float64:  # compare in z's dtype with a threshold lowered by a few ulps
         thr = (thr - (thr.abs() + 1.0) * (8 * torch.finfo(z.dtype).eps)).to(z.dtype)
-    rows, cols = (z2 > thr).nonzero(as_tuple=True)
-    if rows.numel() > _COMPACT_MAX_FRACTION * z.numel():
+    if bm is not None:
+        packed = _candidates_in_blocks(z2, thr, bm)
+        if packed is not None:
+            return _CompactRows(z2, None, scale, packed)
+    flat = (z2 > thr).reshape(-1).nonzero().squeeze(1)
+    if flat.numel() > _COMPACT_MAX_FRACTION * z.numel():
         return _DenseRows(z, scale)
-    sc = scale.reshape(-1)[rows] if isinstance(scale, Tensor) else scale
-    return _CompactRows(z2, rows, cols, lo.shape, sc)
+    return _CompactRows(z2, flat, scale)
+
+
+def _candidates_in_blocks(z: Tensor, thr: Tensor, bm: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Entries z > thr (B, n; thr (B, 1)) packed left into (B, L) (values padded with -inf, columns),
+    scanning only the blocks of _block_max whose max exceeds thr; None when those blocks hold more
+    than _COMPACT_MAX_FRACTION of z (then a full scan decides)."""
+    B, n = z.shape
+    nb = bm.shape[1]
+    bs = n // nb
+    h = bs * (nb - 1)
+    w = n - h  # width of the last block
+    sel = bm > thr
+    fa = sel[:, :-1].reshape(-1).nonzero().squeeze(1)  # selected regular blocks, row-major
+    rb = sel[:, -1].nonzero().squeeze(1)  # rows whose last block is selected
+    if fa.numel() * bs + rb.numel() * w > _COMPACT_MAX_FRACTION * z.numel():
+        return None
+    ra, ba = torch.div(fa, nb - 1, rounding_mode="floor"), fa % (nb - 1)
+    za = z[:, :h].unflatten(1, (nb - 1, bs))[ra, ba]  # (Na, bs)
+    ea = (za > thr[ra]).reshape(-1).nonzero().squeeze(1)
+    blk_a = torch.div(ea, bs, rounding_mode="floor")
+    row_a, col_a, val_a = ra[blk_a], ba[blk_a] * bs + ea % bs, za.reshape(-1)[ea]
+    zb = z[rb, h:]  # (Nb, w)
+    eb = (zb > thr[rb]).reshape(-1).nonzero().squeeze(1)
+    blk_b = torch.div(eb, w, rounding_mode="floor")
+    row_b, col_b, val_b = rb[blk_b], h + eb % w, zb.reshape(-1)[eb]
+    # both lists are grouped by row (increasing); slot of an entry = its rank within its row
+    cnt_a = torch.bincount(row_a, minlength=B)
+    cnt_b = torch.bincount(row_b, minlength=B)
+    L = max(int((cnt_a + cnt_b).max()), 1) if B > 0 else 1
+    pos_a = torch.arange(row_a.numel(), device=z.device) - (cnt_a.cumsum(0) - cnt_a)[row_a]
+    pos_b = cnt_a[row_b] + torch.arange(row_b.numel(), device=z.device) - (cnt_b.cumsum(0) - cnt_b)[row_b]
+    dst = torch.cat([row_a * L + pos_a, row_b * L + pos_b])
+    vals = torch.full((B * L,), float("-inf"), dtype=torch.float64, device=z.device)
+    vals[dst] = torch.cat([val_a, val_b]).double()
+    cols = torch.zeros(B * L, dtype=torch.long, device=z.device)
+    cols[dst] = torch.cat([col_a, col_b])
+    return vals.view(B, L), cols.view(B, L)
 
 
 # --------------------------------------------------------------------------------------------------
 # Threshold solvers (no autograd inside): all work on the last dim, rows with finite max
 # --------------------------------------------------------------------------------------------------
-def _sparsemax_tau(z: Tensor, m: Tensor):
-    """tau with sum_i [z_i - tau]_+ = 1 (Michelot's algorithm = Newton from tau_0 = max - 1).
+_BLOCKS = 16  # the maxima of this many column blocks give a lower bound of tau (see _subset_bound)
+_MIN_BLOCK = 4  # shorter blocks give too weak a bound
+
+
+def _block_max(z: Tensor) -> Tensor | None:
+    """Maxima (B, _BLOCKS) of _BLOCKS column blocks of z (B, n): n // _BLOCKS columns each, the last
+    block also holding the n % _BLOCKS tail columns. None for short rows (the dense loop is used)."""
+    B, n = z.shape
+    bs = n // _BLOCKS
+    if bs < _MIN_BLOCK or z.numel() < _COMPACT_MIN_SIZE:
+        return None
+    h = bs * (_BLOCKS - 1)
+    return torch.cat([z[:, :h].unflatten(1, (_BLOCKS - 1, bs)).amax(-1), z[:, h:].amax(-1, keepdim=True)], 1)
+
+
+def _subset_bound(z: Tensor, solve: Callable[[Tensor, Tensor], Tensor], need: int = 1):
+    """(lower bound of a threshold tau from a subset of each row's entries, block maxima), or
+    (None, None) for short rows.
+
+    All the threshold equations here read F(tau) = sum_i f(z_i - tau) = c with f >= 0 nondecreasing,
+    so F_sub <= F for the sum over any subset of the entries and the root of F_sub = c is <= tau
+    (F decreasing). The subset: the maxima of _BLOCKS column blocks (distinct entries), solved
+    densely by ``solve(sub, sub_max)``; rows whose blocks hold fewer than ``need`` finite entries get
+    -inf. The bound is lowered by a relative 1e-12 against rounding, so that F(bound) >= c safely.
+    The block maxima also tell which blocks can hold candidates (see _rows_for).
+    """
+    bm = _block_max(z) if need <= _BLOCKS else None
+    if bm is None:
+        return None, None
+    sub = bm.double()
+    bad = torch.isfinite(sub).sum(-1, keepdim=True) < need
+    sub = sub.masked_fill(bad, 0.0)
+    lb = solve(sub, sub.amax(-1, keepdim=True))
+    lb = lb - (lb.abs() + 1.0) * 1e-12
+    return lb.masked_fill(bad, float("-inf")), bm
+
+
+def _sparsemax_tau(z: Tensor, m: Tensor, dense: bool = False):
+    """tau with sum_i [z_i - tau]_+ = 1 (Michelot's algorithm = Newton from a lower bound:
+    tau_0 = max(max - 1, subset bound)).
 
     tau_{t+1} = (sum_{i in S_t} z_i - 1) / |S_t| with S_t = {z_i > tau_t}; S_t shrinks monotonically
     and tau_t is exact as soon as |S_{t+1}| = |S_t| (finite termination).
     """
     tau = m.double() - 1.0
-    R = _rows_for(z, tau)
+    lb, bm = (None, None) if dense else _subset_bound(z, lambda s, sm: _sparsemax_tau(s, sm, dense=True)[0])
+    if lb is not None:
+        tau = torch.maximum(tau, lb)
+    R = _DenseRows(z) if dense else _rows_for(z, tau, 1.0, bm)
     cnt_prev = None
     for _ in range(z.shape[-1] + 2):
         r = (R.z - R.bc(tau)).clamp_min_(0.0)
@@ -226,7 +329,7 @@ def _sparsemax_tau(z: Tensor, m: Tensor):
     return tau, R
 
 
-def _quadratic_tau(z: Tensor, m: Tensor, scale: float = 1.0):
+def _quadratic_tau(z: Tensor, m: Tensor, scale: float = 1.0, dense: bool = False):
     """tau with sum_i [z_i - tau]_+^2 = 1 (1.5-entmax on z = x/2; 2-normmax on z = x).
 
     Safeguarded iteration on F(tau) = sum [z - tau]_+^2, convex and decreasing. At a point t with
@@ -236,8 +339,11 @@ def _quadratic_tau(z: Tensor, m: Tensor, scale: float = 1.0):
     the exact solution, which ends the iteration (finite termination in practice; capped).
     """
     lo = m.double() * scale - 1.0  # tau for scale * z
+    lb, bm = (None, None) if dense else _subset_bound(z, lambda s, sm: _quadratic_tau(s, sm, scale, dense=True)[0])
+    if lb is not None:
+        lo = torch.maximum(lo, lb)
     t = lo
-    R = _rows_for(z, lo, scale)
+    R = _DenseRows(z, scale) if dense else _rows_for(z, lo, scale, bm)
     from_closed = torch.zeros_like(lo, dtype=torch.bool)
     cnt_src = torch.zeros_like(lo)
     done = torch.zeros_like(lo, dtype=torch.bool)
@@ -268,7 +374,7 @@ def _quadratic_tau(z: Tensor, m: Tensor, scale: float = 1.0):
     return t, R
 
 
-def _power_tau(z: Tensor, m: Tensor, p: Tensor | float, scale: float | Tensor = 1.0):
+def _power_tau(z: Tensor, m: Tensor, p: Tensor | float, scale: float | Tensor = 1.0, dense: bool = False):
     """tau with F(tau) = sum_i [z_i - tau]_+^p = 1, p > 0 (scalar or per row).
 
     Newton on G(tau) = F(tau)^{1/p} = ||[z - tau]_+||_p, which is convex and decreasing for p >= 1
@@ -282,8 +388,11 @@ def _power_tau(z: Tensor, m: Tensor, p: Tensor | float, scale: float | Tensor = 
     p = p.double() if isinstance(p, Tensor) else p
     lo = m - 1.0
     hi = m - (1.0 / n) ** (1.0 / p) if not isinstance(p, Tensor) else m - torch.pow(1.0 / n, 1.0 / p)
+    lb, bm = (None, None) if dense else _subset_bound(z, lambda s, sm: _power_tau(s, sm, p, scale, dense=True)[0])
+    if lb is not None:
+        lo = torch.minimum(torch.maximum(lo, lb), hi)
     t = lo.clone()
-    R = _rows_for(z, lo, scale)
+    R = _DenseRows(z, scale) if dense else _rows_for(z, lo, scale, bm)
     pc = R.bc(p)
     tol = _tol(torch.float64)
     tiny = torch.finfo(torch.float64).tiny
@@ -383,16 +492,11 @@ class _Entmax15(torch.autograd.Function):
         return sup.dense(dx - sup.bc(q) * gp)
 
 
-_SORT_MAX_COLS = 256  # up to this row length the entmax package's exact sort-based 1.5-entmax is faster
-
-
 def entmax15(x: Tensor, dim: int = -1) -> Tensor:
     """1.5-entmax: y = [x/2 - tau]_+^2  (Peters et al., 2019); Omega = Tsallis 1.5-negentropy.
 
-    Unmasked rows of length <= 256 use the ``entmax`` package's exact sort-based solver (faster there, see
-    bench/bench_maps.py); otherwise the sort-free exact solver of this module."""
-    if _entmax_pkg is not None and x.shape[dim] <= _SORT_MAX_COLS and not bool(torch.isneginf(x).any()):
-        return _entmax_pkg.entmax15(x, dim=dim)
+    (Since the block-maxima bound, this sort-free solver is faster than the ``entmax`` package's
+    sort-based one also on short rows: bench/bench_maps.py.)"""
     return _apply_last(_Entmax15.apply, x, dim)
 
 
@@ -529,25 +633,29 @@ def normmax(x: Tensor, alpha: float = 2.0, dim: int = -1) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # k-subsets SparseMAP = projection onto the capped simplex {0 <= mu <= 1, sum mu = k}
 # --------------------------------------------------------------------------------------------------
-def _budget_tau(x: Tensor, m: Tensor, k: float):
+def _budget_tau(x: Tensor, m: Tensor, k: float, dense: bool = False):
     """tau with F(tau) = sum_i clip(x_i - tau, 0, 1) = k (rows with more than k finite entries).
 
     F is piecewise linear and decreasing; from any tau the root of its current linear piece is
     tau + (F - k) / |A|, A = {0 < x - tau < 1}. Steps that leave the bracket [lo, hi] (F(lo) >= k >=
     F(hi)) are replaced by bisection; a step that stays on its piece lands exactly on the root.
-    The iteration runs on the entries above lo only: lo = max - 2 when F(max - 2) >= k on every row
-    (checked on those entries), else lo = min - 1 (all entries).
+    The iteration runs on the entries above lo only: lo = max - 2 where F(max - 2) >= k (checked on
+    those entries), else lo = x_(ceil k) - 1 (the ceil(k)-th largest entry: F(lo) >= ceil(k)).
     """
     m = m.double()
     lo = m - 2.0
-    R = _rows_for(x, lo)
+    lb, bm = (None, None) if dense else _subset_bound(x, lambda s, sm: _budget_tau(s, sm, k, dense=True)[0],
+                                                      need=int(np.floor(k)) + 1)
+    if lb is not None:
+        lo = torch.maximum(lo, lb)
+    R = _DenseRows(x) if dense else _rows_for(x, lo, 1.0, bm)
     if isinstance(R, _CompactRows):
         fail = R.sum((R.z - R.bc(lo)).clamp_(0.0, 1.0)) < k
-        if bool(fail.any()):  # those rows keep all their finite entries: F(min - 1) = n_finite > k
+        if bool(fail.any()):  # those rows: lo = x_(ceil k) - 1 (the top ceil(k) entries give F >= k)
             idx = fail.reshape(-1).nonzero().squeeze(1)
             xf = x.reshape(-1, x.shape[-1])[idx]
             lo = lo.clone()
-            lo.view(-1)[idx] = torch.where(torch.isneginf(xf), torch.inf, xf).amin(-1).double() - 1.0
+            lo.view(-1)[idx] = xf.topk(int(np.ceil(k)), dim=-1).values[:, -1].double() - 1.0
             R = _rows_for(x, lo)
     if isinstance(R, _DenseRows):
         xmin = torch.where(torch.isfinite(R.z), R.z, m).amin(-1, keepdim=True)

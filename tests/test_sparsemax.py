@@ -398,8 +398,9 @@ def test_gradcheck_x_with_mask():
 
 
 def test_own_entmax15_solver_on_short_rows():
-    """entmax15 dispatches short unmasked rows to the entmax package; check our solver there too."""
+    """Short rows (no block bound, dense loop) of our own 1.5-entmax solver against the reference."""
     x = rand(30, 11, scale=2.0, seed=31)
+    torch.testing.assert_close(S.entmax15(x), S._Entmax15.apply(x), atol=0, rtol=0)
     torch.testing.assert_close(S._Entmax15.apply(x), torch.from_numpy(ref_entmax(x.numpy(), 1.5)), atol=1e-10, rtol=0)
     assert torch.autograd.gradcheck(S._Entmax15.apply, (x[:4].clone().requires_grad_(True),), eps=1e-6, atol=1e-6)
 
@@ -444,6 +445,58 @@ def test_compact_candidate_path_equals_dense_path(monkeypatch):
         if ga_d is not None:
             torch.testing.assert_close(ga_c, ga_d, atol=1e-10, rtol=0)
         assert (y_c[5] == 0).all() and (y_c[3, 10:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_candidate_scan_equals_full_scan(dtype):
+    """_candidates_in_blocks (scans only blocks whose max exceeds the threshold; rows of 1000 = 15
+    blocks of 62 + a last block of 70) must find exactly the entries z > thr of a full scan."""
+    z = rand(40, 1000, scale=2.0, seed=40, dtype=dtype)
+    z[2, 500:] = float("-inf")
+    z[7] = 0.0  # a constant row: every block selected
+    bm = S._block_max(z)
+    assert bm.shape == (40, S._BLOCKS)
+    torch.testing.assert_close(bm.amax(-1), z.amax(-1), atol=0, rtol=0)
+    assert S._candidates_in_blocks(z, torch.full((40, 1), float("-inf"), dtype=dtype), bm) is None  # all
+    thr = (z.amax(-1, keepdim=True) - 0.5 * rand(40, 1, seed=41).abs()).to(dtype)
+    thr[7] = -1.0
+    thr[9] = z[9].max() - 1e-3  # only the max itself
+    vals, cols = S._candidates_in_blocks(z, thr, bm)
+    assert vals.dtype == torch.float64 and vals.shape == cols.shape
+    for i in range(40):
+        want = (z[i] > thr[i]).nonzero().squeeze(1)
+        got = cols[i][torch.isfinite(vals[i])]
+        assert torch.equal(got.sort().values, want), i
+        torch.testing.assert_close(vals[i][torch.isfinite(vals[i])], z[i, got].double(), atol=0, rtol=0)
+
+
+def test_subset_bounds_are_lower_bounds():
+    """The root over the block maxima never exceeds the exact threshold (F_sub <= F), for every solver."""
+    x = rand(64, 1000, scale=2.0, seed=42)
+    x[1, 20:] = float("-inf")
+    m = x.amax(-1, keepdim=True)
+    p = torch.linspace(1.2, 9.0, 64, dtype=torch.float64).view(64, 1)
+    cases = {
+        "sparsemax": (lambda z, zm, d: S._sparsemax_tau(z, zm, dense=d)[0], 1),
+        "quadratic/2": (lambda z, zm, d: S._quadratic_tau(z, zm, 0.5, dense=d)[0], 1),
+        "power": (lambda z, zm, d: S._power_tau(z, zm, p, 1.0 / (p - 1.0), dense=d)[0], 1),
+        "budget3": (lambda z, zm, d: S._budget_tau(z, zm, 3.0, dense=d)[0], 4),
+    }
+    for name, (solve, need) in cases.items():
+        lb, bm = S._subset_bound(x, lambda s, sm: solve(s, sm, True), need)
+        tau = solve(x, m, True)
+        assert bm is not None and torch.isfinite(lb[2:]).all(), name  # row 1: finite entries in one block
+        assert (lb <= tau).all(), name
+        assert (lb[2:] >= tau[2:] - 1.0).all(), name  # close: within 1 of tau
+
+
+def test_k_subsets_rows_with_a_far_outlier():
+    """Rows where F(max - 2) < k (one entry far above the rest) take the x_(k) - 1 lower bound."""
+    x = rand(64, 600, scale=0.01, seed=43)
+    x[::3, 5] = 10.0
+    for k in (1, 3):
+        mu = S.k_subsets(x, k, normalize=False)
+        torch.testing.assert_close(mu, torch.from_numpy(ref_budget(x.numpy(), k)), atol=1e-9, rtol=0)
 
 
 def test_gradcheck_alpha_entmax():
