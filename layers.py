@@ -122,9 +122,11 @@ class Hopfield(nn.Module):
 
     Args:
         d_model: pattern width (input and output).
-        n_heads: number of heads (d_model must be divisible by it).
+        n_heads: number of heads.
+        head_dim: width of each head's association space (default d_model / n_heads, which must then
+            be an integer). Heads project to n_heads * head_dim (Hu et al.'s ``d_keys = hid_dim``).
         mode: retrieval map, one of ``sparsemax.MODES``; ``gsh`` learns one alpha per head in (1, 2).
-        scale: beta; default 1 / sqrt(d_model / n_heads).
+        scale: beta; default 1 / sqrt(head_dim).
         update_steps: T above (int >= 1) or None for the fixed point.
         dropout: dropout on the association weights A.
         mix: mix heads with an output projection.
@@ -138,26 +140,29 @@ class Hopfield(nn.Module):
     def __init__(self, d_model: int, n_heads: int = 1, mode: str = "softmax", scale: float | None = None,
                  update_steps: int | None = 1, dropout: float = 0.0, mix: bool = True,
                  normalize_patterns: bool = False, fixed_point: dict | None = None,
-                 **map_params) -> None:
+                 head_dim: int | None = None, **map_params) -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        if head_dim is None and d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads} (or give head_dim)")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if update_steps is not None and update_steps < 1:
             raise ValueError("update_steps must be >= 1 or None (fixed point)")
         self.d_model, self.n_heads, self.mode = d_model, n_heads, mode
-        self.d_head = d_model // n_heads
+        self.d_head = head_dim if head_dim is not None else d_model // n_heads
+        inner = n_heads * self.d_head
+        if not mix and inner != d_model:
+            raise ValueError("mix=False needs n_heads * head_dim == d_model (no output projection)")
         self.scale = scale if scale is not None else 1.0 / math.sqrt(self.d_head)
         self.update_steps = update_steps
         self.map_params = dict(map_params)
         # float32 cannot reach deq's default adjoint tolerance of 1e-8: stop the adjoint at 1e-6
         self.fixed_point_options = {"tol": 1e-5, "backward_tol": 1e-6, **(fixed_point or {})}
         self.last_fixed_point_stats: dict | None = None
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model) if mix else nn.Identity()
+        self.q_proj = nn.Linear(d_model, inner)
+        self.k_proj = nn.Linear(d_model, inner)
+        self.v_proj = nn.Linear(d_model, inner)
+        self.out_proj = nn.Linear(inner, d_model) if mix else nn.Identity()
         self.norm_state = nn.LayerNorm(d_model) if normalize_patterns else nn.Identity()
         self.norm_stored = nn.LayerNorm(d_model) if normalize_patterns else nn.Identity()
         self.dropout = nn.Dropout(dropout)
@@ -213,7 +218,7 @@ class Hopfield(nn.Module):
                 q = self._weights(q, k, key_padding_mask) @ k
         weights = self._weights(q, k, key_padding_mask)
         z = self.dropout(weights) @ v
-        out = self.out_proj(z.transpose(1, 2).reshape(R.shape[0], R.shape[1], self.d_model))
+        out = self.out_proj(z.transpose(1, 2).reshape(R.shape[0], R.shape[1], -1))
         return (out, weights) if return_weights else out
 
 

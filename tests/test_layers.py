@@ -313,3 +313,18 @@ def test_fixed_point_retrieval_matches_long_iteration_and_its_gradient(mode, sol
             assert p.grad is None and q.grad.abs().max() < 1e-6, name
         else:
             assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+def test_head_dim_decouples_head_width_from_d_model():
+    """n_heads * head_dim need not equal d_model (Hu et al.'s d_keys = hid_dim per head)."""
+    torch.manual_seed(0)
+    hop = Hopfield(10, n_heads=3, head_dim=4, mode="sparsemax", scale=0.7).double()
+    assert hop.q_proj.weight.shape == (12, 10) and hop.out_proj.weight.shape == (10, 12)
+    R, Y = torch.randn(2, 1, 10, dtype=torch.float64), torch.randn(2, 5, 10, dtype=torch.float64)
+    out, w = hop(R, Y, return_weights=True)
+    q, k, v = (hop._split(p(x)) for p, x in ((hop.q_proj, R), (hop.k_proj, Y), (hop.v_proj, Y)))
+    z = sparsemax.sparsemax(0.7 * q @ k.transpose(-1, -2)) @ v
+    assert torch.allclose(out, hop.out_proj(z.transpose(1, 2).reshape(2, 1, 12)), atol=1e-12)
+    assert out.shape == (2, 1, 10) and w.shape == (2, 3, 1, 5)
+    with pytest.raises(ValueError, match="mix=False"):
+        Hopfield(10, n_heads=3, head_dim=4, mix=False)
