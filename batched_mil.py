@@ -1,0 +1,462 @@
+"""Train many small MIL bag classifiers at once along a *model axis*.
+
+The real-world MIL protocol (``real_world_mil.py``) trains ~43,000 tiny models (grid x folds x seeds).
+One model per process step wastes the time in Python and Ray overhead, so here M models of one
+architecture *shape* (embedding dims, embedding layers, pooling width, heads) are stacked along a
+leading axis and trained together with batched matmuls; everything else may differ per model:
+learning rate, lr decay, Hopfield scale beta, dropout, training data (fold / seed), init.
+
+The batched model computes exactly the function of ``reference_model`` (a ``training.BagClassifier``
+with ``layers.HopfieldPooling``) for each model m:
+
+    h   = [Linear_E->w]( [ReLU(Linear(.))]^L (x) )                  per instance (the embedding; the
+                                                                  last Linear only if ``emb_proj``)
+    k,v = LN(h) W_K + b_K,  LN(h) W_V + b_V;   q = xi W_Q + b_Q    (xi: learned query pattern;
+                                                                  W_Q, W_K, W_V: w -> H * head_dim)
+    A   = y_Omega(beta_m q k^T / per head) with padding -> weight 0,   z = dropout_m(A) v
+    out = Linear_w->1( LN( GELU( z W_O + b_O ) ) )                  one logit per bag (W_O: H*head_dim -> w)
+
+(``test_real_world_mil.py`` checks batched forward == M separate reference forwards, and one
+optimizer step == torch.optim.AdamW + clip_grad_norm_ per model.) The normalization y_Omega is
+``sparsemax.get_map(mode)``, the same map ``layers.Hopfield`` uses.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import sparsemax
+import training
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    """Architecture shape shared by all models of one batch (parameter tensor sizes)."""
+
+    d_in: int
+    emb_dims: int
+    emb_layers: int
+    width: int  # pooling width d_model of HopfieldPooling (the embedding width it reads)
+    n_heads: int
+    head_dim: int | None = None  # width per head (None: width // n_heads); q/k/v map w -> n_heads * head_dim
+    emb_proj: bool = True  # end the embedding with Linear(emb_dims -> width); False: width = emb_dims
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None and self.width % self.n_heads:
+            raise ValueError(f"width {self.width} must be divisible by n_heads {self.n_heads} (or give head_dim)")
+        if not self.emb_proj and (self.emb_layers < 1 or self.width != self.emb_dims):
+            raise ValueError("emb_proj=False needs emb_layers >= 1 and width == emb_dims")
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.width // self.n_heads
+
+    @property
+    def inner(self) -> int:
+        """Width of the heads' association space, n_heads * d_head."""
+        return self.n_heads * self.d_head
+
+
+def instance_encoder(d_in: int, emb_dims: int, emb_layers: int, width: int, emb_proj: bool = True) -> nn.Sequential:
+    """Instance embedding: ``emb_layers`` x [Linear(., emb_dims), ReLU], then (if ``emb_proj``)
+    Linear(emb_dims, width). Without it this is Hu et al.'s embedding (pooling reads emb_dims)."""
+    layers: list[nn.Module] = []
+    d = d_in
+    for _ in range(emb_layers):
+        layers += [nn.Linear(d, emb_dims), nn.ReLU()]
+        d = emb_dims
+    if emb_proj:
+        layers.append(nn.Linear(d, width))
+    return nn.Sequential(*layers)
+
+
+def reference_model(shape: Shape, mode: str, scale: float, dropout: float,
+                    **map_params) -> training.BagClassifier:
+    """The unbatched model: ``training.BagClassifier`` with the instance encoder and HopfieldPooling."""
+    encoder = instance_encoder(shape.d_in, shape.emb_dims, shape.emb_layers, shape.width, shape.emb_proj)
+    return training.BagClassifier(encoder, d_model=shape.width, num_pattern=1, n_heads=shape.n_heads,
+                                  mix=True, update_steps=1, dropout=dropout, mode=mode, scale=scale,
+                                  head_dim=shape.d_head, **map_params)
+
+
+def _linear_names(shape: Shape) -> list[str]:
+    return [f"enc{i}" for i in range(shape.emb_layers + int(shape.emb_proj))] + ["q", "k", "v", "o", "head"]
+
+
+def _reference_tensors(model: training.BagClassifier) -> dict[str, Tensor]:
+    """Parameters of a reference model under the batched names (Linear weights as (in, out))."""
+    linears = [m for m in model.encoder if isinstance(m, nn.Linear)]
+    hop = model.pooling.hopfield
+    linears += [hop.q_proj, hop.k_proj, hop.v_proj, hop.out_proj, model.head]
+    names = [f"enc{i}" for i in range(len(linears) - 5)] + ["q", "k", "v", "o", "head"]
+    tensors = {}
+    for name, lin in zip(names, linears):
+        tensors[f"{name}.w"] = lin.weight.detach().t()
+        tensors[f"{name}.b"] = lin.bias.detach()
+    tensors["query"] = model.pooling.query.detach()[0, 0]
+    for ln in ("norm_in", "norm_out"):
+        tensors[f"{ln}.w"] = getattr(model, ln).weight.detach()
+        tensors[f"{ln}.b"] = getattr(model, ln).bias.detach()
+    if hop.mode == "gsh":
+        tensors["alpha_logit"] = hop.alpha_logit.detach()
+    return tensors
+
+
+class BatchedBagClassifier(nn.Module):
+    """M ``reference_model``s of one ``Shape`` with stacked parameters (leading model axis).
+
+    ``scale`` and ``dropout`` are (M,) tensors (one beta and one dropout rate per model).
+    forward(x (M, B, N, d_in), pad (M, B, N) True = padding) -> logits (M, B).
+    """
+
+    def __init__(self, params: dict[str, Tensor], shape: Shape, mode: str, scale: Tensor,
+                 dropout: Tensor, map_params: dict | None = None) -> None:
+        super().__init__()
+        if mode not in sparsemax.MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(sparsemax.MODES)}")
+        self.shape, self.mode, self.map_params = shape, mode, dict(map_params or {})
+        self.params = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(v.contiguous())
+                                        for k, v in params.items()})
+        self.names = list(params)
+        dtype = next(iter(params.values())).dtype
+        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("dropout_p", dropout.to(dtype))
+        self.generator: torch.Generator | None = None  # dropout randomness (set by the trainer)
+        if mode == "gsh":
+            self.map_params.pop("alpha", None)
+
+    @property
+    def num_models(self) -> int:
+        return self.scale.shape[0]
+
+    def p(self, name: str) -> Tensor:
+        """Parameter ``name`` of all models, (M, *shape)."""
+        return self.params[name.replace(".", "_")]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """All parameters by name."""
+        return {name: self.p(name) for name in self.names}
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_models(cls, models: Sequence[training.BagClassifier], shape: Shape) -> "BatchedBagClassifier":
+        """Stack the parameters of reference models (same shape and mode) into one batched model."""
+        hops = [m.pooling.hopfield for m in models]
+        per_model = [_reference_tensors(m) for m in models]
+        params = {k: torch.stack([t[k] for t in per_model]) for k in per_model[0]}
+        scale = torch.tensor([h.scale for h in hops], dtype=params["query"].dtype)
+        dropout = torch.tensor([h.dropout.p for h in hops], dtype=params["query"].dtype)
+        return cls(params, shape, hops[0].mode, scale, dropout, hops[0].map_params)
+
+    @classmethod
+    def initialized(cls, shape: Shape, mode: str, scale: Tensor, dropout: Tensor,
+                    generators: Sequence[torch.Generator], map_params: dict | None = None) -> "BatchedBagClassifier":
+        """Fresh models, model m drawn with ``generators[m]`` from the reference model's init:
+        Linear W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch default), query ~ 0.02 N(0, 1),
+        LayerNorm (1, 0), gsh alpha_logit = logit(alpha0 - 1)."""
+        dims = [(shape.d_in if i == 0 else shape.emb_dims, shape.emb_dims) for i in range(shape.emb_layers)]
+        if shape.emb_proj:
+            dims.append((shape.emb_dims if shape.emb_layers else shape.d_in, shape.width))
+        dims += [(shape.width, shape.inner)] * 3 + [(shape.inner, shape.width), (shape.width, 1)]
+        names = _linear_names(shape)
+        per_model: list[dict[str, Tensor]] = []
+        for gen in generators:
+            tensors = {}
+            for name, (d_in, d_out) in zip(names, dims):
+                bound = 1.0 / math.sqrt(d_in)
+                tensors[f"{name}.w"] = (torch.rand(d_in, d_out, generator=gen) * 2 - 1) * bound
+                tensors[f"{name}.b"] = (torch.rand(d_out, generator=gen) * 2 - 1) * bound
+            tensors["query"] = 0.02 * torch.randn(shape.width, generator=gen)
+            per_model.append(tensors)
+        params = {k: torch.stack([t[k] for t in per_model]) for k in per_model[0]}
+        m = len(generators)
+        for ln in ("norm_in", "norm_out"):
+            params[f"{ln}.w"] = torch.ones(m, shape.width)
+            params[f"{ln}.b"] = torch.zeros(m, shape.width)
+        if mode == "gsh":
+            alpha0 = float((map_params or {}).get("alpha", 1.5))
+            params["alpha_logit"] = torch.full((m, shape.n_heads), math.log((alpha0 - 1) / (2 - alpha0)))
+        return cls(params, shape, mode, scale, dropout, map_params)
+
+    # ----------------------------------------------------------------------------------------------
+    def _linear(self, x: Tensor, name: str) -> Tensor:
+        """x (M, ..., d_in) -> x W_m + b_m for each model m."""
+        m = x.shape[0]
+        flat = x.reshape(m, -1, x.shape[-1])
+        out = torch.baddbmm(self.p(f"{name}.b").unsqueeze(1), flat, self.p(f"{name}.w"))
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _layer_norm(self, x: Tensor, name: str) -> Tensor:
+        y = F.layer_norm(x, x.shape[-1:], eps=1e-5)
+        expand = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        return y * self.p(f"{name}.w").view(expand) + self.p(f"{name}.b").view(expand)
+
+    def _normalize(self, scores: Tensor) -> Tensor:
+        """y_Omega over the last dim of scores (M, B, H, N) (as ``layers.Hopfield._normalize``)."""
+        if self.mode == "gsh":
+            alpha = 1.0 + torch.sigmoid(self.p("alpha_logit"))
+            return sparsemax.entmax(scores, alpha=alpha[:, None, :, None], dim=-1)
+        return sparsemax.get_map(self.mode, **self.map_params)(scores)
+
+    def pool(self, x: Tensor, pad: Tensor | None) -> Tensor:
+        """Batched HopfieldPooling (one query, one update step): x (M, B, N, w) -> (M, B, w);
+        heads of width d = ``shape.d_head`` (W_K, W_V: w x H d, W_O: H d x w).
+
+        Same function as ``layers.Hopfield`` with R = the learned query, in a cheaper order: per head h
+        (columns of block h: W_{K,h}, W_{V,h}, with q_h = (xi W_Q + b_Q)_h)
+
+            score_hn = beta <x_n W_{K,h} + b_{K,h}, q_h> = beta (x_n u_h + c_h),  u_h = W_{K,h} q_h
+            z_h      = sum_n A_hn (x_n W_{V,h} + b_{V,h}) = (sum_n A_hn x_n) W_{V,h} + (sum_n A_hn) b_{V,h}
+
+        so the w x Hd key/value projections act once per bag instead of once per instance.
+        """
+        m, b, n, w = x.shape
+        h, d = self.shape.n_heads, self.shape.d_head
+        q = torch.baddbmm(self.p("q.b").unsqueeze(1), self.p("query").unsqueeze(1), self.p("q.w")).view(m, h, d)
+        u = (self.p("k.w").view(m, w, h, d) * q.unsqueeze(1)).sum(-1)  # (M, w, H)
+        c = torch.einsum("mhd,mhd->mh", self.p("k.b").view(m, h, d), q)  # (M, H)
+        scores = torch.baddbmm(c.unsqueeze(1), x.reshape(m, b * n, w), u).view(m, b, n, h).transpose(2, 3)
+        scores = self.scale.view(m, 1, 1, 1) * scores  # (M, B, H, N)
+        if pad is not None:
+            scores = scores.masked_fill(pad[:, :, None, :], float("-inf"))
+        weights = self._normalize(scores)
+        if self.training and bool((self.dropout_p > 0).any()):
+            p = self.dropout_p.view(m, 1, 1, 1)
+            keep = torch.rand(weights.shape, generator=self.generator, dtype=weights.dtype) >= p
+            weights = weights * keep / (1 - p)
+        pooled = weights @ x  # (M, B, H, w): sum_n A_hn x_n
+        # head h reads its own column block of W_V
+        z = torch.einsum("mbhw,mwhd->mbhd", pooled, self.p("v.w").view(m, w, h, d))  # (M, B, H, d)
+        z = z + weights.sum(-1, keepdim=True) * self.p("v.b").view(m, 1, h, d)
+        return self._linear(z.reshape(m, b, h * d), "o")
+
+    def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:
+        """x (M, B, N, d_in) instances, pad (M, B, N) True = padding -> logits (M, B)."""
+        h = x
+        for i in range(self.shape.emb_layers):
+            h = torch.relu(self._linear(h, f"enc{i}"))
+        if self.shape.emb_proj:
+            h = self._linear(h, f"enc{self.shape.emb_layers}")
+        h = self._layer_norm(h, "norm_in")
+        pooled = self.pool(h, pad)
+        return self._linear(self._layer_norm(F.gelu(pooled), "norm_out"), "head").squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer: AdamW + per-model gradient clipping, per-model learning rates
+# --------------------------------------------------------------------------------------------------
+class BatchedAdamW:
+    """``torch.optim.AdamW`` (amsgrad=False) applied independently to each model of the model axis,
+    after ``clip_grad_norm_(model_m.parameters(), clip)`` per model:
+
+        g <- g * min(1, clip / (||g_m||_2 + 1e-6));  p <- p (1 - lr_m wd)
+        m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2
+        p <- p - lr_m / (1-b1^t_m) * m / (sqrt(v) / sqrt(1-b2^t_m) + eps)
+
+    ``lr`` is an (M,) tensor (change it for schedules); ``step(active)`` updates only models with
+    active=True (their step count t_m advances), so models with fewer batches per epoch wait.
+    """
+
+    def __init__(self, params: Sequence[Tensor], lr: Tensor, weight_decay: float = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 grad_clip: float | None = 1.0) -> None:
+        self.params = list(params)
+        self.lr = lr.clone().to(self.params[0])
+        self.weight_decay, self.betas, self.eps, self.grad_clip = weight_decay, betas, eps, grad_clip
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros_like(self.lr)
+
+    def _view(self, t: Tensor, p: Tensor) -> Tensor:
+        return t.view(-1, *([1] * (p.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, active: Tensor | None = None) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.grad_clip is not None:
+            norm = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]).norm(dim=0)
+            coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(self._view(coef, g))
+        act = torch.ones_like(self.lr, dtype=torch.bool) if active is None else active
+        all_active = bool(act.all())
+        self.steps += act.to(self.steps.dtype)
+        b1, b2 = self.betas
+        t = self.steps.clamp(min=1)
+        step_size = self.lr / (1 - b1 ** t)
+        bias2_sqrt = (1 - b2 ** t).sqrt()
+        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
+            if all_active:  # in place (the common case)
+                new_p, new_m, new_v = p, m, v
+                new_p.mul_(1 - self._view(self.lr * self.weight_decay, p))
+                new_m.lerp_(g, 1 - b1)
+                new_v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            else:
+                new_p = p * (1 - self._view(self.lr * self.weight_decay, p))
+                new_m = m.lerp(g, 1 - b1)
+                new_v = v * b2 + (1 - b2) * g * g
+            # m / (sqrt(v) / s2 + eps) * step = m / (sqrt(v) + eps s2) * (step s2), s2 = sqrt(1 - b2^t)
+            denom = new_v.sqrt().add_(self._view(self.eps * bias2_sqrt, p))
+            update = torch.div(new_m, denom, out=denom).mul_(self._view(step_size * bias2_sqrt, p))
+            if all_active:
+                p.sub_(update)
+            else:
+                a = self._view(act, p)
+                p.copy_(torch.where(a, new_p - update, p))
+                m.copy_(torch.where(a, new_m, m))
+                v.copy_(torch.where(a, new_v, v))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and metrics
+# --------------------------------------------------------------------------------------------------
+def pad_dataset(bags: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Bags (n_i, d) -> padded (n_bags, N_max, d), lengths (n_bags,), pad mask (n_bags, N_max)."""
+    lengths = torch.tensor([len(b) for b in bags])
+    padded = torch.zeros(len(bags), int(lengths.max()), bags[0].shape[1], dtype=bags[0].dtype)
+    for i, b in enumerate(bags):
+        padded[i, :len(b)] = b
+    pad = torch.arange(padded.shape[1])[None] >= lengths[:, None]
+    return padded, lengths, pad
+
+
+def gather_bags(data: tuple[Tensor, Tensor, Tensor], idx: Tensor,
+                standardize: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Bags idx (M, B) -> instances (M, B, N, d) and padding mask (M, B, N), N = max length used.
+
+    ``standardize = (mean, std)``, each (M, d): model m sees (x - mean_m) / std_m (padding stays 0)."""
+    padded, lengths, pad = data
+    n = int(lengths[idx].max())
+    x, mask = padded[:, :n][idx], pad[:, :n][idx]
+    if standardize is not None:
+        mean, std = standardize
+        x = ((x - mean[:, None, None]) / std[:, None, None]).masked_fill(mask.unsqueeze(-1), 0.0)
+    return x, mask
+
+
+def batched_auc(scores: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
+    """ROC AUC per row: P(s_pos > s_neg) + 1/2 P(s_pos = s_neg) over valid entries (Mann-Whitney).
+
+    scores, labels (0/1), valid: (M, n). NaN for a row without both classes.
+    """
+    pos = (labels > 0.5) & valid
+    neg = (labels < 0.5) & valid
+    diff = scores[:, :, None] - scores[:, None, :]  # (M, i, j) = s_i - s_j
+    pair = (pos[:, :, None] & neg[:, None, :]).to(scores.dtype)
+    wins = ((diff > 0).to(scores.dtype) + 0.5 * (diff == 0).to(scores.dtype)) * pair
+    n_pairs = pair.sum((1, 2))
+    return torch.where(n_pairs > 0, wins.sum((1, 2)) / n_pairs.clamp(min=1), torch.full_like(n_pairs, math.nan))
+
+
+def _index_table(sets: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Ragged index lists -> (M, n_max) table (padded with the row's first index) and validity mask."""
+    n_max = max(len(s) for s in sets)
+    table = torch.zeros(len(sets), n_max, dtype=torch.long)
+    valid = torch.zeros(len(sets), n_max, dtype=torch.bool)
+    for m, s in enumerate(sets):
+        table[m, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        table[m, len(s):] = s[0]
+        valid[m, :len(s)] = True
+    return table, valid
+
+
+@torch.no_grad()
+def evaluate(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tensor], labels: Tensor,
+             sets: Sequence[Sequence[int]], standardize: tuple[Tensor, Tensor] | None = None,
+             chunk: int = 16) -> dict[str, Tensor]:
+    """Eval-mode loss (mean BCE), accuracy (logit > 0) and AUC of each model on its own bag set."""
+    model.eval()
+    table, valid = (t.to(labels.device) for t in _index_table(sets))
+    logits = torch.cat([model(*gather_bags(data, table[:, s:s + chunk], standardize))
+                        for s in range(0, table.shape[1], chunk)], dim=1)
+    y = labels[table].to(logits.dtype)
+    w = valid.to(logits.dtype)
+    count = w.sum(1)
+    loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum(1) / count
+    acc = (((logits > 0).to(y.dtype) == y).to(y.dtype) * w).sum(1) / count
+    return {"loss": loss, "acc": acc, "auc": batched_auc(logits, y, valid)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def train_batched(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tensor], labels: Tensor,
+                  train_sets: Sequence[Sequence[int]], eval_sets: dict[str, Sequence[Sequence[int]]],
+                  lr: Tensor, lr_decay: Tensor, epochs: int, batch_size: int = 4,
+                  weight_decay: float = 1e-4, grad_clip: float | None = 1.0,
+                  generators: Sequence[torch.Generator] | None = None,
+                  standardize: tuple[Tensor, Tensor] | None = None,
+                  on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, Tensor]:
+    """Train model m on bags ``train_sets[m]`` (own shuffle from ``generators[m]``) with BCE-with-logits,
+    AdamW(lr_m, weight_decay) + clip, lr_m <- lr_m * lr_decay_m after every epoch (Hu et al.); after
+    each epoch evaluate every set of ``eval_sets`` (e.g. val, test) in eval mode. ``standardize``:
+    per-model feature (mean, std), see ``gather_bags``; dropout draws from ``generators[0]``.
+
+    Returns a dict of (epochs, M) tensors ``<set>_<loss|acc|auc>``.
+    """
+    m = model.num_models
+    generators = generators or [torch.Generator().manual_seed(i) for i in range(m)]
+    device = next(model.parameters()).device
+    labels = labels.to(device)
+    model.generator = generators[0]
+    if device.type != "cpu":  # dropout masks are drawn on the device
+        seed = int(torch.randint(2 ** 62, (1,), generator=generators[0]))
+        model.generator = torch.Generator(device=device).manual_seed(seed)
+    optimizer = BatchedAdamW(list(model.parameters()), lr, weight_decay, grad_clip=grad_clip)
+    decay = lr_decay.to(optimizer.lr)
+    sizes = torch.tensor([len(s) for s in train_sets])
+    n_steps = int(math.ceil(int(sizes.max()) / batch_size))
+    train_table = [torch.as_tensor(list(s), dtype=torch.long) for s in train_sets]
+    history: dict[str, list[Tensor]] = {}
+    for epoch in range(1, epochs + 1):
+        model.train()
+        orders, valid = (t.to(device) for t in _index_table(
+            [t[torch.randperm(len(t), generator=g)].tolist() for t, g in zip(train_table, generators)]))
+        for step in range(n_steps):
+            cols = slice(step * batch_size, (step + 1) * batch_size)
+            idx, ok = orders[:, cols], valid[:, cols]
+            x, pad = gather_bags(data, idx, standardize)
+            logits = model(x, pad)
+            y = labels[idx].to(logits.dtype)
+            w = ok.to(logits.dtype)
+            per_model = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum(1)
+            loss = (per_model / w.sum(1).clamp(min=1)).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step(active=ok.any(1))
+        optimizer.lr = optimizer.lr * decay
+        metrics = {}
+        for name, sets in eval_sets.items():
+            for key, value in evaluate(model, data, labels, sets, standardize).items():
+                metrics[f"{name}_{key}"] = value
+                history.setdefault(f"{name}_{key}", []).append(value)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    return {k: torch.stack(v) for k, v in history.items()}
+
+
+def best_epoch(val_auc: Tensor, val_loss: Tensor) -> Tensor:
+    """Early-stopping epoch index per model: max validation AUC, ties -> lower validation loss, then
+    the earliest epoch. val_auc, val_loss: (epochs, M) -> (M,) long (NaN AUC counts as -1)."""
+    auc = torch.nan_to_num(val_auc, nan=-1.0)
+    loss = torch.nan_to_num(val_loss, nan=math.inf)
+    best = torch.zeros(auc.shape[1], dtype=torch.long)
+    best_auc, best_loss = auc[0].clone(), loss[0].clone()
+    for e in range(1, auc.shape[0]):
+        better = (auc[e] > best_auc) | ((auc[e] == best_auc) & (loss[e] < best_loss))
+        best = torch.where(better, torch.full_like(best, e), best)
+        best_auc = torch.where(better, auc[e], best_auc)
+        best_loss = torch.where(better, loss[e], best_loss)
+    return best

@@ -1,0 +1,529 @@
+"""Real-world multiple-instance-learning benchmark (Ramsauer et al. 2021, Table 1; Hu et al. 2023).
+
+    python3 real_world_mil.py --dataset fox --mode sparse           # full protocol, grid of Hu et al.
+    python3 real_world_mil.py --dataset fox --mode all --search small
+    python3 real_world_mil.py --report                              # table + plot from result files
+
+Model (per bag): instance MLP embedding -> HopfieldPooling (one learned query) -> classifier,
+i.e. ``batched_mil.reference_model`` (a ``training.BagClassifier``); trained with AdamW (weight decay
+1e-4), gradient clipping 1.0, batch 4, lr multiplied by ``lr_decay`` after each epoch, 50 epochs.
+
+Protocol (nested, no test data in any choice):
+  for each of ``--n_seeds`` repetitions r (seed = --seed + r, a different split each):
+    outer stratified ``--n_folds``-fold CV; for each outer fold:
+      the training part is split (stratified) into inner-train and validation (``--val_fraction``);
+      every config of the search space is trained on inner-train; after each epoch it is evaluated
+      on validation (and, for the record only, on the outer test fold);
+      best epoch of a config = max validation AUC (ties: lower validation loss, then earlier);
+      chosen config = the one with the best validation AUC at its best epoch (same tie rule);
+      reported = the chosen config's test AUC / accuracy *at its best-validation epoch*.
+    repetition score = mean over the folds. Reported: mean +- std over repetitions (AUC x 100).
+  Features are standardized with the mean/std of the inner-train instances of each fold.
+
+Heads and widths: Hu et al.'s ``real_world_mil.py`` builds ``Hopfield(d_model=emb_dims,
+n_heads, d_keys=hid_dim, d_values=hid_dim)`` on the output of the embedding MLP, i.e. ``hidden_dim``
+is the width *per head*. We follow it (``--pool_width per_head``, default):
+``HopfieldPooling(d_model=emb_dims, n_heads, head_dim=hidden_dim)`` reads the embedding MLP's
+emb_dims-wide output directly (q/k/v: emb_dims -> n_heads * hidden_dim, W_O back to emb_dims).
+``--pool_width total`` instead uses hidden_dim as the total pooling width, rounded up to a multiple
+of n_heads, after an extra Linear(emb_dims -> width) (cheaper, not Hu et al.'s structure).
+
+Differences to Hu et al.'s code (commit 051e70c of MAGICS-LAB/SparseModernHopfield): their model is
+emb -> Hopfield -> ReLU -> Linear with the value projection applied to the projected keys; ours is
+``training.BagClassifier`` (LayerNorm, HopfieldPooling of ``layers.py`` with values projected from the
+stored patterns, GELU, LayerNorm, Linear). Their protocol tuned on outer fold 0 and reused that config
+for the other folds, early-stopped on a noisy criterion, and (in that commit) their ``HopfieldCore``
+applied ``torch.softmax`` whatever the mode; here the map is ``sparsemax.get_map(mode)``.
+
+Speed: configs of equal shape (emb_dims, emb_layers, width, heads, batch) are trained together with
+all folds as one batched model (``batched_mil.py``); one Ray trial = one shape x one repetition,
+with lr, lr decay, scale, dropout and the fold varying along the model axis.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import itertools
+import json
+import math
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import batched_mil
+import sparsemax
+import training
+
+DATASETS = ("fox", "tiger", "elephant", "ucsb", "musk1", "musk2")
+MODE_ALIASES = {"sparse": "sparsemax", "standard": "softmax"}  # names of Hu et al.
+MODES = ("sparse", "standard") + tuple(sparsemax.MODES)
+ALL_MODES = ("sparse", "standard") + tuple(m for m in sparsemax.MODES if m not in MODE_ALIASES.values())
+MAP_PARAMS = {"entmax_alpha": ("alpha",), "gsh": ("alpha",), "normmax": ("alpha",),
+              "k_subsets": ("k",), "sequential_k_subsets": ("k",)}
+# Ramsauer et al. 2021, Table 1 (AUC x 100, Hopfield pooling): mean, std
+PUBLISHED_AUC = {"tiger": (91.3, 0.5), "fox": (64.05, 0.4), "elephant": (94.9, 0.3), "ucsb": (89.5, 0.8)}
+
+SHAPE_KEYS = ("emb_dims", "emb_layers", "hidden_dim", "n_heads", "batch_size")
+VARIANT_KEYS = ("lr", "lr_decay", "scale", "dropout")
+# Hu et al.'s grid (their real_world_mil.py): 864 configs
+HU_GRID = {"lr": [1e-3, 1e-5], "lr_decay": [0.98, 0.96, 0.94], "batch_size": [4],
+           "emb_dims": [32, 64, 128], "emb_layers": [1, 2], "hidden_dim": [16, 32, 64],
+           "n_heads": [8, 12], "scale": [0.1, 10.0], "dropout": [0.0, 0.75]}
+# --search small: the cheapest architecture of the grid, its better lr and slowest decay, and the
+# two most influential knobs of the pooling (scale beta, dropout) in full: 4 configs, one shape.
+SMALL_GRID = {**HU_GRID, "lr": [1e-3], "lr_decay": [0.98], "emb_dims": [32], "emb_layers": [1],
+              "hidden_dim": [16], "n_heads": [8]}
+# --quick: a seconds-long smoke setting
+QUICK_GRID = {**SMALL_GRID, "hidden_dim": [2], "emb_dims": [8], "dropout": [0.0]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Search space
+# --------------------------------------------------------------------------------------------------
+def grid_configs(grid: dict[str, list]) -> list[dict]:
+    """All combinations of a grid, in a fixed order."""
+    keys = sorted(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def search_configs(search: str, num_samples: int, seed: int) -> list[dict]:
+    """Configs of ``--search``: hu (full grid), small, quick, or random (``num_samples`` distinct
+    configs drawn uniformly from the Hu et al. grid, drawn up front so that equal shapes batch)."""
+    if search == "random":
+        configs = grid_configs(HU_GRID)
+        pick = np.random.default_rng(seed).choice(len(configs), size=min(num_samples, len(configs)),
+                                                  replace=False)
+        return [configs[i] for i in sorted(pick)]
+    return grid_configs({"hu": HU_GRID, "small": SMALL_GRID, "quick": QUICK_GRID}[search])
+
+
+def pool_width(hidden_dim: int, n_heads: int, how: str) -> int:
+    """Width of the heads' association space n_heads * head_dim: hidden_dim per head (Hu et al.) or
+    hidden_dim in total, rounded up to a multiple of n_heads."""
+    if how == "per_head":
+        return hidden_dim * n_heads
+    return int(math.ceil(hidden_dim / n_heads)) * n_heads
+
+
+# the model structure of each --pool_width (recorded in the results; part of the Ray experiment name)
+POOLING = {"per_head": "MLP(emb_dims) -> HopfieldPooling(d_model=emb_dims, n_heads, head_dim=hidden_dim)",
+           "total": "MLP(emb_dims) -> Linear(w) -> HopfieldPooling(d_model=w, n_heads), "
+                    "w = hidden_dim rounded up to a multiple of n_heads"}
+
+
+def model_shape(d_in: int, group: dict, how: str) -> batched_mil.Shape:
+    """Architecture of a shape group. per_head (Hu et al.): HopfieldPooling(d_model=emb_dims, n_heads,
+    head_dim=hidden_dim) on the embedding MLP's output; total: Linear(emb_dims -> w) then
+    HopfieldPooling(d_model=w, n_heads) with w = ``pool_width(hidden_dim, n_heads, "total")``."""
+    if how == "per_head":
+        return batched_mil.Shape(d_in, group["emb_dims"], group["emb_layers"], group["emb_dims"], group["n_heads"],
+                                 head_dim=group["hidden_dim"], emb_proj=False)
+    width = pool_width(group["hidden_dim"], group["n_heads"], how)
+    return batched_mil.Shape(d_in, group["emb_dims"], group["emb_layers"], width, group["n_heads"])
+
+
+def group_by_shape(configs: Sequence[dict]) -> list[dict]:
+    """Configs -> groups ``{shape keys..., "variants": [{lr, lr_decay, scale, dropout}, ...]}``."""
+    groups: dict[tuple, dict] = {}
+    for config in configs:
+        key = tuple(config[k] for k in SHAPE_KEYS)
+        group = groups.setdefault(key, {**{k: config[k] for k in SHAPE_KEYS}, "variants": []})
+        group["variants"].append({k: config[k] for k in VARIANT_KEYS})
+    return list(groups.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------
+def stratified_folds(labels: np.ndarray, n_folds: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Partition indices into ``n_folds`` test folds; each class is shuffled and dealt round-robin
+    (continuing across classes), so class counts per fold differ by at most one."""
+    folds: list[list[int]] = [[] for _ in range(n_folds)]
+    position = 0
+    for label in np.unique(labels):
+        for index in rng.permutation(np.flatnonzero(labels == label)):
+            folds[position % n_folds].append(int(index))
+            position += 1
+    return [np.sort(np.array(f, dtype=np.int64)) for f in folds]
+
+
+def stratified_holdout(indices: np.ndarray, labels: np.ndarray, fraction: float,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``indices`` into (train, validation) with round(fraction * n_c) validation bags per class
+    (at least one when the class has two or more)."""
+    train, val = [], []
+    for label in np.unique(labels[indices]):
+        members = rng.permutation(indices[labels[indices] == label])
+        n_val = int(round(fraction * len(members)))
+        n_val = max(n_val, 1) if len(members) >= 2 else 0
+        val += members[:n_val].tolist()
+        train += members[n_val:].tolist()
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
+
+
+def cv_splits(labels: Sequence[int], n_folds: int, seed: int, val_fraction: float) -> list[dict]:
+    """Outer stratified folds of repetition ``seed`` with an inner stratified validation split of each
+    fold's training part: ``[{"train", "val", "test"}]`` index arrays (disjoint, union = all bags)."""
+    labels = np.asarray(labels)
+    if min(np.bincount(labels)) < n_folds:
+        raise ValueError(f"n_folds={n_folds} exceeds the size of the smallest class")
+    tests = stratified_folds(labels, n_folds, np.random.default_rng([seed, 0]))
+    splits = []
+    for fold, test in enumerate(tests):
+        rest = np.setdiff1d(np.arange(len(labels)), test)
+        train, val = stratified_holdout(rest, labels, val_fraction, np.random.default_rng([seed, 1, fold]))
+        splits.append({"train": train, "val": val, "test": test})
+    return splits
+
+
+# --------------------------------------------------------------------------------------------------
+# One Ray trial: one shape x one repetition, all folds and variants batched
+# --------------------------------------------------------------------------------------------------
+def _stable_seed(*parts: Any) -> int:
+    return zlib.crc32(json.dumps(parts, sort_keys=True, default=str).encode())
+
+
+def _standardization(padded: torch.Tensor, lengths: torch.Tensor, bags: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (std 0 -> 1) of all instances of ``bags``."""
+    x = torch.cat([padded[b, :lengths[b]] for b in bags])
+    std = x.std(0)
+    return x.mean(0), torch.where(std > 0, std, torch.ones_like(std))
+
+
+def models_per_chunk(shape: batched_mil.Shape, batch_size: int, max_bag: int, chunk_params: float,
+                     chunk_activations: float) -> int:
+    """Models trained at once: bounded by parameters (x4 with grads and Adam moments) and by the
+    activations of one step on padded bags."""
+    per_model = sum(p.numel() for p in batched_mil.reference_model(shape, "softmax", 1.0, 0.0).parameters())
+    activations = batch_size * max_bag * (shape.d_in + shape.emb_layers * shape.emb_dims + 3 * shape.width
+                                          + shape.n_heads) * 4
+    return max(1, int(min(chunk_params / per_model, chunk_activations / activations)))
+
+
+def train_group(config: dict, report: Any = None) -> list[dict]:
+    """Train every (fold, variant) model of a shape group for one repetition; one record per model
+    with its best-validation epoch and the metrics there. ``report`` gets progress dicts."""
+    device = training.trial_device(config)  # also caps torch threads to cpus_per_trial
+    bags = training_data(config["dataset"])
+    padded, lengths, pad = batched_mil.pad_dataset([torch.from_numpy(np.array(x)) for x, _ in bags])
+    labels = torch.tensor([y for _, y in bags])
+    group, seed = config["group"], config["seed"]
+    splits = cv_splits(labels.numpy(), config["n_folds"], seed, config["val_fraction"])
+    shape = model_shape(padded.shape[-1], group, config["pool_width"])
+    jobs = [(fold, v) for fold in range(len(splits)) for v in range(len(group["variants"]))]
+    chunk = models_per_chunk(shape, group["batch_size"], int(lengths.max()), config["chunk_params"],
+                             config["chunk_activations"])
+    stats = [_standardization(padded, lengths, s["train"]) for s in splits]
+    records = []
+    n_chunks = math.ceil(len(jobs) / chunk)
+    size = math.ceil(len(jobs) / n_chunks)  # balanced chunks
+    for start in range(0, len(jobs), size):
+        part = jobs[start:start + size]
+        variants = [group["variants"][v] for _, v in part]
+        gens = [torch.Generator().manual_seed(_stable_seed(seed, fold, v, group, config["mode"]))
+                for fold, v in part]
+        tensor = lambda key: torch.tensor([float(var[key]) for var in variants])  # noqa: E731
+        model = batched_mil.BatchedBagClassifier.initialized(shape, config["mode"], tensor("scale"),
+                                                             tensor("dropout"), gens, config["map_params"])
+        history = batched_mil.train_batched(
+            model.to(device), (padded.to(device), lengths.to(device), pad.to(device)), labels,
+            train_sets=[splits[f]["train"].tolist() for f, _ in part],
+            eval_sets={"val": [splits[f]["val"].tolist() for f, _ in part],
+                       "test": [splits[f]["test"].tolist() for f, _ in part]},
+            lr=tensor("lr"), lr_decay=tensor("lr_decay"), epochs=config["epochs"],
+            batch_size=group["batch_size"], weight_decay=config["weight_decay"],
+            grad_clip=config["grad_clip"], generators=gens,
+            standardize=(torch.stack([stats[f][0] for f, _ in part]).to(device),
+                         torch.stack([stats[f][1] for f, _ in part]).to(device)))
+        history = {k: v.cpu() for k, v in history.items()}
+        best = batched_mil.best_epoch(history["val_auc"], history["val_loss"])
+        for i, (fold, v) in enumerate(part):
+            at = {k: float(h[best[i], i]) for k, h in history.items()}
+            records.append({"seed": seed, "fold": fold, "variant": v, "best_epoch": int(best[i]) + 1,
+                            **{k: group[k] for k in SHAPE_KEYS}, **group["variants"][v], "width": shape.width,
+                            "head_dim": shape.d_head,
+                            **at})
+        if report is not None:
+            report({"models_done": len(records), "models_total": len(jobs)})
+    return records
+
+
+def training_data(name: str) -> list:
+    import datasets
+
+    return datasets.load_mil_dataset(name)
+
+
+def ray_trainable(config: dict) -> None:
+    """Ray Tune entry point: progress reports, then a final one carrying the records as JSON."""
+    from ray import tune
+
+    records = train_group(config, report=lambda progress: tune.report({**progress, "records": ""}))
+    tune.report({"models_done": len(records), "models_total": len(records), "records": json.dumps(records)})
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection and summary
+# --------------------------------------------------------------------------------------------------
+def _nan_to(value: float, default: float) -> float:
+    return default if value is None or math.isnan(value) else value
+
+
+def select_configs(records: Sequence[dict]) -> list[dict]:
+    """Per (seed, fold): the record with the best validation AUC (ties: lower validation loss, then
+    the first config in grid order). Only validation metrics enter the choice."""
+    ordered = sorted(records, key=lambda r: (r["seed"], r["fold"], [r[k] for k in SHAPE_KEYS], r["variant"]))
+    chosen: dict[tuple, dict] = {}
+    for record in ordered:
+        key = (record["seed"], record["fold"])
+        score = (_nan_to(record["val_auc"], -1.0), -_nan_to(record["val_loss"], math.inf))
+        if key not in chosen or score > chosen[key][0]:
+            chosen[key] = (score, record)
+    return [chosen[k][1] for k in sorted(chosen)]
+
+
+def summarize(chosen: Sequence[dict]) -> dict:
+    """Mean over folds per repetition, then mean +- std (ddof 0) over repetitions; AUC and acc x 100."""
+    seeds = sorted({r["seed"] for r in chosen})
+    per_seed = []
+    for seed in seeds:
+        rows = [r for r in chosen if r["seed"] == seed]
+        per_seed.append({"seed": seed, "auc": 100 * float(np.nanmean([r["test_auc"] for r in rows])),
+                         "acc": 100 * float(np.mean([r["test_acc"] for r in rows]))})
+    aucs, accs = [s["auc"] for s in per_seed], [s["acc"] for s in per_seed]
+    return {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "acc_mean": float(np.mean(accs)),
+            "acc_std": float(np.std(accs)), "n_seeds": len(seeds), "per_seed": per_seed}
+
+
+def write_results(path_stem: Path, payload: dict) -> list[Path]:
+    """``<stem>.json`` (everything) and ``<stem>.csv`` (one row per seed x fold: chosen config, metrics)."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = path_stem.with_suffix(".json"), path_stem.with_suffix(".csv")
+    json_path.write_text(json.dumps(payload, indent=1))
+    columns = ["seed", "fold", *SHAPE_KEYS, "width", "head_dim", *VARIANT_KEYS, "best_epoch", "val_auc", "val_loss",
+               "test_auc", "test_acc", "test_loss"]
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(payload["folds"])
+    return [json_path, csv_path]
+
+
+# --------------------------------------------------------------------------------------------------
+# Report: markdown table + plot from the result files
+# --------------------------------------------------------------------------------------------------
+def load_results(results_dir: Path) -> list[dict]:
+    out = []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        payload = json.loads(path.read_text())
+        if {"dataset", "mode", "summary"} <= payload.keys():
+            out.append(payload)
+    return out
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    """Datasets x modes table of test AUC x 100 (mean +- std over repetitions) with the published
+    Hopfield-pooling reference of Ramsauer et al. (2021, Table 1)."""
+    modes = [m for m in MODES if any(r["mode"] == m for r in results)]
+    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in results)]
+    header = "| dataset | " + " | ".join(modes) + " | published (Ramsauer et al. 2021) |"
+    lines = [header, "|" + "---|" * (len(modes) + 2)]
+    for dataset in datasets:
+        cells = []
+        for mode in modes:
+            match = [r for r in results if r["dataset"] == dataset and r["mode"] == mode]
+            if match:
+                s, p = match[0]["summary"], match[0]["protocol"]
+                cells.append(f"{s['auc_mean']:.1f} ± {s['auc_std']:.1f} ({p['search']}, {s['n_seeds']}x{p['n_folds']})")
+            else:
+                cells.append("–")
+        ref = PUBLISHED_AUC.get(dataset)
+        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {f'{ref[0]} ± {ref[1]}' if ref else '–'} |")
+    lines.append("")
+    lines.append("Test AUC x 100, mean ± std over repetitions (search space, repetitions x outer folds); "
+                 "nested CV, configs chosen on inner validation splits only.")
+    return "\n".join(lines)
+
+
+def plot_results(results: Sequence[dict], path: Path) -> Path:
+    """Grouped bars: AUC per mode per dataset with std error bars; published reference as a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if any(r["mode"] == m for r in results)]
+    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in results)]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.45 * len(datasets) * (len(modes) + 1)), 3.8))
+    width = 0.8 / max(1, len(modes))
+    for j, mode in enumerate(modes):
+        xs, ys, es = [], [], []
+        for i, dataset in enumerate(datasets):
+            match = [r for r in results if r["dataset"] == dataset and r["mode"] == mode]
+            if match:
+                xs.append(i + (j - (len(modes) - 1) / 2) * width)
+                ys.append(match[0]["summary"]["auc_mean"])
+                es.append(match[0]["summary"]["auc_std"])
+        ax.bar(xs, ys, width, yerr=es, capsize=3, label=mode)
+    for i, dataset in enumerate(datasets):
+        if dataset in PUBLISHED_AUC:
+            mean, std = PUBLISHED_AUC[dataset]
+            ax.errorbar([i + 0.5], [mean], yerr=[std], fmt="k*", capsize=3,
+                        label="Ramsauer et al. 2021" if i == 0 else None)
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_ylabel("test AUC x 100")
+    ax.set_ylim(40, 105)
+    ax.set_xlim(-0.6, len(datasets) - 0.3)
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    ax.set_title("Real-world MIL, Hopfield pooling (nested CV)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def build_report(results_dir: Path, img_dir: Path) -> str:
+    results = load_results(results_dir)
+    if not results:
+        raise SystemExit(f"no result files in {results_dir}; run e.g. "
+                         f"`python3 real_world_mil.py --dataset fox --mode sparse --search small` first")
+    table = markdown_table(results)
+    (Path(results_dir) / "table.md").write_text(table + "\n")
+    plot = plot_results(results, Path(img_dir) / "real_world_mil_auc.png")
+    print(table)
+    print(f"wrote {Path(results_dir) / 'table.md'} and {plot}")
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="fox", help=f"one of {', '.join(DATASETS)}")
+    parser.add_argument("--mode", default="sparse",
+                        help=f"retrieval map: one of {', '.join(MODES)}, or 'all' ({', '.join(ALL_MODES)})")
+    parser.add_argument("--search", default="hu", choices=("hu", "small", "random", "quick"),
+                        help="hu: the full grid of Hu et al. (864 configs); small: 4 configs (see SMALL_GRID); "
+                             "random: --num_samples configs from the hu grid; quick: a tiny smoke grid")
+    parser.add_argument("--num_samples", type=int, default=32, help="configs for --search random")
+    parser.add_argument("--seed", type=int, default=0, help="repetition r uses seed + r (splits and inits)")
+    parser.add_argument("--n_seeds", type=int, default=5, help="repetitions (each a different split)")
+    parser.add_argument("--n_folds", type=int, default=10, help="outer stratified folds")
+    parser.add_argument("--val_fraction", type=float, default=0.2, help="inner validation share of a training part")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--grad_clip", type=float, default=1.0)
+    parser.add_argument("--pool_width", default="per_head", choices=("per_head", "total"),
+                        help="per_head: HopfieldPooling(d_model=emb_dims, n_heads, head_dim=hidden_dim) (Hu et al.); "
+                             "total: hidden_dim is the total pooling width, rounded up to a multiple of n_heads")
+    parser.add_argument("--alpha", type=float, default=None, help="alpha of entmax_alpha / normmax / gsh (init)")
+    parser.add_argument("--k", type=int, default=None, help="k of k_subsets / sequential_k_subsets")
+    parser.add_argument("--chunk_params", type=float, default=3e6,
+                        help="max parameters of one batched model (models per chunk = this / model size); "
+                             "~1-3M is fastest on CPU (cache), see bench/bench_real_world.py")
+    parser.add_argument("--chunk_activations", type=float, default=1e8,
+                        help="max activation floats of one training step of a chunk (bounds models per chunk)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: --search quick, 3 folds, 1 seed, 2 epochs")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from result files")
+    parser.add_argument("--results_dir", default=str(training.REPO_DIR / "results" / "real_world_mil"))
+    parser.add_argument("--img_dir", default=str(training.REPO_DIR / "imgs"))
+    training.add_ray_args(parser, "real_world_mil")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dataset.lower() not in DATASETS:
+        parser.error(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    args.dataset = args.dataset.lower()
+    if args.mode != "all" and args.mode not in MODES:
+        parser.error(f"unknown mode {args.mode!r}; choose one of: {', '.join(MODES)}, all")
+    if args.quick:
+        args.search, args.n_folds, args.n_seeds, args.epochs = "quick", 3, 1, 2
+    return args
+
+
+def available_modes(requested: str) -> list[str]:
+    """Expand 'all'; skip (with a note) maps not implemented in this checkout of sparsemax.py."""
+    if requested != "all":
+        return [requested]
+    modes = []
+    for mode in ALL_MODES:
+        try:
+            sparsemax.get_map(MODE_ALIASES.get(mode, mode))(torch.zeros(1, 3))
+            modes.append(mode)
+        except NotImplementedError:
+            print(f"skipping mode {mode}: not implemented in sparsemax.py")
+    return modes
+
+
+def protocol_of(args: argparse.Namespace, mode: str) -> dict:
+    keys = ("search", "num_samples", "seed", "n_seeds", "n_folds", "val_fraction", "epochs", "weight_decay",
+            "grad_clip", "pool_width", "alpha", "k")
+    protocol = {k: getattr(args, k) for k in keys}
+    protocol.update(dataset=args.dataset, mode=mode, pooling=POOLING[args.pool_width])
+    return protocol
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> dict:
+    """Run the protocol for one mode through Ray Tune and write the result files."""
+    from ray import tune
+
+    map_name = MODE_ALIASES.get(mode, mode)
+    map_params = {p: getattr(args, p) for p in MAP_PARAMS.get(map_name, ()) if getattr(args, p) is not None}
+    groups = group_by_shape(search_configs(args.search, args.num_samples, args.seed))
+    seeds = [args.seed + r for r in range(args.n_seeds)]
+    protocol = protocol_of(args, mode)
+    digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:8]
+    run_args = argparse.Namespace(**{**vars(args), "exp_name": f"{args.exp_name}-{args.dataset}-{mode}-{digest}"})
+    param_space = {"group": tune.grid_search(groups), "seed": tune.grid_search(seeds),
+                   "dataset": args.dataset, "mode": map_name, "map_params": map_params,
+                   "n_folds": args.n_folds, "val_fraction": args.val_fraction, "epochs": args.epochs,
+                   "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
+                   "pool_width": args.pool_width, "chunk_params": args.chunk_params,
+                   "chunk_activations": args.chunk_activations}
+    n_configs = sum(len(g["variants"]) for g in groups)
+    print(f"[{args.dataset}/{mode}] {n_configs} configs in {len(groups)} shapes x {len(seeds)} repetitions "
+          f"x {args.n_folds} folds = {n_configs * len(seeds) * args.n_folds} trainings in "
+          f"{len(groups) * len(seeds)} Ray trials (experiment {run_args.exp_name})")
+    start = time.time()
+    trials = training.run_trials(ray_trainable, param_space, run_args)
+    wall = time.time() - start
+    records = [r for t in trials for r in json.loads(t["metrics"]["records"])]
+    chosen = select_configs(records)
+    summary = summarize(chosen)
+    payload = {"dataset": args.dataset, "mode": mode, "map": map_name, "map_params": map_params,
+               "protocol": protocol, "summary": summary, "published_auc": PUBLISHED_AUC.get(args.dataset),
+               "wall_time_s": wall, "n_trainings": len(records), "folds": chosen}
+    paths = write_results(Path(args.results_dir) / f"{args.dataset}_{mode}", payload)
+    ref = PUBLISHED_AUC.get(args.dataset)
+    print(f"[{args.dataset}/{mode}] test AUC x100 = {summary['auc_mean']:.2f} ± {summary['auc_std']:.2f}, "
+          f"acc = {summary['acc_mean']:.1f} ± {summary['acc_std']:.1f} over {summary['n_seeds']} repetitions "
+          f"({len(records)} trainings, {wall:.0f} s)" + (f"; published {ref[0]} ± {ref[1]}" if ref else ""))
+    print("wrote " + ", ".join(map(str, paths)))
+    return payload
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.report:
+        build_report(Path(args.results_dir), Path(args.img_dir))
+        return []
+    training.log_config(args)
+    training.seed_everything(args.seed)
+    payloads = [run_mode(args, mode) for mode in available_modes(args.mode)]
+    build_report(Path(args.results_dir), Path(args.img_dir))
+    return payloads
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

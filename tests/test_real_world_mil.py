@@ -1,0 +1,265 @@
+"""Tests of the real-world MIL benchmark: split logic (no leakage), batched == unbatched model,
+optimizer equivalence, metrics, selection on validation only, CLI errors, and a real small Ray run."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import batched_mil as bm
+import real_world_mil as rw
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is fastest, and robust on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_pos,n_neg,n_folds", [(100, 100, 10), (26, 32, 10), (39, 63, 5)])
+def test_cv_splits_partition_stratify_and_do_not_leak(n_pos, n_neg, n_folds):
+    labels = np.array([1] * n_pos + [0] * n_neg)
+    everything = set(range(len(labels)))
+    splits = rw.cv_splits(labels, n_folds, seed=3, val_fraction=0.2)
+    assert len(splits) == n_folds
+    tests = [set(s["test"].tolist()) for s in splits]
+    assert set().union(*tests) == everything and sum(map(len, tests)) == len(labels)  # folds partition
+    for s in splits:
+        train, val, test = (set(s[k].tolist()) for k in ("train", "val", "test"))
+        assert not (train & test) and not (val & test) and not (train & val)  # no leakage
+        assert train | val | test == everything
+        for c, n_c in ((1, n_pos), (0, n_neg)):
+            in_val = int((labels[s["val"]] == c).sum())
+            in_rest = n_c - int((labels[s["test"]] == c).sum())
+            assert in_val == round(0.2 * in_rest)  # stratified validation split
+    for c in (0, 1):
+        per_fold = [int((labels[s["test"]] == c).sum()) for s in splits]
+        assert max(per_fold) - min(per_fold) <= 1  # stratified outer folds
+    again = rw.cv_splits(labels, n_folds, seed=3, val_fraction=0.2)
+    assert all((a["test"] == b["test"]).all() and (a["val"] == b["val"]).all() for a, b in zip(splits, again))
+    other = rw.cv_splits(labels, n_folds, seed=4, val_fraction=0.2)
+    assert any(set(a["test"].tolist()) != set(b["test"].tolist()) for a, b in zip(splits, other))
+
+
+def test_cv_splits_reject_more_folds_than_class_members():
+    with pytest.raises(ValueError, match="smallest class"):
+        rw.cv_splits(np.array([0] * 20 + [1] * 3), 5, 0, 0.2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched model == unbatched layers.HopfieldPooling model
+# --------------------------------------------------------------------------------------------------
+def _reference_models(mode, shape, scales, dropout=0.0, **map_params):
+    torch.manual_seed(0)
+    models = [bm.reference_model(shape, mode, s, dropout, **map_params).double() for s in scales]
+    for model in models:  # random LayerNorm affine and gsh alpha too, so every parameter matters
+        for p in model.parameters():
+            p.data.normal_(0, 0.7)
+    return models
+
+
+@pytest.mark.parametrize("mode", ["softmax", "sparsemax", "entmax", "gsh", "normmax", "k_subsets",
+                                  "sequential_k_subsets"])
+@pytest.mark.parametrize("emb_layers", [1, 2])
+@pytest.mark.parametrize("structure", ["per_head", "total"])
+def test_batched_forward_equals_separate_forwards(mode, emb_layers, structure):
+    if structure == "per_head":  # Hu et al.: pooling on the emb_dims-wide MLP output, head_dim != width / heads
+        shape = bm.Shape(d_in=7, emb_dims=6, emb_layers=emb_layers, width=6, n_heads=3, head_dim=5, emb_proj=False)
+    else:
+        shape = bm.Shape(d_in=7, emb_dims=6, emb_layers=emb_layers, width=12, n_heads=3)
+    models = _reference_models(mode, shape, scales=(0.1, 1.0, 10.0))
+    batched = bm.BatchedBagClassifier.from_models(models, shape)
+    x = torch.randn(3, 4, 5, 7, dtype=torch.double)
+    pad = torch.rand(3, 4, 5) < 0.4
+    pad[..., 0] = False
+    x[pad] = 100.0  # padded instances must not matter
+    for train in (False, True):  # dropout 0: train mode is the same function
+        batched.train(train)
+        expected = torch.stack([m.train(train)(x[i], pad[i]) for i, m in enumerate(models)])
+        torch.testing.assert_close(batched(x, pad), expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(expected[0], expected[1])  # the scales do differ
+
+
+def test_batched_dropout_rates_per_model():
+    shape = bm.Shape(d_in=3, emb_dims=4, emb_layers=1, width=4, n_heads=2)
+    models = _reference_models("softmax", shape, scales=(1.0, 1.0))
+    batched = bm.BatchedBagClassifier.from_models(models, shape)
+    batched.dropout_p = torch.tensor([0.0, 0.75], dtype=torch.double)
+    x = torch.randn(2, 64, 6, 3, dtype=torch.double)
+    batched.train()
+    batched.generator = torch.Generator().manual_seed(0)
+    out_train = batched(x)
+    out_eval = batched.eval()(x)
+    torch.testing.assert_close(out_train[0], out_eval[0])  # p = 0: unchanged
+    assert (out_train[1] - out_eval[1]).abs().max() > 1e-3  # p = 0.75: perturbed
+
+
+def test_batched_adamw_with_clipping_equals_torch_per_model():
+    shape = bm.Shape(d_in=5, emb_dims=4, emb_layers=1, width=4, n_heads=2, head_dim=3, emb_proj=False)
+    models = _reference_models("sparsemax", shape, scales=(0.5, 2.0, 10.0))
+    lrs = torch.tensor([1e-2, 1e-3, 3e-2], dtype=torch.double)
+    batched = bm.BatchedBagClassifier.from_models(models, shape)
+    optimizer = bm.BatchedAdamW(list(batched.parameters()), lrs, weight_decay=1e-4, grad_clip=1.0)
+    references = [torch.optim.AdamW(m.parameters(), lr=float(lr), weight_decay=1e-4) for m, lr in zip(models, lrs)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x = 3 * torch.randn(3, 4, 5, 5, dtype=torch.double, generator=gen)  # large grads: clipping active
+        y = (torch.rand(3, 4, generator=gen) < 0.5).double()
+        active = torch.tensor([True, step != 1, True])  # model 1 skips a step
+        loss = F.binary_cross_entropy_with_logits(batched(x), y, reduction="none").mean(1).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step(active)
+        for i, (model, ref_opt) in enumerate(zip(models, references)):
+            if active[i]:
+                ref_opt.zero_grad()
+                F.binary_cross_entropy_with_logits(model(x[i]), y[i]).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                ref_opt.step()
+    expected = bm.BatchedBagClassifier.from_models(models, shape)
+    for name, value in batched.tensors().items():
+        torch.testing.assert_close(value, expected.p(name), rtol=1e-7, atol=1e-8, msg=name)
+
+
+def test_models_do_not_interact_in_a_batch():
+    """Training model 0 together with others gives the same history as training it alone."""
+    gen = torch.Generator().manual_seed(0)
+    bags = [torch.randn(int(torch.randint(1, 6, (1,), generator=gen)), 5, generator=gen) for _ in range(30)]
+    labels = torch.tensor([int(b[:, 0].max() > 1.0) for b in bags])
+    data = bm.pad_dataset(bags)
+    shape = bm.Shape(5, 4, 1, 4, 2)
+    sets = [list(range(0, 20)), list(range(5, 25)), list(range(2, 22))]
+    evals = {"val": [list(range(20, 30))] * 3}
+
+    def run(m):
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(m)]
+        model = bm.BatchedBagClassifier.initialized(shape, "sparsemax", torch.tensor([1.0, 0.1, 10.0][:m]),
+                                                    torch.zeros(m), gens)
+        return bm.train_batched(model, data, labels, sets[:m], {k: v[:m] for k, v in evals.items()},
+                                torch.tensor([1e-2, 1e-3, 1e-2][:m]), torch.tensor([0.9, 0.98, 0.94][:m]),
+                                epochs=3, generators=gens)
+
+    together, alone = run(3), run(1)
+    torch.testing.assert_close(together["val_loss"][:, :1], alone["val_loss"], rtol=1e-4, atol=1e-5)
+
+
+def test_batched_trainer_learns_a_separable_mil_problem():
+    gen = torch.Generator().manual_seed(0)
+    bags = [torch.randn(int(torch.randint(2, 8, (1,), generator=gen)), 6, generator=gen) for _ in range(120)]
+    labels = torch.tensor([int((b[:, 0] > 1.3).any()) for b in bags])
+    data = bm.pad_dataset(bags)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    model = bm.BatchedBagClassifier.initialized(bm.Shape(6, 16, 1, 8, 2), "sparsemax", torch.tensor([1.0, 1.0]),
+                                                torch.zeros(2), gens)
+    history = bm.train_batched(model, data, labels, [list(range(90))] * 2, {"val": [list(range(90, 120))] * 2},
+                               torch.tensor([1e-2, 1e-2]), torch.tensor([0.98, 0.98]), epochs=12, generators=gens)
+    assert history["val_auc"][-1].min() > 0.85 and history["val_auc"][0].max() < 0.9  # it learned
+    assert (history["val_loss"].min(0).values < 0.6 * history["val_loss"][0]).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics and selection
+# --------------------------------------------------------------------------------------------------
+def test_batched_auc_matches_pairwise_count_with_ties():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (5, 12), generator=gen).double()  # many ties
+    labels = torch.randint(0, 2, (5, 12), generator=gen)
+    valid = torch.rand(5, 12, generator=gen) < 0.8
+    auc = bm.batched_auc(scores, labels, valid)
+    for m in range(5):
+        pos = [s for s, y, v in zip(scores[m], labels[m], valid[m]) if v and y == 1]
+        neg = [s for s, y, v in zip(scores[m], labels[m], valid[m]) if v and y == 0]
+        wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+        assert auc[m].item() == pytest.approx(wins / (len(pos) * len(neg)))
+    assert torch.isnan(bm.batched_auc(torch.rand(1, 4), torch.ones(1, 4), torch.ones(1, 4, dtype=torch.bool)))[0]
+
+
+def test_best_epoch_is_max_val_auc_then_lower_val_loss():
+    val_auc = torch.tensor([[0.5, 0.9], [0.8, 0.9], [0.8, 0.7]])
+    val_loss = torch.tensor([[0.7, 0.5], [0.6, 0.4], [0.5, 0.1]])
+    assert bm.best_epoch(val_auc, val_loss).tolist() == [2, 1]
+
+
+def test_selection_uses_validation_only():
+    base = {"seed": 0, "fold": 0, "emb_dims": 32, "emb_layers": 1, "hidden_dim": 16, "n_heads": 8, "batch_size": 4}
+    records = [{**base, "variant": 0, "val_auc": 0.9, "val_loss": 0.5, "test_auc": 0.6, "test_acc": 0.5},
+               {**base, "variant": 1, "val_auc": 0.7, "val_loss": 0.2, "test_auc": 1.0, "test_acc": 1.0},
+               {**base, "variant": 2, "val_auc": 0.9, "val_loss": 0.4, "test_auc": 0.7, "test_acc": 0.6},
+               {**base, "fold": 1, "variant": 0, "val_auc": float("nan"), "val_loss": 0.1, "test_auc": 1.0,
+                "test_acc": 1.0},
+               {**base, "fold": 1, "variant": 1, "val_auc": 0.6, "val_loss": 0.9, "test_auc": 0.5,
+                "test_acc": 0.5}]
+    chosen = rw.select_configs(records)
+    assert [(r["fold"], r["variant"]) for r in chosen] == [(0, 2), (1, 1)]
+    summary = rw.summarize(chosen)
+    assert summary["auc_mean"] == pytest.approx(60.0) and summary["n_seeds"] == 1
+
+
+def test_search_spaces_and_widths():
+    hu = rw.search_configs("hu", 0, 0)
+    assert len(hu) == 864 and len(rw.group_by_shape(hu)) == 36
+    assert len(rw.search_configs("small", 0, 0)) == 4
+    sampled = rw.search_configs("random", 10, 0)
+    assert len(sampled) == 10 and all(c in hu for c in sampled)
+    assert rw.search_configs("random", 10, 1) != sampled
+    assert rw.pool_width(16, 12, "per_head") == 192 and rw.pool_width(16, 12, "total") == 24
+    group = {"emb_dims": 32, "emb_layers": 2, "hidden_dim": 16, "n_heads": 12}
+    hu = bm.reference_model(rw.model_shape(9, group, "per_head"), "softmax", 1.0, 0.0)
+    hop = hu.pooling.hopfield  # Hu et al.: Hopfield(d_model=emb_dims, n_heads, d_keys=d_values=hid_dim)
+    assert (hop.d_model, hop.n_heads, hop.d_head) == (32, 12, 16)
+    assert hop.k_proj.weight.shape == (192, 32) and hop.out_proj.weight.shape == (32, 192)
+    assert [m.out_features for m in hu.encoder if isinstance(m, torch.nn.Linear)] == [32, 32]
+    total = bm.reference_model(rw.model_shape(9, group, "total"), "softmax", 1.0, 0.0).pooling.hopfield
+    assert (total.d_model, total.d_head) == (24, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag,value,listed", [("--dataset", "mnist", "fox, tiger, elephant, ucsb, musk1, musk2"),
+                                               ("--mode", "hardmax", "sparse, standard, softmax, sparsemax")])
+def test_bad_arguments_list_the_choices(flag, value, listed, capsys):
+    with pytest.raises(SystemExit):
+        rw.main([flag, value])
+    err = capsys.readouterr().err
+    assert value in err and listed in err
+
+
+def test_report_builds_table_from_result_files(tmp_path):
+    for dataset, mode, auc in (("fox", "sparse", 66.0), ("fox", "standard", 61.5), ("tiger", "sparse", 88.25)):
+        payload = {"dataset": dataset, "mode": mode, "protocol": {"search": "small", "n_folds": 10},
+                   "summary": {"auc_mean": auc, "auc_std": 1.25, "n_seeds": 5}}
+        (tmp_path / f"{dataset}_{mode}.json").write_text(json.dumps(payload))
+    rw.main(["--report", "--results_dir", str(tmp_path), "--img_dir", str(tmp_path / "imgs")])
+    table = (tmp_path / "table.md").read_text()
+    fox_row = next(line for line in table.splitlines() if line.startswith("| fox"))
+    assert "66.0 ± 1.2" in fox_row and "61.5 ± 1.2" in fox_row and "64.05 ± 0.4" in fox_row
+    tiger_row = next(line for line in table.splitlines() if line.startswith("| tiger"))
+    assert "88.2" in tiger_row and "–" in tiger_row and "91.3 ± 0.5" in tiger_row
+    assert (tmp_path / "imgs" / "real_world_mil_auc.png").stat().st_size > 0
+
+
+def test_small_real_run_writes_results(local_ray, tmp_path, capsys):
+    argv = ["--dataset", "fox", "--mode", "sparse", "--search", "quick", "--n_folds", "3", "--n_seeds", "2",
+            "--epochs", "2", "--results_dir", str(tmp_path / "res"), "--img_dir", str(tmp_path / "img"),
+            "--ray_dir", str(tmp_path / "ray")]
+    (payload,) = rw.main(argv)
+    saved = json.loads((tmp_path / "res" / "fox_sparse.json").read_text())
+    assert saved["summary"] == payload["summary"] and saved["n_trainings"] == 3 * 2 * 2
+    assert [(r["seed"], r["fold"]) for r in saved["folds"]] == [(s, f) for s in (0, 1) for f in range(3)]
+    for row in saved["folds"]:
+        assert 1 <= row["best_epoch"] <= 2 and 0.0 <= row["test_auc"] <= 1.0 and 0.0 <= row["val_auc"] <= 1.0
+    csv_lines = (tmp_path / "res" / "fox_sparse.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 6 and csv_lines[0].startswith("seed,fold,emb_dims")
+    assert "64.05" in (tmp_path / "res" / "table.md").read_text()
+    capsys.readouterr()
+    (again,) = rw.main(argv)  # rerun with the same --exp_name resumes: finished trials are reused
+    assert "resuming experiment" in capsys.readouterr().out
+    assert again["summary"] == payload["summary"]
