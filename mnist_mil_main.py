@@ -278,28 +278,11 @@ def lenet_encoder(d_model: int) -> nn.Module:
         nn.Flatten(), nn.Linear(50 * 4 * 4, d_model), nn.ReLU())
 
 
-class SkipPaddingEncoder(nn.Module):
-    """Run ``encoder`` on real instances only; all-zero instances (the padding of ``datasets.pad_bags``;
-    no MNIST digit is blank) get a zero embedding, which the pooling masks out anyway."""
-
-    def __init__(self, encoder: nn.Module, d_model: int) -> None:
-        super().__init__()
-        self.encoder, self.d_model = encoder, d_model
-
-    def forward(self, x: Tensor) -> Tensor:
-        real = x.flatten(1).ne(0).any(1)
-        if bool(real.all()):
-            return self.encoder(x)
-        index = real.nonzero().squeeze(1)
-        embedded = self.encoder(x[index])
-        return embedded.new_zeros(x.shape[0], self.d_model).index_copy(0, index, embedded)
-
-
 def build_model(config: dict) -> training.BagClassifier:
     """Bag classifier of a trial config (keys: mode, encoder, d_model, n_heads, num_pattern, scale, ...)."""
     mode, map_params = parse_mode(config["mode"])
     if config["encoder"] == "lenet":
-        encoder = SkipPaddingEncoder(lenet_encoder(config["d_model"]), config["d_model"])
+        encoder = lenet_encoder(config["d_model"])
     else:
         encoder = training.mlp_encoder(28 * 28, config["d_model"])
     return training.BagClassifier(encoder, config["d_model"], num_pattern=config["num_pattern"],

@@ -149,10 +149,20 @@ class BagClassifier(nn.Module):
         self.norm_out = nn.LayerNorm(num_pattern * d_model)
         self.head = nn.Linear(num_pattern * d_model, 1)
 
+    def encode(self, instances: Tensor, padding: Tensor | None = None) -> Tensor:
+        """Encoder output for (M, ...) instances; padded ones (``padding`` (M,) True) are not encoded
+        and get a zero embedding (the pooling gives them weight exactly 0 anyway)."""
+        if padding is None or not bool(padding.any()):
+            return self.encoder(instances)
+        real = (~padding).nonzero().squeeze(1)
+        embedded = self.encoder(instances[real])
+        return embedded.new_zeros(instances.shape[0], embedded.shape[-1]).index_copy(0, real, embedded)
+
     def forward(self, bags: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """bags: (B, N, ...) instances; key_padding_mask: (B, N) True = padding. Returns (B,) logits."""
         b, n = bags.shape[:2]
-        emb = self.norm_in(self.encoder(bags.reshape(b * n, *bags.shape[2:])).view(b, n, -1))
+        padding = None if key_padding_mask is None else key_padding_mask.reshape(b * n)
+        emb = self.norm_in(self.encode(bags.reshape(b * n, *bags.shape[2:]), padding).view(b, n, -1))
         pooled = self.pooling(emb, key_padding_mask=key_padding_mask).flatten(1)
         return self.head(self.norm_out(F.gelu(pooled))).squeeze(-1)
 

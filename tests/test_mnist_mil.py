@@ -63,17 +63,21 @@ def test_indexed_bags_gather_matches_make_mnist_bags():
     assert np.array_equal(y, dense_y)
 
 
-def test_skip_padding_encoder_matches_dense_encoding_on_real_instances():
+def test_bag_classifier_encodes_real_instances_only():
+    """Padded instances are never encoded and do not change the logits; gradients reach the encoder."""
     torch.manual_seed(0)
-    enc = mm.SkipPaddingEncoder(mm.lenet_encoder(8), 8)
-    x = torch.rand(6, 28, 28)
-    x[[1, 4]] = 0.0  # padding rows
-    out = enc(x)
-    assert out.shape == (6, 8)
-    assert torch.allclose(out[[0, 2, 3, 5]], enc.encoder(x[[0, 2, 3, 5]]), atol=1e-6)
-    assert torch.equal(out[[1, 4]], torch.zeros(2, 8))
-    out.sum().backward()  # gradients flow through the scatter
-    assert enc.encoder[1].weight.grad.abs().sum() > 0
+    model = mm.build_model({"mode": "sparsemax", "encoder": "lenet", "d_model": 8, "n_heads": 2,
+                            "num_pattern": 1, "update_steps": 1, "dropout": 0.0, "scale": 1.0}).eval()
+    seen = []
+    model.encoder.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    bags = torch.rand(2, 4, 28, 28)
+    pad = torch.tensor([[False, False, True, True], [False, False, False, True]])
+    logits = model(bags, pad)
+    assert seen == [5]
+    assert torch.allclose(logits[0], model(bags[:1, :2])[0], atol=1e-6)
+    assert torch.allclose(logits[1], model(bags[1:, :3])[0], atol=1e-6)
+    logits.sum().backward()
+    assert model.encoder[1].weight.grad.abs().sum() > 0
 
 
 def test_summary_selects_last_epoch_or_best_validation_epoch():
