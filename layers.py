@@ -75,7 +75,6 @@ def _regularizer(mode: str, y: Tensor, map_params: dict) -> Tensor:
         # (with normalize=False the weights are the marginals themselves: Omega = 1/2 ||mu||^2)
         k = map_params.get("k", 2) if map_params.get("normalize", True) else 1
         return 0.5 * k * y.pow(2).sum(-1)
-    # sequential k-subsets: Omega* also needs the pair marginals of the chain, which the map does not return
     raise NotImplementedError(f"energy is not available for mode {mode!r}")
 
 
@@ -85,10 +84,18 @@ def energy(q: Tensor, X: Tensor, beta: float, mode: str = "softmax", **map_param
         E(q) = -1/beta L_Omega(beta X q; 1/N) + 1/2 ||q - X^T 1/N||^2
              = -1/beta Omega*(beta X q) + 1/2 ||q||^2 + const,
 
-    with Omega*(theta) = <theta, y_Omega(theta)> - Omega(y_Omega(theta)). The update of ``retrieve`` is
+    with Omega*(theta) = <theta, y_Omega(theta)> - Omega(y_Omega(theta)) (for sequential k-subsets, the
+    optimal value of its SparseMAP problem; divided by k when the weights are mu / k, so that
+    grad Omega* is always the weights). The update of ``retrieve`` is
     a concave-convex step on E, so E never increases along it. Returns one energy per query.
     """
     theta = beta * (torch.einsum("...nd,...d->...n", X, q) if X.dim() > 2 else q @ X.transpose(-1, -2))
+    if mode == "sequential_k_subsets":  # Omega* needs the chain's pair marginals: take the QP's value
+        k = map_params.get("k", 2)
+        value = sparsemax.sequential_k_subsets_value(
+            theta, k, map_params.get("transition", sparsemax.SEQUENTIAL_TRANSITION_DEFAULT))
+        conjugate = value / k if map_params.get("normalize", True) else value
+        return -conjugate / beta + 0.5 * q.pow(2).sum(-1)
     y = _map_for(mode, map_params)(theta)
     conjugate = (theta * y).sum(-1) - _regularizer(mode, y, map_params)
     return -conjugate / beta + 0.5 * q.pow(2).sum(-1)

@@ -960,6 +960,29 @@ def sequential_k_subsets(x: Tensor, k: int = 2, dim: int = -1,
     return mu / k if normalize else mu
 
 
+def sequential_k_subsets_value(x: Tensor, k: int = 2,
+                               transition: float = SEQUENTIAL_TRANSITION_DEFAULT) -> Tensor:
+    """Optimal value of the sequential k-subsets SparseMAP problem along the last dim (finite x):
+
+        Omega*(x) = max_p sum_z p_z score(z) - 1/2 ||E_p[z]||^2,   score(z) = <x, z> + transition * #pairs(z),
+
+    a convex function whose gradient is the marginals mu (Danskin). ``layers.energy`` uses it for the
+    Hopfield-Fenchel-Young energy of this mode. No autograd; returns x.shape[:-1] in x's dtype.
+    """
+    k = int(k)
+    xf = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    n = xf.shape[-1]
+    if n <= k:  # every item selected: one structure
+        value = xf.sum(-1) + transition * (n - 1) - 0.5 * n
+    else:
+        _, Z, p, active = _sequential_active_set(xf, k, float(transition))
+        scores = (Z * xf.unsqueeze(1)).sum(-1) + transition * (Z[..., 1:] * Z[..., :-1]).sum(-1)
+        weights = p * active
+        mu = (weights.unsqueeze(2) * Z).sum(1)
+        value = (weights * scores).sum(-1) - 0.5 * mu.pow(2).sum(-1)
+    return value.to(x.dtype).reshape(x.shape[:-1])
+
+
 # --------------------------------------------------------------------------------------------------
 # mode names
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from layers import Hopfield, HopfieldLayer, HopfieldPooling, energy, retrieve, s
 ENERGY_MODES = [("softmax", {}), ("sparsemax", {}), ("entmax", {}), ("entmax_alpha", {"alpha": 1.3}),
                 ("entmax_alpha", {"alpha": 1.8}), ("normmax", {"alpha": 2.0}), ("normmax", {"alpha": 3.0}),
                 ("k_subsets", {"k": 2}), ("k_subsets", {"k": 3}),
-                ("k_subsets", {"k": 2, "normalize": False})]
+                ("k_subsets", {"k": 2, "normalize": False}),
+                ("sequential_k_subsets", {"k": 2}), ("sequential_k_subsets", {"k": 3, "transition": 0.5}),
+                ("sequential_k_subsets", {"k": 2, "transition": 1.0, "normalize": False})]
 SPARSE_MODES = ["sparsemax", "entmax", "entmax_alpha", "gsh", "normmax", "k_subsets"]
 
 
@@ -328,3 +330,18 @@ def test_head_dim_decouples_head_width_from_d_model():
     assert out.shape == (2, 1, 10) and w.shape == (2, 3, 1, 5)
     with pytest.raises(ValueError, match="mix=False"):
         Hopfield(10, n_heads=3, head_dim=4, mix=False)
+
+
+@pytest.mark.parametrize("transition", [0.0, 0.7, 100.0])
+def test_sequential_value_gradient_is_the_marginals(transition):
+    """Danskin: d Omega*(theta) / d theta = mu; central differences of the value match the map."""
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mu = sparsemax.sequential_k_subsets(theta, 2, transition=transition, normalize=False)
+    eps = 1e-6
+    for i in range(6):
+        e = torch.zeros(6, dtype=torch.float64)
+        e[i] = eps
+        fd = (sparsemax.sequential_k_subsets_value(theta + e, 2, transition)
+              - sparsemax.sequential_k_subsets_value(theta - e, 2, transition)) / (2 * eps)
+        assert torch.allclose(fd, mu[:, i], atol=1e-6), (i, fd, mu[:, i])
