@@ -56,6 +56,7 @@ from tqdm import tqdm  # noqa: E402
 
 import datasets  # noqa: E402
 import layers  # noqa: E402
+import training  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
 
@@ -648,7 +649,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print("config:", json.dumps(vars(args), sort_keys=True, default=str))
+    training.log_config(args)
     start = time.perf_counter()
     written = make_figures(args)
     print(f"done in {time.perf_counter() - start:.1f} s; wrote:")

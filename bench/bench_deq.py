@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deq import fixed_point  # noqa: E402
 from hopfield_deq import VARIANTS, HopfieldClassifier, convergence_iterations, load_split, train_epoch  # noqa: E402
 from madam import Madam  # noqa: E402
+import training  # noqa: E402
 
 
 def synthetic_rows(dim: int, batch: int, norm: float, tol: float, repeats: int, seed: int) -> list[dict]:
@@ -112,7 +113,7 @@ def main() -> None:
     if args.quick:
         args.dim, args.train_batches, args.n_test, args.repeats = 100, 5, 64, 1
     torch.set_num_threads(args.threads)
-    print("config:", vars(args))
+    training.log_config(args)
     layers = [int(v) for v in args.layers.split(",")]
     rows = synthetic_rows(args.dim, 64, args.norm, args.tol, args.repeats, args.seed)
     for model in [] if args.skip_hopfield else args.models.split(","):

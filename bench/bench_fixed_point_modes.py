@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deq  # noqa: E402
+import training  # noqa: E402
 from layers import association  # noqa: E402
 
 MODES = [("softmax", {}), ("sparsemax", {}), ("entmax", {}), ("entmax_alpha", {"alpha": 1.25}),
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.quick:
         args.n_patterns, args.queries, args.repeats = 32, 64, 1
-    print("config:", json.dumps(vars(args)))
+    training.log_config(args)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(args.seed)
     X = torch.randn(args.n_patterns, args.dim, generator=g)

@@ -88,7 +88,7 @@ def make_bags(bag_size: int, args: argparse.Namespace):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    print("config:", json.dumps(vars(args)))
+    training.log_config(args)
     rows = []
     for bag_size in args.bag_sizes:
         bags = make_bags(bag_size, args)
