@@ -6,8 +6,10 @@ simplex (sum 1), so any of them can replace ``torch.softmax`` in an attention / 
 Conventions shared by all maps
   * Masked entries (``-inf``) get weight exactly 0; a row that is entirely masked returns zeros (never
     NaN) and zero gradient. ``+inf`` and NaN inputs are not supported.
-  * float32 and float64, CPU and CUDA (plain torch code; the sequential oracle's O(n) loop runs
-    in numpy on the host).
+  * float32 and float64, CPU and CUDA. On CPU the threshold maps run compiled numba kernels
+    (sparsemax_kernels.py: the same algorithms, row by row, one loop instead of a dozen eager ops
+    per iteration; ``CPU_KERNELS = False`` switches them off); CUDA tensors (and CPU without numba)
+    run the torch solvers described next. The sequential oracle's O(n) loop runs in numpy on the host.
   * Exact solutions, computed in float64 internally (also for float32 inputs). Each map is a 1-d
     problem in a threshold tau (or, for sequential k-subsets, a small QP), solved without sorting:
       - sparsemax, k-subsets: Newton steps that land on the root of the current linear piece
@@ -45,6 +47,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+try:  # numba CPU kernels of the threshold maps; without numba the torch code below runs everywhere
+    import sparsemax_kernels as _K
+except ImportError:  # pragma: no cover - numba is in requirements.txt
+    _K = None
+
 MODES = ("softmax", "sparsemax", "entmax", "entmax_alpha", "gsh", "normmax", "k_subsets",
          "sequential_k_subsets")
 
@@ -74,8 +81,41 @@ def _rows_and_max(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     return x, m, None
 
 
+# CPU tensors go through the compiled kernels of sparsemax_kernels.py (same algorithms, one pass per
+# row instead of a dozen eager ops per iteration); set to False to run the torch code on CPU as well
+# (tests compare the two paths).
+CPU_KERNELS = _K is not None
+
+
+def _on_kernels(x: Tensor) -> bool:
+    """Run this (B, n) tensor through the numba kernels?"""
+    return CPU_KERNELS and x.is_cpu and (x.dtype == torch.float32 or x.dtype == torch.float64)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def _kernel_out(x: Tensor, kernel: Callable, *args) -> Tensor:
+    """out = empty like x; kernel(x, out, *args) on numpy views; returns out as a tensor."""
+    xn = _np(x)
+    out = np.empty_like(xn)
+    kernel(xn, out, *args)
+    return torch.from_numpy(out)
+
+
+def _kernel_vjp(y: Tensor, g: Tensor, kernel: Callable, *args) -> Tensor:
+    """dx = empty like y; kernel(y, g, dx, *args) (the backward kernels); returns dx as a tensor."""
+    yn = _np(y)
+    dx = np.empty_like(yn)
+    kernel(yn, _np(g.to(y.dtype)), dx, *args)
+    return torch.from_numpy(dx)
+
+
 def _apply_last(fn: Callable[[Tensor], Tensor], x: Tensor, dim: int) -> Tensor:
     """Apply fn (normalizing the last dim of a 2-d tensor) along ``dim`` of x."""
+    if dim == -1 or dim == x.dim() - 1:  # no movedim (and no reshape for 2-d x): fewer autograd nodes
+        return fn(x) if x.dim() == 2 else fn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
     xl = x.movedim(dim, -1)
     return fn(xl.reshape(-1, xl.shape[-1])).reshape(xl.shape).movedim(-1, dim)
 
@@ -443,6 +483,11 @@ class _Sparsemax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
+        ctx.kernel = _on_kernels(x)
+        if ctx.kernel:
+            y = _kernel_out(x, _K.sparsemax_forward)
+            ctx.save_for_backward(y)
+            return y
         x, m, empty = _rows_and_max(x)
         tau, R = _sparsemax_tau(x, m)
         sup, r = R.support(tau, empty)
@@ -453,6 +498,8 @@ class _Sparsemax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
+        if ctx.kernel:
+            return _kernel_vjp(y, g, _K.support_mean_backward, 0.0, np.inf)
         sup = ctx.sup
         s = torch.sign(y)
         gs = sup.take(g) * s
@@ -473,6 +520,11 @@ class _Entmax15(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
+        ctx.kernel = _on_kernels(x)
+        if ctx.kernel:
+            y = _kernel_out(x, _K.quadratic_forward, 0.5, 2)
+            ctx.save_for_backward(y)
+            return y
         x, m, empty = _rows_and_max(x)
         tau, R = _quadratic_tau(x, m, 0.5)
         sup, r = R.support(tau, empty)
@@ -485,6 +537,8 @@ class _Entmax15(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
+        if ctx.kernel:
+            return _kernel_vjp(y, g, _K.entmax15_backward)
         sup = ctx.sup
         gp = y.sqrt()
         dx = sup.take(g) * gp
@@ -509,6 +563,12 @@ class _EntmaxAlpha(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor) -> Tensor:
+        ctx.kernel = _on_kernels(x)
+        if ctx.kernel:
+            am1 = _np(alpha.double().reshape(-1)) - 1.0
+            y = _kernel_out(x, _K.power_forward, am1, 1.0 / am1, 1.0 / am1)
+            ctx.save_for_backward(y, alpha)
+            return y
         x, m, empty = _rows_and_max(x)
         am1 = alpha.double() - 1.0
         tau, R = _power_tau(x, m, 1.0 / am1, scale=am1)
@@ -522,6 +582,12 @@ class _EntmaxAlpha(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         y, alpha = ctx.saved_tensors
+        if ctx.kernel:
+            d_alpha = np.empty(y.shape[0])
+            dx = _kernel_vjp(y, dy, _K.entmax_backward, _np(alpha.double().reshape(-1)), d_alpha,
+                             ctx.needs_input_grad[1])
+            grad_alpha = torch.from_numpy(d_alpha).to(alpha.dtype).view_as(alpha) if ctx.needs_input_grad[1] else None
+            return dx, grad_alpha
         sup = ctx.sup
         a = sup.bc(alpha)
         pos = y > 0
@@ -593,6 +659,16 @@ class _Normmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: float) -> Tensor:
+        ctx.alpha = alpha
+        ctx.kernel = _on_kernels(x)
+        if ctx.kernel:
+            if alpha == 2.0:
+                y = _kernel_out(x, _K.quadratic_forward, 1.0, 1)
+            else:
+                rows = np.ones(x.shape[0])
+                y = _kernel_out(x, _K.power_forward, rows, rows * alpha / (alpha - 1.0), rows / (alpha - 1.0))
+            ctx.save_for_backward(y)
+            return y
         x, m, empty = _rows_and_max(x)
         if alpha == 2.0:
             tau, R = _quadratic_tau(x, m)
@@ -602,7 +678,6 @@ class _Normmax(torch.autograd.Function):
         if alpha != 2.0:
             y = y.pow(1.0 / (alpha - 1.0))
         y = (y / sup.bc(sup.sum(y).clamp_min(1e-300))).to(x.dtype)
-        ctx.alpha = alpha
         ctx.sup = sup
         ctx.save_for_backward(y)
         return sup.dense(y)
@@ -610,6 +685,10 @@ class _Normmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         (y,) = ctx.saved_tensors
+        if ctx.kernel:
+            if ctx.alpha == 2.0:
+                return _kernel_vjp(y, dy, _K.normmax2_backward), None
+            return _kernel_vjp(y, dy, _K.normmax_backward, ctx.alpha), None
         sup, alpha = ctx.sup, ctx.alpha
         g = sup.take(dy)
         a = y
@@ -693,6 +772,11 @@ class _KSubsets(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, k: float) -> Tensor:
+        ctx.kernel = _on_kernels(x)
+        if ctx.kernel:
+            mu = _kernel_out(x, _K.k_subsets_forward, k)
+            ctx.save_for_backward(mu)
+            return mu
         few = finite = None
         if bool(torch.isneginf(x.amin(-1)).any()):
             finite = torch.isfinite(x)
@@ -718,6 +802,8 @@ class _KSubsets(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         (mu,) = ctx.saved_tensors
+        if ctx.kernel:
+            return _kernel_vjp(mu, g, _K.support_mean_backward, 0.0, 1.0), None
         sup = ctx.sup
         a = torch.sign(mu * (1.0 - mu))
         ga = sup.take(g) * a

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from typing import Callable
 
 import torch
@@ -38,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (same for all maps)")
     p.add_argument("--scale", type=float, default=1.0, help="x = scale * randn")
     p.add_argument("--k", type=int, default=3, help="k of the SparseMAP maps")
-    p.add_argument("--alpha", type=float, default=1.5, help="alpha of entmax_alpha (tensor alpha)")
+    p.add_argument("--alpha", type=float, nargs="+", default=[1.5, 1.25],
+                   help="alphas of entmax_alpha (tensor alpha); 1.5 has a pow-free bracket, others use pow")
     p.add_argument("--normmax_alpha", type=float, default=2.0)
     p.add_argument("--seq_max_cols", type=int, default=64,
                    help="skip sequential_k_subsets for wider shapes (it is O(n k) sequential per oracle call)")
@@ -47,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="process: CPU time of this process (robust on a shared machine with 1 thread); "
                         "wall: perf_counter")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch_path", action="store_true",
+                   help="time sparsemax.py's torch solvers (its CUDA path) instead of the numba CPU kernels")
     p.add_argument("--quick", action="store_true", help="smoke run: small shapes, 2 repeats")
     p.add_argument("--out_dir", default=os.path.join("results", "bench_maps"))
     args = p.parse_args(argv)
@@ -85,14 +89,17 @@ def paired(fn: Callable, base: Callable, x: torch.Tensor, g: torch.Tensor, repea
 
 def candidates(args, rows: int, cols: int, dtype) -> list[tuple[str, Callable, Callable | None]]:
     """(name, ours, entmax package counterpart or None)."""
-    k, a, na = args.k, args.alpha, args.normmax_alpha
-    alpha_t = torch.full((rows, 1), a, dtype=dtype)
+    k, na = args.k, args.normmax_alpha
     out = [
         ("softmax (ours, mask-safe)", lambda z: S.softmax(z, -1), None),
         ("sparsemax", lambda z: S.sparsemax(z, -1), (lambda z: E.sparsemax(z, -1)) if E else None),
         ("entmax15", lambda z: S.entmax15(z, -1), (lambda z: E.entmax15(z, -1)) if E else None),
-        (f"entmax alpha={a} (tensor)", lambda z: S.entmax(z, alpha_t, -1),
-         (lambda z: E.entmax_bisect(z, alpha_t, -1)) if E else None),
+    ]
+    for a in args.alpha:
+        alpha_t = torch.full((rows, 1), a, dtype=dtype)
+        out.append((f"entmax alpha={a} (tensor)", partial(S.entmax, alpha=alpha_t, dim=-1),
+                    partial(E.entmax_bisect, alpha=alpha_t, dim=-1) if E else None))
+    out += [
         (f"normmax alpha={na}", lambda z: S.normmax(z, na, -1),
          (lambda z: E.normmax_bisect(z, na, -1)) if E else None),
         (f"k_subsets k={k}", lambda z: S.k_subsets(z, k, -1, normalize=False),
@@ -109,8 +116,10 @@ def main(argv=None) -> list[dict]:
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    S.CPU_KERNELS = S._K is not None and not args.torch_path
     dtype = getattr(torch, args.dtype)
-    print(f"config: {vars(args)}; torch {torch.__version__}; entmax {getattr(E, '__version__', None)}")
+    impl = "numba CPU kernels (sparsemax_kernels.py)" if S.CPU_KERNELS else "torch solvers"
+    print(f"config: {vars(args)}; torch {torch.__version__}; entmax {getattr(E, '__version__', None)}; ours = {impl}")
     rows_out = []
     for shape in args.shapes:
         r, c = (int(v) for v in shape.lower().split("x"))
@@ -148,8 +157,9 @@ def markdown(rows: list[dict], args) -> str:
     maps = list(dict.fromkeys(r["map"] for r in rows))
     head = "| map | " + " | ".join(f"ours / softmax ({s}) | entmax pkg / softmax ({s})" for s in shapes) + " |"
     sep = "|---|" + "---|---|" * len(shapes)
+    impl = "torch solvers (--torch_path)" if args.torch_path else "numba CPU kernels"
     lines = [f"fwd+bwd {args.clock} time relative to torch.softmax, {args.dtype}, {args.threads} thread(s), median of "
-             f"{args.repeats} paired ratios (each map alternates with torch.softmax)", "", head, sep]
+             f"{args.repeats} paired ratios (each map alternates with torch.softmax); ours = {impl}", "", head, sep]
     for m in maps:
         cells = []
         for s in shapes:

@@ -9,6 +9,11 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "torch_internals: tests the torch solvers of sparsemax.py, not the "
+                            "numba kernels (run once, on the torch path)")
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """A real local Ray with 2 CPUs, shared by every test that runs trials (scripts reuse it)."""

@@ -19,6 +19,21 @@ import sparsemax as S
 
 torch.set_num_threads(1)
 
+TORCH_INTERNALS = pytest.mark.torch_internals  # tests of the torch solvers' internals (not the kernels)
+
+
+@pytest.fixture(autouse=True, params=["kernels", "torch"])
+def map_path(request, monkeypatch):
+    """Every test runs on both CPU implementations: the numba kernels (sparsemax_kernels.py) and the
+    torch code (the CUDA path); tests of the torch internals only on the latter."""
+    if request.param == "kernels":
+        if S._K is None:
+            pytest.skip("numba not installed")
+        if request.node.get_closest_marker("torch_internals"):
+            pytest.skip("tests the torch solver's internals")
+    monkeypatch.setattr(S, "CPU_KERNELS", request.param == "kernels")
+    return request.param
+
 
 def rand(*shape, scale=1.0, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
@@ -405,6 +420,7 @@ def test_own_entmax15_solver_on_short_rows():
     assert torch.autograd.gradcheck(S._Entmax15.apply, (x[:4].clone().requires_grad_(True),), eps=1e-6, atol=1e-6)
 
 
+@TORCH_INTERNALS
 def test_compact_candidate_path_equals_dense_path(monkeypatch):
     """Long rows iterate only on the entries above max - 1 and store outputs/gradients on the
     support; compare values and vector-Jacobian products (x and alpha) with the dense path."""
@@ -447,6 +463,7 @@ def test_compact_candidate_path_equals_dense_path(monkeypatch):
         assert (y_c[5] == 0).all() and (y_c[3, 10:] == 0).all()
 
 
+@TORCH_INTERNALS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_block_candidate_scan_equals_full_scan(dtype):
     """_candidates_in_blocks (scans only blocks whose max exceeds the threshold; rows of 1000 = 15
@@ -470,6 +487,7 @@ def test_block_candidate_scan_equals_full_scan(dtype):
         torch.testing.assert_close(vals[i][torch.isfinite(vals[i])], z[i, got].double(), atol=0, rtol=0)
 
 
+@TORCH_INTERNALS
 def test_subset_bounds_are_lower_bounds():
     """The root over the block maxima never exceeds the exact threshold (F_sub <= F), for every solver."""
     x = rand(64, 1000, scale=2.0, seed=42)
@@ -541,3 +559,59 @@ def test_get_map_modes():
     with pytest.raises(ValueError):
         S.get_map("nope")
     assert math.isclose(S.SEQUENTIAL_TRANSITION_DEFAULT, 100.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the two CPU implementations agree
+# --------------------------------------------------------------------------------------------------
+@TORCH_INTERNALS
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [5, 64, 700])
+def test_kernels_equal_torch_path(monkeypatch, n, dtype):
+    """Outputs and vector-Jacobian products (x and a per-row alpha) of the numba kernels equal the torch
+    solvers', with masked entries, a fully masked row, ties and scales 0.1..30."""
+    if S._K is None:
+        pytest.skip("numba not installed")
+    rows = 60
+    x = rand(rows, n, seed=50) * torch.logspace(-1, 1.5, rows, dtype=torch.float64).view(rows, 1)
+    x[0] = float("-inf")
+    x[1, : n // 2] = float("-inf")
+    x[2] = 1.0
+    x[3, : min(n, 4)] = 7.0
+    x, g = x.to(dtype), rand(rows, n, seed=51, dtype=dtype)
+    alpha = torch.linspace(1.05, 2.6, rows, dtype=dtype).view(rows, 1)
+    maps = {"sparsemax": lambda z, a: S.sparsemax(z), "entmax15": lambda z, a: S.entmax15(z),
+            "entmax_alpha": lambda z, a: S.entmax(z, a), "normmax2": lambda z, a: S.normmax(z, 2.0),
+            "normmax3": lambda z, a: S.normmax(z, 3.0), "normmax1.5": lambda z, a: S.normmax(z, 1.5),
+            "k_subsets3": lambda z, a: S.k_subsets(z, 3), "k_subsets2.5": lambda z, a: S.k_subsets(z, 2.5)}
+
+    def run(fn, kernels):
+        monkeypatch.setattr(S, "CPU_KERNELS", kernels)
+        xx, aa = x.clone().requires_grad_(True), alpha.clone().requires_grad_(True)
+        y = fn(xx, aa)
+        gx, ga = torch.autograd.grad((y * g).sum(), (xx, aa), allow_unused=True)
+        return y, gx, ga
+
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    for name, fn in maps.items():
+        (y_k, gx_k, ga_k), (y_t, gx_t, ga_t) = run(fn, True), run(fn, False)
+        torch.testing.assert_close(y_k, y_t, atol=tol, rtol=0, msg=name)
+        torch.testing.assert_close(gx_k, gx_t, atol=tol * 10, rtol=tol, msg=name)
+        assert (y_k[0] == 0).all() and (y_k[1, : n // 2] == 0).all() and (gx_k[0] == 0).all(), name
+        if ga_t is not None and dtype == torch.float64:
+            torch.testing.assert_close(ga_k, ga_t, atol=1e-7, rtol=1e-7, msg=name)
+
+
+def test_kernel_alpha_gradient_float32_close_to_float64(map_path):
+    """The kernels compute in float64 also for float32 inputs: the float32 alpha gradient matches the
+    float64 one to float32 rounding of the inputs."""
+    if map_path != "kernels":
+        pytest.skip("a property of the kernels")
+    x, g = rand(40, 30, scale=2.0, seed=52), rand(40, 30, seed=53)
+    alpha = torch.linspace(1.1, 1.9, 40, dtype=torch.float64).view(40, 1)
+    grads = []
+    for dt in (torch.float64, torch.float32):
+        aa = alpha.to(dt).detach().requires_grad_(True)
+        (S.entmax(x.to(dt), aa) * g.to(dt)).sum().backward()
+        grads.append(aa.grad.double())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
