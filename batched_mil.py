@@ -26,12 +26,20 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sparsemax
 import training
+
+try:  # fused single-pass CPU AdamW kernels (BatchedAdamW); without numba the eager torch path runs
+    import numba
+    from numba.core import types as _nb_types
+    from numba.extending import intrinsic as _nb_intrinsic
+except ImportError:  # pragma: no cover - numba is in requirements.txt
+    numba = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,6 +261,68 @@ class BatchedBagClassifier(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Optimizer: AdamW + per-model gradient clipping, per-model learning rates
 # --------------------------------------------------------------------------------------------------
+if numba is not None:
+    @_nb_intrinsic
+    def _fma(typingctx, a, b, c):
+        """a * b + c rounded once (llvm.fma). ATen's CPU ``lerp_`` is an explicit fma and its vectorized
+        ``addcmul_`` is compiled to one, so using it at the same places reproduces torch's m and v bit for bit."""
+        if not (isinstance(a, _nb_types.Float) and a == b == c):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+        return a(a, b, c), codegen
+
+    @numba.njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
+    def _add_sum_squares(g: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+        """out_i += sum_j g_ij^2 for g (M, P), accumulated in float64 (reassociation allowed: a norm,
+        vectorized; torch's own reduction order is unspecified too)."""
+        for i in range(g.shape[0]):
+            row = g[i]
+            acc = 0.0
+            for j in range(row.shape[0]):
+                x = np.float64(row[j])
+                acc += x * x
+            out[i] += acc
+
+    @numba.njit(cache=True, fastmath=False)
+    def _adamw_scalars(lr: np.ndarray, steps: np.ndarray, weight_decay: float, beta1: float, beta2: float,
+                       decay: np.ndarray, neg_step: np.ndarray, bias2_sqrt: np.ndarray) -> None:  # pragma: no cover
+        """Per-model scalars of torch's AdamW step in float64 (as torch computes them in Python), rounded
+        to the parameter dtype on store: decay = 1 - lr wd, neg_step = -lr / (1 - b1^t),
+        bias2_sqrt = (1 - b2^t)^0.5."""
+        for i in range(lr.shape[0]):
+            lr_i = np.float64(lr[i])
+            t = max(np.float64(steps[i]), 1.0)
+            decay[i] = 1.0 - lr_i * weight_decay
+            neg_step[i] = -(lr_i / (1.0 - beta1 ** t))
+            bias2_sqrt[i] = (1.0 - beta2 ** t) ** 0.5
+
+    @numba.njit(cache=True, fastmath=False, error_model="numpy")  # numpy: no zero-division branch
+    def _adamw_update(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, coef: np.ndarray,
+                      decay: np.ndarray, neg_step: np.ndarray, bias2_sqrt: np.ndarray, active: np.ndarray,
+                      consts: np.ndarray) -> None:  # pragma: no cover - compiled
+        """One pass of clipped AdamW over p, g, m, v (M, P) for the models with active_i, in torch's op
+        order and rounding (consts = [1 - b1, b2, 1 - b2, eps] in the dtype of p):
+
+            g' = g c_i;  m <- fma(1 - b1, g' - m, m)  (lerp);  v <- fma((1 - b2) g', g', v b2)  (addcmul)
+            p <- p decay_i + (neg_step_i m) / (sqrt(v) / bias2_sqrt_i + eps)  (mul_, addcdiv_)
+        """
+        w1, b2, w2, eps = consts[0], consts[1], consts[2], consts[3]
+        for i in range(p.shape[0]):
+            if not active[i]:
+                continue
+            c, d, s, b = coef[i], decay[i], neg_step[i], bias2_sqrt[i]
+            pi, gi, mi, vi = p[i], g[i], m[i], v[i]
+            for j in range(pi.shape[0]):
+                grad = gi[j] * c
+                mj = _fma(w1, grad - mi[j], mi[j])
+                vj = _fma(w2 * grad, grad, vi[j] * b2)
+                mi[j] = mj
+                vi[j] = vj
+                pi[j] = pi[j] * d + s * mj / (np.sqrt(vj) / b + eps)
+
+
 class BatchedAdamW:
     """``torch.optim.AdamW`` (amsgrad=False) applied independently to each model of the model axis,
     after ``clip_grad_norm_(model_m.parameters(), clip)`` per model:
@@ -263,36 +333,97 @@ class BatchedAdamW:
 
     ``lr`` is an (M,) tensor (change it for schedules); ``step(active)`` updates only models with
     active=True (their step count t_m advances), so models with fewer batches per epoch wait.
+
+    On CPU with numba (``fused``, the default there) a step is two passes per parameter tensor viewed
+    as (M, P): the per-model sums of squares (clip norm), then one fused pass (``_adamw_update``) in
+    torch's op order and rounding (m, v bitwise equal to torch.optim.AdamW; p to the last bit, since
+    torch's CPU sqrt goes through MKL and is not always correctly rounded). Otherwise (GPU, no numba)
+    the eager torch ops of ``_step_torch`` (~9 passes). The fused path leaves ``p.grad`` unclipped (the
+    clipped gradient only lives inside the pass) and keeps numpy views of the parameters: create the
+    optimizer after moving the model, and do not replace ``p.data``.
     """
 
     def __init__(self, params: Sequence[Tensor], lr: Tensor, weight_decay: float = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 grad_clip: float | None = 1.0) -> None:
+                 grad_clip: float | None = 1.0, fused: bool | None = None) -> None:
         self.params = list(params)
         self.lr = lr.clone().to(self.params[0])
         self.weight_decay, self.betas, self.eps, self.grad_clip = weight_decay, betas, eps, grad_clip
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.steps = torch.zeros_like(self.lr)
+        can_fuse = (numba is not None and all(p.device.type == "cpu" and p.is_contiguous() for p in self.params)
+                    and len({p.dtype for p in self.params}) == 1
+                    and self.params[0].dtype in (torch.float32, torch.float64))
+        if fused and not can_fuse:
+            raise ValueError("fused=True needs numba and contiguous float32/float64 CPU parameters of one dtype")
+        self.fused = can_fuse if fused is None else fused
+        if self.fused:
+            # (M, P) numpy views sharing memory with each parameter and its two moments
+            self._flat = [tuple(t.detach().view(t.shape[0], -1).numpy() for t in trio)
+                          for trio in zip(self.params, self.exp_avg, self.exp_avg_sq)]
+            dtype = self._flat[0][0].dtype
+            b1, b2 = betas
+            self._consts = np.array([1 - b1, b2, 1 - b2, eps], dtype=dtype)
+            self._scalars = np.zeros((3, self.lr.shape[0]), dtype=dtype)  # decay, neg_step, bias2_sqrt
 
     def _view(self, t: Tensor, p: Tensor) -> Tensor:
         return t.view(-1, *([1] * (p.dim() - 1)))
 
     @torch.no_grad()
+    def grad_norms(self) -> Tensor:
+        """Per-model gradient norm ||g_m||_2 over all parameters, (M,) (missing grads count as 0)."""
+        if self.fused:
+            sums = np.zeros(self.lr.shape[0])
+            for p in self.params:
+                if p.grad is not None:
+                    _add_sum_squares(p.grad.detach().contiguous().view(p.shape[0], -1).numpy(), sums)
+            return torch.from_numpy(np.sqrt(sums)).to(self.lr.dtype)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        return torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]).norm(dim=0)
+
+    def _clip_coef(self) -> Tensor:
+        """min(1, clip / (||g_m|| + 1e-6)) per model (torch.nn.utils.clip_grad_norm_); 1 without clipping."""
+        if self.grad_clip is None:
+            return torch.ones_like(self.lr)
+        return (self.grad_clip / (self.grad_norms() + 1e-6)).clamp(max=1.0)
+
+    @torch.no_grad()
     def step(self, active: Tensor | None = None) -> None:
+        if self.fused:
+            self._step_fused(active)
+        else:
+            self._step_torch(active)
+
+    def _step_fused(self, active: Tensor | None) -> None:
+        """Clip coefficients, per-model scalars, then one ``_adamw_update`` pass per parameter tensor."""
+        coef = self._clip_coef().numpy()
+        act = np.ones(self.lr.shape[0], dtype=np.bool_) if active is None else active.cpu().numpy()
+        self.steps += torch.from_numpy(act).to(self.steps.dtype)
+        decay, neg_step, bias2_sqrt = self._scalars
+        b1, b2 = self.betas
+        _adamw_scalars(self.lr.numpy(), self.steps.numpy(), float(self.weight_decay), float(b1), float(b2),
+                       decay, neg_step, bias2_sqrt)
+        for param, (p, m, v) in zip(self.params, self._flat):
+            g = param.grad
+            g = np.zeros_like(p) if g is None else g.detach().contiguous().view(p.shape).numpy()
+            _adamw_update(p, g, m, v, coef, decay, neg_step, bias2_sqrt, act, self._consts)
+
+    def _step_torch(self, active: Tensor | None) -> None:
+        """Eager torch ops (any device): ~9 element-wise passes per parameter tensor."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.grad_clip is not None:
-            norm = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]).norm(dim=0)
-            coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            coef = self._clip_coef()
             for g in grads:
                 g.mul_(self._view(coef, g))
         act = torch.ones_like(self.lr, dtype=torch.bool) if active is None else active
         all_active = bool(act.all())
         self.steps += act.to(self.steps.dtype)
         b1, b2 = self.betas
-        t = self.steps.clamp(min=1)
-        step_size = self.lr / (1 - b1 ** t)
-        bias2_sqrt = (1 - b2 ** t).sqrt()
+        # bias corrections in float64 as torch does (1 - 0.999^t cancels badly in float32: 1e-5 relative)
+        t = self.steps.double().clamp(min=1)
+        step_size = (self.lr.double() / (1 - b1 ** t)).to(self.lr.dtype)
+        bias2_sqrt = (1 - b2 ** t).sqrt().to(self.lr.dtype)
         for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
             if all_active:  # in place (the common case)
                 new_p, new_m, new_v = p, m, v
@@ -346,6 +477,50 @@ def gather_bags(data: tuple[Tensor, Tensor, Tensor], idx: Tensor,
     return x, mask
 
 
+class BagGatherer:
+    """``gather_bags`` for repeated calls: the standardized dataset is computed once per distinct
+    (mean, std) row (one per fold; ``max_bytes`` bounds the table, else each call standardizes as
+    ``gather_bags`` does), and bags are copied into one reused buffer (fresh large tensors cost page faults).
+
+        table_u = (padded - mean_u) / std_u with padding -> 0;   x[m, j] = table_{u(m)}[idx[m, j], :N]
+
+    the same element-wise ops as ``gather_bags``, so the values are identical. The returned x is a view
+    of the buffer: valid until the next call.
+    """
+
+    def __init__(self, data: tuple[Tensor, Tensor, Tensor], standardize: tuple[Tensor, Tensor] | None = None,
+                 max_bytes: float = 2 ** 28) -> None:
+        padded, self.lengths, self.pad = data
+        self.data, self.standardize, self.group = data, standardize, None
+        table = padded.unsqueeze(0)
+        if standardize is not None:
+            mean, std = standardize
+            rows, self.group = torch.unique(torch.cat([mean, std], 1), dim=0, return_inverse=True)
+            size = rows.shape[0] * padded.numel() * torch.promote_types(padded.dtype, mean.dtype).itemsize
+            if size <= max_bytes:
+                u_mean, u_std = rows[:, :mean.shape[1]], rows[:, mean.shape[1]:]
+                table = ((padded.unsqueeze(0) - u_mean[:, None, None]) / u_std[:, None, None]).masked_fill(
+                    self.pad[None, :, :, None], 0.0)
+            else:
+                table, self.group = None, None
+        self.n_bags = padded.shape[0]
+        self.flat = None if table is None else table.reshape(-1, *padded.shape[1:])
+        self.buffer = torch.empty(0, dtype=padded.dtype if table is None else table.dtype, device=padded.device)
+
+    def __call__(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Bags idx (M, B) -> instances (M, B, N, d), padding mask (M, B, N), N = max length used."""
+        if self.flat is None:
+            return gather_bags(self.data, idx, self.standardize)
+        m, b = idx.shape
+        n, d = int(self.lengths[idx].max()), self.flat.shape[-1]
+        rows = idx if self.group is None else self.group[:, None] * self.n_bags + idx
+        if self.buffer.numel() < m * b * n * d:
+            self.buffer = torch.empty(m * b * self.flat.shape[1] * d, dtype=self.buffer.dtype, device=idx.device)
+        x = self.buffer[:m * b * n * d].view(m * b, n, d)
+        torch.index_select(self.flat[:, :n], 0, rows.reshape(-1), out=x)
+        return x.view(m, b, n, d), self.pad[:, :n][idx]
+
+
 def batched_auc(scores: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
     """ROC AUC per row: P(s_pos > s_neg) + 1/2 P(s_pos = s_neg) over valid entries (Mann-Whitney).
 
@@ -375,12 +550,13 @@ def _index_table(sets: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def evaluate(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tensor], labels: Tensor,
              sets: Sequence[Sequence[int]], standardize: tuple[Tensor, Tensor] | None = None,
-             chunk: int = 16) -> dict[str, Tensor]:
-    """Eval-mode loss (mean BCE), accuracy (logit > 0) and AUC of each model on its own bag set."""
+             chunk: int = 16, gather: BagGatherer | None = None) -> dict[str, Tensor]:
+    """Eval-mode loss (mean BCE), accuracy (logit > 0) and AUC of each model on its own bag set
+    (``gather``: a ``BagGatherer`` of the same data and standardization, reused across calls)."""
     model.eval()
+    gather = gather or BagGatherer(data, standardize)
     table, valid = (t.to(labels.device) for t in _index_table(sets))
-    logits = torch.cat([model(*gather_bags(data, table[:, s:s + chunk], standardize))
-                        for s in range(0, table.shape[1], chunk)], dim=1)
+    logits = torch.cat([model(*gather(table[:, s:s + chunk])) for s in range(0, table.shape[1], chunk)], dim=1)
     y = labels[table].to(logits.dtype)
     w = valid.to(logits.dtype)
     count = w.sum(1)
@@ -415,6 +591,7 @@ def train_batched(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tenso
         seed = int(torch.randint(2 ** 62, (1,), generator=generators[0]))
         model.generator = torch.Generator(device=device).manual_seed(seed)
     optimizer = BatchedAdamW(list(model.parameters()), lr, weight_decay, grad_clip=grad_clip)
+    gather = BagGatherer(data, standardize)
     decay = lr_decay.to(optimizer.lr)
     sizes = torch.tensor([len(s) for s in train_sets])
     n_steps = int(math.ceil(int(sizes.max()) / batch_size))
@@ -427,7 +604,7 @@ def train_batched(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tenso
         for step in range(n_steps):
             cols = slice(step * batch_size, (step + 1) * batch_size)
             idx, ok = orders[:, cols], valid[:, cols]
-            x, pad = gather_bags(data, idx, standardize)
+            x, pad = gather(idx)
             logits = model(x, pad)
             y = labels[idx].to(logits.dtype)
             w = ok.to(logits.dtype)
@@ -439,7 +616,7 @@ def train_batched(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tenso
         optimizer.lr = optimizer.lr * decay
         metrics = {}
         for name, sets in eval_sets.items():
-            for key, value in evaluate(model, data, labels, sets, standardize).items():
+            for key, value in evaluate(model, data, labels, sets, standardize, gather=gather).items():
                 metrics[f"{name}_{key}"] = value
                 history.setdefault(f"{name}_{key}", []).append(value)
         if on_epoch is not None:

@@ -1,16 +1,21 @@
 """CPU kernels (numba) behind the normalization maps of ``sparsemax.py``.
 
-Every map there reduces, row by row, to a 1-d root finding in a threshold tau followed by an
-element-wise output. In eager PyTorch each iteration of that search is a handful of full-tensor ops,
-so on short rows (n = 64) the maps were op-overhead bound at 10-40x ``torch.softmax``. Here one
-compiled loop handles a row at a time: find the max, copy the candidates z_i > (lower bound of tau)
-into a small work buffer, solve for tau on the buffer (float64), write the output; the backward
-passes are one or two sweeps per row. Same algorithms, stopping rules and float64 arithmetic as the
-torch code in ``sparsemax.py`` (which stays the path for CUDA tensors and when numba is missing);
-tests/test_sparsemax.py checks both paths against each other and against independent references.
+Every threshold map reduces, row by row, to a 1-d root finding in tau followed by an element-wise
+output. In eager PyTorch each iteration of that search is a handful of full-tensor ops, so on short
+rows (n = 64) the maps were op-overhead bound at 10-40x ``torch.softmax``. Here one compiled loop
+handles a row at a time with the same algorithms, stopping rules and float64 arithmetic as the torch
+solvers in ``sparsemax.py`` (which stay the path for CUDA tensors and when numba is missing):
 
+  * sparsemax, 1.5-entmax, 2-normmax, k-subsets: each solver iteration is one vectorized sweep over
+    the row (count, sum, sum of squares above t), the output another; no sorting, no buffers.
+  * alpha-entmax, alpha-normmax: pow() is the cost, so a pow-free root (sparsemax, quadratic, or a
+    power-of-two exponent by Newton) first brackets tau from below, and the Newton iterations on
+    sum [z - t]_+^p = 1 run on the entries above that bound only.
+  * backward passes: one or two sweeps per row (pow only on the support).
+
+tests/test_sparsemax.py runs every test on both paths and cross-checks them.
 Conventions: inputs are C-contiguous (B, n) float32/float64 arrays, -inf = masked (weight exactly 0),
-a fully masked row gives zeros. Kernels are single-threaded (``nogil``): one Ray trial = one core.
+a fully masked row gives zeros, no NaN. Kernels are single-threaded (``nogil``): one trial = one core.
 """
 from __future__ import annotations
 
@@ -20,21 +25,17 @@ import numba as nb
 import numpy as np
 
 _JIT = dict(cache=True, nogil=True)
+# reductions may be reassociated (vectorized sums); no ninf: -inf marks masked entries
+_FAST = dict(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract", "arcp"})
+_MAX_MATH = dict(cache=True, nogil=True, fastmath={"nnan", "reassoc", "nsz"})  # no NaN inputs by contract
 _TINY = np.finfo(np.float64).tiny
 _EPS = np.finfo(np.float64).eps
 _MAX_ITER = 100
 
 
-# reductions may be reassociated (vectorized sums); no nnan/ninf: -inf marks masked entries
-_FAST = dict(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract", "arcp"})
-
-
 # --------------------------------------------------------------------------------------------------
-# per-row helpers: candidates, threshold solvers, outputs
+# per-row helpers: sweeps, candidate buffers, threshold solvers, outputs
 # --------------------------------------------------------------------------------------------------
-_MAX_MATH = dict(cache=True, nogil=True, fastmath={"nnan", "reassoc", "nsz"})  # no NaN inputs by contract
-
-
 @nb.njit(**_MAX_MATH)
 def _row_max(x) -> float:
     m = -np.inf

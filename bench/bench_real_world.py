@@ -125,9 +125,22 @@ def cost_key(group: dict, how: str) -> tuple[int, int]:
     return shape.width * shape.inner, group["emb_dims"] * group["emb_layers"]
 
 
+def warm_up(data, labels, shape, mode, group, reference: bool = False) -> None:
+    """One untimed 1-epoch training of 2 models (and 1 reference model): JIT compilation (numba kernels
+    of the optimizer and of the maps), caches and allocator pools are then not billed to the first shape."""
+    splits, jobs = trial_jobs(labels, group, 2)
+    run_batched(data, labels, shape, mode, group, splits, jobs, epochs=1)
+    if reference:
+        mean, std = standardization(data, splits, jobs[:1])
+        run_reference_one(data, labels, shape, mode, group["variants"][0], splits[0], (mean[0], std[0]), 1,
+                          group["batch_size"], seed=0)
+
+
 def ratio_table(dataset: str, mode: str, n_models: int, epochs: int, how: str, shapes: list[dict]) -> list[dict]:
     data, labels = load(dataset)
     rows = []
+    if shapes:
+        warm_up(data, labels, rw.model_shape(data[0].shape[-1], shapes[0], how), mode, shapes[0], reference=True)
     for group in shapes:
         shape = rw.model_shape(data[0].shape[-1], group, how)
         splits, jobs = trial_jobs(labels, group, n_models)
@@ -162,6 +175,7 @@ def extrapolate(dataset: str, mode: str, how: str, n_shapes: int, parallel: int,
     by_cost = sorted(range(len(groups)), key=lambda i: cost_key(groups[i], how))
     picks = np.linspace(0, len(groups) - 1, min(n_shapes, len(groups))).round().astype(int)
     sample = sorted({by_cost[k] for k in picks})
+    warm_up(data, labels, rw.model_shape(data[0].shape[-1], groups[sample[0]], how), mode, groups[sample[0]])
     per_model_epoch = {}
     for i in sample:
         group = groups[i]

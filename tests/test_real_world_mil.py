@@ -101,12 +101,14 @@ def test_batched_dropout_rates_per_model():
     assert (out_train[1] - out_eval[1]).abs().max() > 1e-3  # p = 0.75: perturbed
 
 
-def test_batched_adamw_with_clipping_equals_torch_per_model():
+@pytest.mark.parametrize("fused", [True, False])
+def test_batched_adamw_with_clipping_equals_torch_per_model(fused):
     shape = bm.Shape(d_in=5, emb_dims=4, emb_layers=1, width=4, n_heads=2, head_dim=3, emb_proj=False)
     models = _reference_models("sparsemax", shape, scales=(0.5, 2.0, 10.0))
     lrs = torch.tensor([1e-2, 1e-3, 3e-2], dtype=torch.double)
     batched = bm.BatchedBagClassifier.from_models(models, shape)
-    optimizer = bm.BatchedAdamW(list(batched.parameters()), lrs, weight_decay=1e-4, grad_clip=1.0)
+    optimizer = bm.BatchedAdamW(list(batched.parameters()), lrs, weight_decay=1e-4, grad_clip=1.0, fused=fused)
+    assert optimizer.fused == fused
     references = [torch.optim.AdamW(m.parameters(), lr=float(lr), weight_decay=1e-4) for m, lr in zip(models, lrs)]
     gen = torch.Generator().manual_seed(1)
     for step in range(4):
@@ -126,6 +128,84 @@ def test_batched_adamw_with_clipping_equals_torch_per_model():
     expected = bm.BatchedBagClassifier.from_models(models, shape)
     for name, value in batched.tensors().items():
         torch.testing.assert_close(value, expected.p(name), rtol=1e-7, atol=1e-8, msg=name)
+
+
+def _adamw_run(dtype, fused, grad_clip, steps=12, seed=0):
+    """BatchedAdamW on 5 models (3 tensors of odd sizes, models 1 and 3 skip some steps, lrs spanning the
+    grid) next to torch.optim.AdamW (+ clip_grad_norm_) per model; returns (batched, per-model) states."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(7, 33), (33,), (130, 17)]
+    init = [torch.randn(5, *s, generator=gen, dtype=dtype) for s in sizes]
+    lrs = torch.tensor([1e-2, 1e-3, 3e-2, 1e-5, 1e-3], dtype=dtype)
+    params = [p.clone().requires_grad_() for p in init]
+    optimizer = bm.BatchedAdamW(params, lrs, weight_decay=1e-4, grad_clip=grad_clip, fused=fused)
+    per_model = [[p[i].clone().requires_grad_() for p in init] for i in range(5)]
+    references = [torch.optim.AdamW(ps, lr=float(lr), weight_decay=1e-4) for ps, lr in zip(per_model, lrs)]
+    for step in range(steps):
+        scale = 3.0 if step % 2 else 0.01  # odd steps: clipped (norm >> 1), even steps: not
+        grads = [scale * torch.randn(5, *s, generator=gen, dtype=dtype) for s in sizes]
+        active = torch.tensor([True, step % 3 != 1, True, step % 2 == 0, True])
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step(active)
+        for i in torch.nonzero(active).flatten().tolist():
+            for p, g in zip(per_model[i], grads):
+                p.grad = g[i].clone()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(per_model[i], grad_clip)
+            references[i].step()
+    expected = {"param": [torch.stack([ps[k].detach() for ps in per_model]) for k in range(len(sizes))]}
+    for key in ("exp_avg", "exp_avg_sq"):
+        expected[key] = [torch.stack([opt.state[ps[k]][key] for opt, ps in zip(references, per_model)])
+                         for k in range(len(sizes))]
+    got = {"param": [p.detach() for p in params], "exp_avg": optimizer.exp_avg, "exp_avg_sq": optimizer.exp_avg_sq}
+    assert optimizer.steps.tolist() == [float(len(opt.state[ps[0]]) and opt.state[ps[0]]["step"])
+                                        for opt, ps in zip(references, per_model)]
+    return got, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grad_clip", [1.0, None])
+def test_fused_adamw_equals_torch_adamw_with_inactive_models(dtype, grad_clip):
+    """The numba kernel (one pass per tensor) == torch.optim.AdamW + clip_grad_norm_ per model, float32
+    to float32 rounding: torch's CPU sqrt (MKL) is not always correctly rounded, so p may differ in the
+    last bit; without clipping the first moment (lerp, same fma) is bitwise equal."""
+    assert bm.numba is not None  # numba is in requirements.txt: the fused path must be the one tested
+    got, expected = _adamw_run(dtype, fused=True, grad_clip=grad_clip)
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    for key in got:
+        for k, (a, b) in enumerate(zip(got[key], expected[key])):
+            torch.testing.assert_close(a, b, **tol, msg=f"{key} {k}")
+    if grad_clip is None:
+        assert all(torch.equal(a, b) for a, b in zip(got["exp_avg"], expected["exp_avg"]))
+
+
+def test_fused_adamw_equals_eager_path():
+    """Fused CPU kernel and the eager torch path (used on GPU / without numba) agree."""
+    for dtype in (torch.float32, torch.float64):
+        fused, _ = _adamw_run(dtype, fused=True, grad_clip=1.0, seed=3)
+        eager, _ = _adamw_run(dtype, fused=False, grad_clip=1.0, seed=3)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+        for a, b in zip(fused["param"], eager["param"]):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("max_bytes", [2 ** 28, 0])
+def test_bag_gatherer_equals_gather_bags(max_bytes):
+    """Precomputed per-fold standardization + reused buffer == standardizing each gathered batch."""
+    gen = torch.Generator().manual_seed(0)
+    bags = [torch.randn(int(torch.randint(1, 7, (1,), generator=gen)), 5, generator=gen) for _ in range(25)]
+    data = bm.pad_dataset(bags)
+    folds = torch.tensor([0, 1, 1, 2, 0, 2])  # 6 models, 3 distinct standardizations
+    mean, std = torch.randn(3, 5, generator=gen)[folds], (torch.rand(3, 5, generator=gen) + 0.5)[folds]
+    gather = bm.BagGatherer(data, (mean, std), max_bytes=max_bytes)
+    assert (gather.flat is None) == (max_bytes == 0)
+    for batch in (4, 16, 3):  # the buffer is reused across sizes
+        idx = torch.randint(0, 25, (6, batch), generator=gen)
+        x, pad = gather(idx)
+        x_ref, pad_ref = bm.gather_bags(data, idx, (mean, std))
+        assert torch.equal(x, x_ref) and torch.equal(pad, pad_ref)
+    assert torch.equal(bm.BagGatherer(data)(idx)[0], bm.gather_bags(data, idx)[0])  # no standardization
 
 
 def test_models_do_not_interact_in_a_batch():
