@@ -9,7 +9,8 @@ Conventions shared by all maps
   * float32 and float64, CPU and CUDA. On CPU the threshold maps run compiled numba kernels
     (sparsemax_kernels.py: the same algorithms, row by row, one loop instead of a dozen eager ops
     per iteration; ``CPU_KERNELS = False`` switches them off); CUDA tensors (and CPU without numba)
-    run the torch solvers described next. The sequential oracle's O(n) loop runs in numpy on the host.
+    run the torch solvers described next. Sequential k-subsets always runs its numba solver on the
+    host (its oracle is a sequential dynamic program; CUDA tensors are copied).
   * Exact solutions, computed in float64 internally (also for float32 inputs). Each map is a 1-d
     problem in a threshold tau (or, for sequential k-subsets, a small QP), solved without sorting:
       - sparsemax, k-subsets: Newton steps that land on the root of the current linear piece
@@ -25,7 +26,8 @@ Conventions shared by all maps
     whose max exceeds the bound, and later steps cost O(rows * L); outputs and backward passes are
     computed on the support only (gather / scatter_add).
     bench/bench_maps.py times every map against torch.softmax and the ``entmax`` package.
-  * sequential_k_subsets: active-set SparseMAP with a budgeted-Viterbi MAP oracle (exact).
+  * sequential_k_subsets: active-set SparseMAP with a budgeted-Viterbi MAP oracle (exact;
+    sparsemax_kernels.py, with a ray step where the active structures are affinely dependent).
   * Gradients are closed-form custom backward passes (Martins & Astudillo 2016; Peters et al. 2019;
     Correia et al. 2019 for the alpha gradient; Santos et al. 2024 for normmax; Niculae et al. 2018
     for SparseMAP), all checked with ``torch.autograd.gradcheck`` in tests/test_sparsemax.py.
@@ -825,203 +827,36 @@ def k_subsets(x: Tensor, k: int = 2, dim: int = -1, normalize: bool = True) -> T
 
 
 # --------------------------------------------------------------------------------------------------
-# sequential k-subsets SparseMAP: active set + budgeted Viterbi oracle
+# sequential k-subsets SparseMAP: active set + budgeted Viterbi oracle (numba, on the host)
 # --------------------------------------------------------------------------------------------------
-def _budget_viterbi(theta: Tensor, k: int, eta: float) -> Tensor:
-    """argmax_{z in {0,1}^n, sum z = k} <theta, z> + eta * sum_i z_i z_{i+1}, batched over rows.
-
-    theta: (B, n) with -inf for items that may not be selected (each row has >= k selectable items).
-    Dynamic program over positions with states v0[j] / v1[j] = best score of the prefix with j items
-    selected and the current item not selected / selected; backpointers (was the previous item
-    selected?) give the maximizer. Ties are broken towards 'not selected'. The O(n) sequential loop
-    runs in numpy (float64, on the host): per-step op overhead is ~10x lower than torch's eager ops
-    for these small (B, k+1) arrays. Returns (B, n) in theta's dtype and device.
-    """
-    th = theta.detach().to("cpu", torch.float64).numpy()
-    B, n = th.shape
-    K = k + 1
-    v0 = np.full((B, K), -np.inf)
-    v1 = np.full((B, K), -np.inf)
-    v0[:, 0] = 0.0
-    bp0 = np.zeros((n, B, K), dtype=bool)  # not selected at i, count j: previous item selected?
-    bp1 = np.zeros((n, B, K), dtype=bool)  # selected at i, count j: previous item selected?
-    n1 = np.full((B, K), -np.inf)
-    for i in range(n):
-        cont = v1 + eta
-        bp1[i, :, 1:] = cont[:, :-1] > v0[:, :-1]
-        n1[:, 1:] = np.maximum(v0[:, :-1], cont[:, :-1]) + th[:, i:i + 1]
-        np.greater(v1, v0, out=bp0[i])
-        v0 = np.maximum(v0, v1)
-        v1 = n1.copy()
-    s = v1[:, k] > v0[:, k]
-    j = np.full(B, k)
-    rows = np.arange(B)
-    z = np.zeros((B, n))
-    for i in range(n - 1, -1, -1):
-        z[:, i] = s
-        prev = np.where(s, bp1[i, rows, j], bp0[i, rows, j])
-        j = j - s
-        s = prev
-    return torch.from_numpy(z).to(device=theta.device, dtype=theta.dtype)
-
-
-def _spd_solve(M: Tensor, rhs: Tensor) -> Tensor:
-    """Solve M X = rhs for a batch of small symmetric positive definite M (B, C, C), rhs (B, C, r).
-
-    Batched Gaussian elimination without pivoting (valid for SPD), vectorized over B.
-    """
-    M = M.clone()
-    X = rhs.clone()
-    C = M.shape[-1]
-    for c in range(C):
-        piv = M[:, c:c + 1, c:c + 1]
-        row_m = M[:, c:c + 1, :] / piv
-        row_x = X[:, c:c + 1, :] / piv
-        col = M[:, :, c:c + 1].clone()
-        col[:, c] = 0.0
-        M = M - col * row_m
-        X = X - col * row_x
-        M[:, c:c + 1, :] = row_m
-        X[:, c:c + 1, :] = row_x
-    return X
-
-
-def _kkt_weights(Z: Tensor, active: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-    """Minimize 1/2 ||Z^T p||^2 - <scores, p> over sum p = 1 on the active slots (no sign constraint).
-
-    Z: (B, C, n) structures (rows), active: (B, C) bool, scores: (B, C). Returns p (B, C) (0 on
-    inactive slots) and the multiplier tau (B,) with M p + tau 1 = scores on the active slots.
-    """
-    act = active.to(Z.dtype)
-    M = Z @ Z.transpose(1, 2)
-    M = M * act.unsqueeze(1) * act.unsqueeze(2) + torch.diag_embed(1.0 - act)
-    rhs = torch.stack([scores * act, act], dim=2)
-    sol = _spd_solve(M, rhs)
-    a, b = sol[..., 0], sol[..., 1]  # M^{-1} s, M^{-1} 1 on the active slots
-    tau = ((a * act).sum(1) - 1.0) / (b * act).sum(1)
-    p = (a - tau.unsqueeze(1) * b) * act
-    return p, tau
-
-
-def _sequential_active_set(theta: Tensor, k: int, eta: float, max_iter: int = 200):
-    """Active-set SparseMAP (Niculae et al. 2018, Alg. 1) for the budgeted chain, batched over rows.
-
-    Per row: keep an active set A of structures with weights p; solve the equality-constrained QP
-    min 1/2 ||Z_A^T p||^2 - <s_A, p> s.t. sum p = 1 (KKT system); if some weight is negative, step
-    towards that solution until a weight hits 0 and drop it; else query the MAP oracle at theta - mu
-    and add its structure if it improves on the multiplier tau, or stop (optimal). Only rows that
-    are not finished are processed. theta: (B, n) float64, -inf = not selectable.
-    Returns mu (B, n) and the final (Z, p, active).
-    """
-    B, n = theta.shape
-    dt, dev = theta.dtype, theta.device
-    th_fin = theta.masked_fill(torch.isneginf(theta), 0.0)
-
-    def score(z: Tensor, rows: Tensor) -> Tensor:  # <theta, z> + eta * #consecutive pairs; z (R, n)
-        return (z * th_fin[rows]).sum(-1) + eta * (z[:, 1:] * z[:, :-1]).sum(-1)
-
-    everyone = torch.arange(B, device=dev)
-    z0 = _budget_viterbi(theta, k, eta)
-    Z = z0.unsqueeze(1)  # (B, C, n) structure slots
-    S = score(z0, everyone).unsqueeze(1)  # (B, C) their scores
-    active = torch.ones((B, 1), dtype=torch.bool, device=dev)
-    p = torch.ones((B, 1), dtype=dt, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    scale = 1.0 + th_fin.abs().amax(-1) + abs(eta) * k
-    tol = 1e-10
-    for _ in range(max_iter):
-        L = (~done).nonzero().squeeze(1)
-        if L.numel() == 0:
-            break
-        Zl, Al, pl = Z[L], active[L], p[L]
-        p_new, tau = _kkt_weights(Zl, Al, S[L])
-        neg = Al & (p_new < -1e-12)
-        infeasible = neg.any(1)
-        ok = ~infeasible
-        pl = torch.where(ok.unsqueeze(1), p_new.clamp_min(0.0) * Al, pl)
-        if bool(infeasible.any()):
-            # move towards p_new until the first weight hits 0, and drop that structure
-            ratio = torch.where(neg, pl / (pl - p_new).clamp_min(1e-300), torch.full_like(pl, float("inf")))
-            step, drop = ratio.min(1)
-            p_step = (pl + step.clamp(0.0, 1.0).unsqueeze(1) * (p_new - pl)) * Al
-            r = torch.arange(L.numel(), device=dev)
-            p_step[r, drop] = 0.0
-            pl = torch.where(infeasible.unsqueeze(1), p_step.clamp_min(0.0), pl)
-            drop_mask = torch.zeros_like(Al)
-            drop_mask[r, drop] = True
-            Al = Al & ~(drop_mask & infeasible.unsqueeze(1))
-        p[L], active[L] = pl, Al
-        if not bool(ok.any()):
-            continue
-        O = L[ok]
-        mu = (p[O].unsqueeze(2) * Z[O]).sum(1)
-        z_new = _budget_viterbi(theta[O] - mu, k, eta)
-        s_new = score(z_new, O)
-        improve = s_new - (z_new * mu).sum(-1) > tau[ok] + tol * scale[O]
-        done[O[~improve]] = True
-        if not bool(improve.any()):
-            continue
-        rows, z_add, s_add = O[improve], z_new[improve], s_new[improve]
-        free = ~active[rows]
-        if not bool(free.any(1).all()):  # a row has no free slot: add one for everybody
-            Z = torch.cat([Z, torch.zeros_like(Z[:, :1])], dim=1)
-            S = torch.cat([S, torch.zeros_like(S[:, :1])], dim=1)
-            p = torch.cat([p, torch.zeros_like(p[:, :1])], dim=1)
-            active = torch.cat([active, torch.zeros_like(active[:, :1])], dim=1)
-            free = ~active[rows]
-        slot = free.to(torch.int8).argmax(1)
-        Z[rows, slot] = z_add
-        S[rows, slot] = s_add
-        p[rows, slot] = 0.0
-        active[rows, slot] = True
-    mu = (p.unsqueeze(2) * Z).sum(1)
-    return mu, Z, p, active
+def _host_rows(x: Tensor) -> np.ndarray:
+    """x (..., n) as a (B, n) host array; sequential k-subsets needs numba (sparsemax_kernels.py)."""
+    if _K is None:
+        raise ImportError("sequential_k_subsets needs numba (see requirements.txt: pip install -r requirements.txt)")
+    return _np(x.detach().cpu()).reshape(-1, x.shape[-1])
 
 
 class _SequentialKSubsets(torch.autograd.Function):
-    """SparseMAP marginals for the budgeted chain; backward from the active set (Niculae et al. 2018):
+    """SparseMAP marginals for the budgeted chain (``sparsemax_kernels.seq_forward``, float64, exact);
+    backward from the active set (Niculae et al. 2018):
 
         J = Z_A^T (M^{-1} - M^{-1} 1 1^T M^{-1} / (1^T M^{-1} 1)) Z_A,   M = Z_A Z_A^T,
 
-    with Z_A the structures with positive weight.
+    with Z_A the structures with positive weight. The solver runs row by row on the host (its oracle
+    is an O(n k) sequential dynamic program); CUDA tensors are copied there and back.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, k: int, eta: float) -> Tensor:
-        shape = x.shape
-        xf = x.reshape(-1, shape[-1]).to(torch.float64)
-        finite = torch.isfinite(xf)
-        n_fin = finite.sum(-1)
-        few = n_fin <= k
-        mu = finite.to(torch.float64)  # rows with <= k valid entries: all valid ones selected
-        solve = ~few
-        Z = p = act = None
-        if bool(solve.any()):
-            m_rows, Z, p, act = _sequential_active_set(xf[solve], k, eta)
-            mu[solve] = m_rows
-        ctx.solve = solve
-        ctx.save_for_backward(*(t for t in (Z, p, act) if t is not None))
-        ctx.has_struct = Z is not None
+        rows = _host_rows(x)
+        mu, ctx.pos, ctx.p = _K.seq_forward(rows, k, eta)
         ctx.dtype = x.dtype
-        return mu.to(x.dtype).reshape(shape)
+        return torch.from_numpy(mu).to(device=x.device, dtype=x.dtype).reshape(x.shape)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        shape = g.shape
-        gf = g.reshape(-1, shape[-1]).to(torch.float64)
-        dx = torch.zeros_like(gf)
-        if ctx.has_struct:
-            Z, p, act = ctx.saved_tensors
-            act = act & (p > 0)
-            u = (Z @ gf[ctx.solve].unsqueeze(2)).squeeze(2)  # (B, C): Z_A g
-            actf = act.to(Z.dtype)
-            M = Z @ Z.transpose(1, 2)
-            M = M * actf.unsqueeze(1) * actf.unsqueeze(2) + torch.diag_embed(1.0 - actf)
-            sol = _spd_solve(M, torch.stack([u * actf, actf], dim=2))
-            a, b = sol[..., 0] * actf, sol[..., 1] * actf
-            v = a - b * (a.sum(1) / b.sum(1)).unsqueeze(1)
-            dx[ctx.solve] = (v.unsqueeze(2) * Z).sum(1)
-        return dx.to(ctx.dtype).reshape(shape), None, None
+        dx = _K.seq_backward(ctx.pos, ctx.p, _host_rows(g))
+        return torch.from_numpy(dx).to(device=g.device, dtype=ctx.dtype).reshape(g.shape), None, None
 
 
 def sequential_k_subsets(x: Tensor, k: int = 2, dim: int = -1,
@@ -1036,7 +871,8 @@ def sequential_k_subsets(x: Tensor, k: int = 2, dim: int = -1,
 
     (only the unary marginals are regularized, as in LP-SparseMAP's SequenceBudget factor used by the
     paper), solved exactly by the active-set method with a budgeted Viterbi MAP oracle, in float64.
-    ``transition`` defaults to 100, the value in the paper's code (deep-spin/SSHN scripts/utils.py).
+    Rows with at most k unmasked entries select all of them. ``transition`` defaults to 100, the
+    value in the paper's code (deep-spin/SSHN scripts/utils.py).
     Returns mu / k when ``normalize`` (default), else mu (sum k, as in the paper's code).
     """
     k = int(k)
@@ -1055,18 +891,9 @@ def sequential_k_subsets_value(x: Tensor, k: int = 2,
     a convex function whose gradient is the marginals mu (Danskin). ``layers.energy`` uses it for the
     Hopfield-Fenchel-Young energy of this mode. No autograd; returns x.shape[:-1] in x's dtype.
     """
-    k = int(k)
-    xf = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    n = xf.shape[-1]
-    if n <= k:  # every item selected: one structure
-        value = xf.sum(-1) + transition * (n - 1) - 0.5 * n
-    else:
-        _, Z, p, active = _sequential_active_set(xf, k, float(transition))
-        scores = (Z * xf.unsqueeze(1)).sum(-1) + transition * (Z[..., 1:] * Z[..., :-1]).sum(-1)
-        weights = p * active
-        mu = (weights.unsqueeze(2) * Z).sum(1)
-        value = (weights * scores).sum(-1) - 0.5 * mu.pow(2).sum(-1)
-    return value.to(x.dtype).reshape(x.shape[:-1])
+    rows = _host_rows(x)
+    value = _K.seq_value(rows, int(k), float(transition))
+    return torch.from_numpy(value).to(device=x.device, dtype=x.dtype).reshape(x.shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -477,3 +477,626 @@ def normmax_backward(y, g, dx, alpha: float) -> None:
             i = idx[j]
             yi = np.float64(y[b, i])
             dx[b, i] = scale * (g[b, i] * w[j] - sgb * yi - sgy * (w[j] - sb * yi))
+
+
+# --------------------------------------------------------------------------------------------------
+# sequential k-subsets SparseMAP: active set + budgeted-Viterbi oracle, row by row
+# --------------------------------------------------------------------------------------------------
+#   structures z in {0,1}^n, sum z = k, score(z) = <theta, z> + eta * sum_i z_i z_{i+1};
+#   p = argmax_{p in simplex} sum_z p_z score(z) - 1/2 ||Z^T p||^2,   mu = Z^T p,
+#
+# solved per row by the active-set method (Niculae et al. 2018, Alg. 1) with a budgeted-Viterbi MAP
+# oracle. -inf entries of theta are not selectable (0 in the scores); rows with at most k finite
+# entries get mu = 1 on them (one structure, zero Jacobian). A structure is the sorted list of its k
+# positions, so Gram entries <z_a, z_b> (overlaps), scores, mu and Z g cost O(k) per structure; the
+# oracle reuses its DP tables up to the first entry of theta - mu that changed; M^-1 of the active
+# set is kept by bordering (add) / Schur downdate (drop). When the MAP structure is an affine
+# combination of the active ones (singular KKT system, possible for eta != 0 and k >= 2; a plain
+# active-set solve returns NaN or stops early there) a ray step (keep mu, move weight onto the new
+# structure until an old one hits 0, drop it) continues. Output weights p <= 1e-12 (rounding residue of
+# structures whose exact weight is 0) are dropped, so the Jacobian uses the support exact arithmetic
+# gives.
+_TOL = 1e-10  # oracle improvement threshold, relative to scale = 1 + max|theta| + |eta| k
+_NEG = -1e-12  # KKT weights below this are negative (drop step)
+_PMIN = 1e-12  # output weights <= this are rounding residue of degenerate rows: dropped
+_PIV = 1e-12  # Cholesky pivot floor (relative): below it the active Gram matrix is singular
+
+STATUS_OK = 0
+STATUS_MAX_ITER = 1
+STATUS_SINGULAR = 2  # singular KKT system: the row keeps its last p
+STATUS_FULL = 3  # active set exceeded its capacity (n + 2 structures)
+
+
+# ------------------------------------------------------------------------------------------------
+# MAP oracle
+# ------------------------------------------------------------------------------------------------
+@nb.njit(cache=True, inline="always")
+def _viterbi_row(w, k, eta, P0, P1, R, t0, out, o):
+    """out[o, :k] = sorted positions of argmax_{z in {0,1}^n, sum z = k} <w, z> + eta sum_i z_i z_{i+1}.
+
+    Dynamic program with ties broken towards 'not selected', computed layer by layer in the count j
+    (1 <= j <= k). With P1[j, t] / P0[j, t] = best score of the first t items with j selected and
+    item t-1 selected / not selected:
+        P1[1, t] = w[t-1],  P1[j, t] = max(P0[j-1, t-1], P1[j-1, t-1] + eta) + w[t-1],
+        P0[j, t] = max_{t' < t} P1[j, t']        (running max; P[j, 0] = -inf),
+    and R[j, t] = the last t' <= t with P1[j, t'] > P0[j, t'] (a strict new running max). The
+    backtrack (backpointer 'previous item selected' = strict >, ties towards not
+    selected) then reads: the last selected item is R[k, n] - 1; from selected item i with count
+    j >= 2, item i-1 is selected iff P1[j-1, i] + eta > P0[j-1, i], else the previous selected item
+    is R[j-1, i-1] - 1. -inf in w = not selectable (w needs >= k finite entries).
+
+    Columns t <= t0 of the tables must already hold the values for w[:t0] (t0 = 0: only column 0,
+    -inf / 0, which the caller writes once); columns t0+1..n are recomputed.
+    P0, P1: (k+1, n+1) float64 and R: (k+1, n+1) int64 work arrays. Returns k.
+    """
+    n = w.shape[0]
+    # unsigned loop indices: numba then emits no negative-index wraparound code (2x faster loops)
+    nu = nb.uint64(n)
+    one = nb.uint64(1)
+    t0u = nb.uint64(t0)
+    for j in range(1, k + 1):
+        a = P0[j, t0u]
+        b = P1[j, t0u]
+        m = b if b > a else a  # max_{t' <= t0} P1[j, t']
+        r = nb.uint64(R[j, t0u])
+        if j == 1:
+            for t in range(t0u + one, nu + one):
+                x = w[t - one]
+                P1[1, t] = x
+                P0[1, t] = m
+                if x > m:
+                    m = x
+                    r = t
+                R[1, t] = r
+        else:
+            for t in range(t0u + one, nu + one):
+                c = P1[j - 1, t - one] + eta
+                d = P0[j - 1, t - one]
+                x = (c if c > d else d) + w[t - one]
+                P1[j, t] = x
+                P0[j, t] = m
+                if x > m:
+                    m = x
+                    r = t
+                R[j, t] = r
+    _backtrack(k, eta, P0, P1, R, R[k, n], out, o)
+    return k
+
+
+@nb.njit(cache=True, inline="always")
+def _backtrack(k, eta, P0, P1, R, tend, out, o):
+    """out[o, :k] = the structure of value P1[k, tend] (best with last selected item tend - 1),
+    read from the tables of _viterbi_row with its tie-breaking (see there)."""
+    i = tend - 1
+    j = k
+    out[o, k - 1] = i
+    while j > 1:
+        if P1[j - 1, i] + eta > P0[j - 1, i]:
+            i = i - 1
+        else:
+            i = R[j - 1, i - 1] - 1
+        j -= 1
+        out[o, j - 1] = i
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers on position lists (row a of A, row b of B; no array views in the hot loops)
+# ------------------------------------------------------------------------------------------------
+@nb.njit(cache=True, inline="always")
+def _overlap(A, a, na, Bm, b, nb):
+    """<z_a, z_b> for two position lists A[a, :na], Bm[b, :nb] (distinct entries): the number of
+    equal pairs, counted branch-free (na, nb <= k are small)."""
+    c = 0
+    for i in range(na):
+        x = A[a, i]
+        for j in range(nb):
+            c += x == Bm[b, j]
+    return c
+
+
+@nb.njit(cache=True, inline="always")
+def _chol_solve2(G, idx, m, r1, L, x1, x2):
+    """Solve M x1 = r1, M x2 = 1 with M = G[idx[:m], idx[:m]] (SPD) by Cholesky M = L L^T.
+
+    Returns False when a pivot is <= _PIV * max diag (singular / not positive definite).
+    """
+    dmax = 0.0
+    for a in range(m):
+        d = G[idx[a], idx[a]]
+        if d > dmax:
+            dmax = d
+    for a in range(m):  # L[a, a] holds 1 / L_aa (one division per pivot)
+        ia = idx[a]
+        for b in range(a + 1):
+            s = G[ia, idx[b]]
+            for c in range(b):
+                s -= L[a, c] * L[b, c]
+            if a == b:
+                if s <= _PIV * dmax:
+                    return False
+                L[a, a] = 1.0 / np.sqrt(s)
+            else:
+                L[a, b] = s * L[b, b]
+    for a in range(m):  # L y = r
+        s1 = r1[a]
+        s2 = 1.0
+        for c in range(a):
+            s1 -= L[a, c] * x1[c]
+            s2 -= L[a, c] * x2[c]
+        x1[a] = s1 * L[a, a]
+        x2[a] = s2 * L[a, a]
+    for a in range(m - 1, -1, -1):  # L^T x = y
+        s1 = x1[a]
+        s2 = x2[a]
+        for c in range(a + 1, m):
+            s1 -= L[c, a] * x1[c]
+            s2 -= L[c, a] * x2[c]
+        x1[a] = s1 * L[a, a]
+        x2[a] = s2 * L[a, a]
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# forward: active set over all rows
+# ------------------------------------------------------------------------------------------------
+@nb.njit(cache=True, inline="always")
+def _kkt_solve(H, idx, m, S, x1, x2):
+    """x1 = M^-1 S_A, x2 = M^-1 1 on the active slots idx[:m], H = M^-1 (slot-indexed)."""
+    for a in range(m):
+        ia = idx[a]
+        s1 = 0.0
+        s2 = 0.0
+        for c in range(m):
+            h = H[ia, idx[c]]
+            s1 += h * S[idx[c]]
+            s2 += h
+        x1[a] = s1
+        x2[a] = s2
+
+
+@nb.njit(cache=True, inline="always")
+def _inverse_add(H, idx, m, G, s, d, u):
+    """Bordered inverse: H = M^-1 on the slots idx[:m]; add slot s (Gram row G[s], <z_s, z_s> = d):
+        u = M^-1 v, sigma = d - v^T u,  M'^-1 = [[M^-1 + u u^T / sigma, -u / sigma], [-u^T / sigma, 1 / sigma]].
+    Returns False (H unchanged) when sigma <= _PIV * d (z_s in the span of the active structures)."""
+    sig = d
+    for a in range(m):
+        ia = idx[a]
+        acc = 0.0
+        for c in range(m):
+            acc += H[ia, idx[c]] * G[s, idx[c]]
+        u[a] = acc
+        sig -= G[s, ia] * acc
+    if not sig > _PIV * d:
+        return False
+    inv = 1.0 / sig
+    for a in range(m):
+        ia = idx[a]
+        ua = u[a] * inv
+        for c in range(m):
+            H[ia, idx[c]] += ua * u[c]
+        H[ia, s] = -ua
+        H[s, ia] = -ua
+    H[s, s] = inv
+    return True
+
+
+@nb.njit(cache=True, inline="always")
+def _inverse_drop(H, idx, m, r):
+    """Remove slot r from H = M^-1 on idx[:m]: H_{-r,-r} <- H_{-r,-r} - H_{-r,r} H_{r,-r} / H_{r,r}."""
+    inv = 1.0 / H[r, r]
+    for a in range(m):
+        ia = idx[a]
+        if ia == r:
+            continue
+        f = H[ia, r] * inv
+        for c in range(m):
+            ic = idx[c]
+            if ic != r:
+                H[ia, ic] -= f * H[r, ic]
+
+
+@nb.njit(cache=True)
+def _forward_core(theta, k, eta, max_iter):
+    """Solve every row of theta (B, n) by the active-set method.
+
+    Per row, per iteration: KKT solve on the active set A,
+        min_p 1/2 p^T M p - <S_A, p>  s.t. sum p = 1:  p = M^-1 S - tau M^-1 1,
+        tau = (1^T M^-1 S - 1) / (1^T M^-1 1),   M = Z_A Z_A^T (M^-1 kept up to date by bordering);
+    if some p_c < -1e-12: step from the current p towards it until the first weight hits 0 and drop
+    that structure; else oracle z = argmax score(z) - <z, mu> and add z if
+    score(z) - <z, mu> > tau + 1e-10 * scale (scale = 1 + max|theta| + |eta| k), else stop.
+
+    Returns mu (B, n), positions (B, C, k) of the structures with p > 0 (-1 = padding), their
+    weights p (B, C) and scores (B, C), iterations (B,) and status (B,) per row.
+    """
+    B, n = theta.shape
+    kk = max(k, 1)
+    cap = n + 2
+    K = k + 1
+    ninf = -np.inf
+    mu_out = np.zeros((B, n))
+    thf = np.empty(n)
+    w = np.empty(n)
+    mu = np.zeros(n)
+    pos = np.zeros((cap, kk), dtype=np.int64)
+    S = np.zeros(cap)
+    p = np.zeros(cap)
+    act = np.zeros(cap, dtype=np.bool_)
+    G = np.zeros((cap, cap))
+    H = np.zeros((cap, cap))
+    idx = np.zeros(cap, dtype=np.int64)
+    x1 = np.zeros(cap)
+    x2 = np.zeros(cap)
+    u = np.zeros(cap)
+    touched = np.zeros(2 * cap * kk, dtype=np.int64)  # positions where mu may be nonzero (old + new)
+    P0 = np.empty((K, n + 1))
+    P1 = np.empty((K, n + 1))
+    R = np.zeros((K, n + 1), dtype=np.int64)
+    for j in range(K):
+        P0[j, 0] = ninf
+        P1[j, 0] = ninf
+        R[j, 0] = 0
+    newpos = np.zeros((1, kk), dtype=np.int64)
+    Cb = 8
+    o_pos = np.full((B, Cb, kk), -1, dtype=np.int64)
+    o_p = np.zeros((B, Cb))
+    o_s = np.zeros((B, Cb))
+    n_struct = np.zeros(B, dtype=np.int64)
+    iters = np.zeros(B, dtype=np.int64)
+    status = np.zeros(B, dtype=np.int64)
+    for b in range(B):
+        nfin = 0
+        amax = 0.0
+        for i in range(n):
+            t = theta[b, i]
+            w[i] = t
+            if t == ninf:
+                thf[i] = 0.0
+            else:
+                nfin += 1
+                thf[i] = t
+                if abs(t) > amax:
+                    amax = abs(t)
+        if nfin <= k:  # all finite entries selected: one structure, its score
+            m = 0
+            sc = 0.0
+            for i in range(n):
+                if theta[b, i] != ninf:
+                    mu_out[b, i] = 1.0
+                    o_pos[b, 0, m] = i
+                    sc += theta[b, i]
+                    if m > 0 and o_pos[b, 0, m - 1] == i - 1:
+                        sc += eta
+                    m += 1
+            o_p[b, 0] = 1.0
+            o_s[b, 0] = sc
+            n_struct[b] = 1
+            continue
+        scale = 1.0 + amax + abs(eta) * k
+        # ---- initial structure: MAP at theta
+        _viterbi_row(w, k, eta, P0, P1, R, 0, pos, 0)
+        sc = 0.0
+        for t in range(k):
+            sc += thf[pos[0, t]]
+            if t > 0 and pos[0, t] == pos[0, t - 1] + 1:
+                sc += eta
+        S[0] = sc
+        p[0] = 1.0
+        act[0] = True
+        G[0, 0] = k
+        H[0, 0] = 1.0 / k
+        nslots = 1
+        ntouched = 0
+        st = STATUS_MAX_ITER
+        it = 0
+        while it < max_iter:
+            it += 1
+            m = 0
+            for c in range(nslots):
+                if act[c]:
+                    idx[m] = c
+                    m += 1
+            _kkt_solve(H, idx, m, S, x1, x2)
+            sa = 0.0
+            sb = 0.0
+            for a in range(m):
+                sa += x1[a]
+                sb += x2[a]
+            tau = (sa - 1.0) / sb
+            infeasible = False
+            for a in range(m):
+                x1[a] = x1[a] - tau * x2[a]  # x1 := KKT weights
+                if x1[a] < _NEG:
+                    infeasible = True
+            if infeasible:
+                best = np.inf
+                drop = -1
+                for a in range(m):
+                    if x1[a] < _NEG:
+                        pc = p[idx[a]]
+                        den = pc - x1[a]
+                        if den < 1e-300:
+                            den = 1e-300
+                        r = pc / den
+                        if r < best:
+                            best = r
+                            drop = a
+                step = min(max(best, 0.0), 1.0)
+                for a in range(m):
+                    c = idx[a]
+                    v = p[c] + step * (x1[a] - p[c])
+                    p[c] = v if v > 0.0 else 0.0
+                r = idx[drop]
+                p[r] = 0.0
+                act[r] = False
+                _inverse_drop(H, idx, m, r)
+                continue
+            for a in range(m):
+                v = x1[a]
+                p[idx[a]] = v if v > 0.0 else 0.0
+            # mu = sum_c p_c z_c (slot order) and w = theta - mu, touching only the positions of
+            # the previous and the current active structures; t0 = first changed entry of w
+            for e in range(ntouched):
+                mu[touched[e]] = 0.0
+            nold = ntouched
+            for a in range(m):
+                c = idx[a]
+                pc = p[c]
+                for t in range(k):
+                    q = pos[c, t]
+                    mu[q] += pc
+                    touched[ntouched] = q
+                    ntouched += 1
+            t0 = n
+            for e in range(ntouched):
+                q = touched[e]
+                v = theta[b, q] - mu[q]
+                if v != w[q]:
+                    w[q] = v
+                    if q < t0:
+                        t0 = q
+            for e in range(ntouched - nold):  # keep only the current positions
+                touched[e] = touched[nold + e]
+            ntouched -= nold
+            _viterbi_row(w, k, eta, P0, P1, R, t0, newpos, 0)
+            # add the MAP structure z = newpos if its reduced cost improves on tau, else optimal
+            s_new = 0.0
+            zmu = 0.0
+            for t in range(k):
+                q = newpos[0, t]
+                s_new += thf[q]
+                zmu += mu[q]
+                if t > 0 and q == newpos[0, t - 1] + 1:
+                    s_new += eta
+            if not (s_new - zmu > tau + _TOL * scale):
+                st = STATUS_OK
+                break
+            slot = -1
+            for c in range(nslots):
+                if not act[c]:
+                    slot = c
+                    break
+            if slot < 0:
+                if nslots >= cap:
+                    st = STATUS_FULL
+                    break
+                slot = nslots
+                nslots += 1
+            for t in range(k):
+                pos[slot, t] = newpos[0, t]
+            for a in range(m):
+                c = idx[a]
+                o = _overlap(pos, slot, k, pos, c, k)
+                G[slot, c] = o
+                G[c, slot] = o
+            G[slot, slot] = k
+            weight = 0.0
+            if not _inverse_add(H, idx, m, G, slot, float(k), u):
+                # The MAP structure is an affine combination z = sum_c u_c z_c (u = M^-1 Z_A z,
+                # sum u = 1) of the active ones (possible when eta != 0; a plain KKT
+                # solve returns NaN here). Moving p along (e_z - u) keeps mu and raises the
+                # objective at rate (reduced cost of z) - tau > 0: step until the first p_c
+                # hits 0, drop c, and add z with that weight.
+                weight = np.inf
+                ra = -1
+                for a in range(m):
+                    if u[a] > 1e-12:
+                        rt = p[idx[a]] / u[a]
+                        if rt < weight:
+                            weight = rt
+                            ra = a
+                if ra < 0:
+                    st = STATUS_SINGULAR
+                    break
+                for a in range(m):
+                    c = idx[a]
+                    v = p[c] - weight * u[a]
+                    p[c] = v if v > 0.0 else 0.0
+                r = idx[ra]
+                p[r] = 0.0
+                act[r] = False
+                _inverse_drop(H, idx, m, r)
+                for a in range(ra, m - 1):
+                    idx[a] = idx[a + 1]
+                m -= 1
+                if not _inverse_add(H, idx, m, G, slot, float(k), u):
+                    st = STATUS_SINGULAR
+                    break
+            S[slot] = s_new
+            p[slot] = weight
+            act[slot] = True
+        iters[b] = it
+        status[b] = st
+        # ---- outputs: mu from the final weights, structures with p > 0; reset the row state
+        for e in range(ntouched):
+            mu[touched[e]] = 0.0
+        q = 0
+        for c in range(nslots):
+            if p[c] > _PMIN:
+                q += 1
+        if q > Cb:  # grow the compact buffers
+            nC = max(q, 2 * Cb)
+            t_pos = np.full((B, nC, kk), -1, dtype=np.int64)
+            t_p = np.zeros((B, nC))
+            t_s = np.zeros((B, nC))
+            t_pos[:, :Cb] = o_pos
+            t_p[:, :Cb] = o_p
+            t_s[:, :Cb] = o_s
+            o_pos, o_p, o_s = t_pos, t_p, t_s
+            Cb = nC
+        q = 0
+        for c in range(nslots):
+            pc = p[c]
+            if pc > _PMIN:
+                for t in range(k):
+                    o_pos[b, q, t] = pos[c, t]
+                    mu_out[b, pos[c, t]] += pc
+                o_p[b, q] = pc
+                o_s[b, q] = S[c]
+                q += 1
+            act[c] = False
+            p[c] = 0.0
+        n_struct[b] = q
+    C = 1
+    for b in range(B):
+        if n_struct[b] > C:
+            C = n_struct[b]
+    return mu_out, o_pos[:, :C].copy(), o_p[:, :C].copy(), o_s[:, :C].copy(), iters, status
+
+
+@nb.njit(cache=True)
+def _value_kernel(mu, o_p, o_s):
+    """value = sum_c p_c score(z_c) - 1/2 ||mu||^2 per row."""
+    B, n = mu.shape
+    C = o_p.shape[1]
+    out = np.empty(B)
+    for b in range(B):
+        v = 0.0
+        for c in range(C):
+            v += o_p[b, c] * o_s[b, c]
+        q = 0.0
+        for i in range(n):
+            q += mu[b, i] * mu[b, i]
+        out[b] = v - 0.5 * q
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+# ------------------------------------------------------------------------------------------------
+@nb.njit(cache=True, inline="always")
+def _backward_row(pos, cnt, m, g, dx, b, G, idx, L, u, x1, x2):
+    """dx_b = Z_A^T v, v = a - b (1^T a) / (1^T b), a = M^-1 Z_A g, b = M^-1 1, M = Z_A Z_A^T
+    (= Z_A^T (M^-1 - M^-1 1 1^T M^-1 / (1^T M^-1 1)) Z_A g) for the m structures pos[:m]."""
+    if m <= 1:
+        return
+    for a in range(m):
+        s = 0.0
+        for t in range(cnt[a]):
+            s += g[b, pos[a, t]]
+        u[a] = s
+        G[a, a] = cnt[a]
+        for c in range(a):
+            o = _overlap(pos, a, cnt[a], pos, c, cnt[c])
+            G[a, c] = o
+            G[c, a] = o
+    if not _chol_solve2(G, idx, m, u, L, x1, x2):
+        return  # singular active set: no gradient (does not happen for a valid forward)
+    sa = 0.0
+    sb = 0.0
+    for a in range(m):
+        sa += x1[a]
+        sb += x2[a]
+    rr = sa / sb
+    for a in range(m):
+        v = x1[a] - x2[a] * rr
+        for t in range(cnt[a]):
+            dx[b, pos[a, t]] += v
+
+
+@nb.njit(cache=True)
+def _backward_pos_kernel(o_pos, p, g):
+    """J g per row from compact structures (positions (B, C, k), -1 = padding) with p > 0."""
+    B, C, kk = o_pos.shape
+    n = g.shape[1]
+    dx = np.zeros((B, n))
+    pos = np.zeros((C, kk), dtype=np.int64)
+    cnt = np.zeros(C, dtype=np.int64)
+    G = np.zeros((C, C))
+    idx = np.arange(C)
+    L = np.zeros((C, C))
+    u = np.zeros(C)
+    x1 = np.zeros(C)
+    x2 = np.zeros(C)
+    for b in range(B):
+        m = 0
+        for c in range(C):
+            if p[b, c] > 0.0:
+                q = 0
+                for t in range(kk):
+                    v = o_pos[b, c, t]
+                    if v >= 0:
+                        pos[m, q] = v
+                        q += 1
+                cnt[m] = q
+                m += 1
+        _backward_row(pos, cnt, m, g, dx, b, G, idx, L, u, x1, x2)
+    return dx
+
+
+# ------------------------------------------------------------------------------------------------
+# entry points
+# ------------------------------------------------------------------------------------------------
+def _as_f64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def seq_forward_info(theta: np.ndarray, k: int, eta: float, max_iter: int = 200):
+    """``seq_forward`` plus per-row active-set iteration counts and status (STATUS_*)."""
+    mu, pos, p, _, iters, status = _forward_core(_as_f64(theta), int(k), float(eta), int(max_iter))
+    return mu, pos, p, iters, status
+
+
+def seq_forward(theta: np.ndarray, k: int, eta: float, max_iter: int = 200):
+    """SparseMAP marginals mu = Z^T p of the budgeted chain, per row of theta (B, n):
+
+        p = argmax_{p in simplex} sum_z p_z score(z) - 1/2 ||Z^T p||^2,
+        score(z) = <theta, z> + eta sum_i z_i z_{i+1},  z in {0,1}^n, sum z = k (-inf: never selected).
+
+    Returns mu (B, n) float64, the structures with p > 0 as sorted positions (B, C, k) int64
+    (-1 = padding) and their weights p (B, C)."""
+    mu, pos, p, _, _, _ = _forward_core(_as_f64(theta), int(k), float(eta), int(max_iter))
+    return mu, pos, p
+
+
+def seq_backward(pos: np.ndarray, p: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """J g (B, n), J = Z_A^T (M^-1 - M^-1 1 1^T M^-1 / (1^T M^-1 1)) Z_A, M = Z_A Z_A^T, A = {p > 0}."""
+    return _backward_pos_kernel(np.ascontiguousarray(pos, dtype=np.int64), _as_f64(p), _as_f64(g))
+
+
+def seq_value(theta: np.ndarray, k: int, eta: float, max_iter: int = 200) -> np.ndarray:
+    """Optimal value sum_z p_z score(z) - 1/2 ||mu||^2 per row (B,) (-inf entries scored 0)."""
+    mu, _, p, s, _, _ = _forward_core(_as_f64(theta), int(k), float(eta), int(max_iter))
+    return _value_kernel(mu, p, s)
+
+
+@nb.njit(cache=True)
+def _map_oracle_kernel(theta, k, eta):
+    B, n = theta.shape
+    P0, P1 = np.empty((k + 1, n + 1)), np.empty((k + 1, n + 1))
+    R = np.zeros((k + 1, n + 1), dtype=np.int64)
+    P0[:, 0] = -np.inf
+    P1[:, 0] = -np.inf
+    out = np.zeros((B, k), dtype=np.int64)
+    w = np.empty(n)
+    for b in range(B):
+        w[:] = theta[b]
+        _viterbi_row(w, k, eta, P0, P1, R, 0, out, b)
+    return out
+
+
+def map_oracle(theta: np.ndarray, k: int, eta: float) -> np.ndarray:
+    """The solver's MAP oracle: sorted positions (B, k) of argmax_{z in {0,1}^n, sum z = k}
+    <theta, z> + eta sum_i z_i z_{i+1} per row (-inf = not selectable; >= k finite entries)."""
+    return _map_oracle_kernel(_as_f64(theta), int(k), float(eta))
