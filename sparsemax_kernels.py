@@ -300,20 +300,14 @@ def _clip_stats(x, t: float):
     return f, na
 
 
-@nb.njit(**_FAST)
-def _count_finite(x) -> float:
-    c = 0.0
-    for i in range(x.shape[0]):
-        c += 1.0 if x[i] > -np.inf else 0.0
-    return c
-
-
 @nb.njit(**_JIT)
-def _top_value(row, k: int, top) -> float:
-    """The k-th largest entry of row (k <= len(top) <= #finite), by insertion into the sorted top."""
-    filled = 0
+def _top_values(row, top):
+    """One sweep: the len(top) largest entries of row into top (sorted, descending, by insertion)
+    and the number of finite entries. -> (count, filled slots of top)."""
+    k, filled, n_fin = top.shape[0], 0, 0
     for i in range(row.shape[0]):
         z = np.float64(row[i])
+        n_fin += z > -np.inf
         if filled == k and z <= top[k - 1]:
             continue
         j = min(filled, k - 1)
@@ -322,7 +316,7 @@ def _top_value(row, k: int, top) -> float:
             j -= 1
         top[j] = z
         filled = min(filled + 1, k)
-    return top[k - 1]
+    return n_fin
 
 
 @nb.njit(**_JIT)
@@ -336,11 +330,11 @@ def k_subsets_forward(x, mu, k: float) -> None:
     top = np.empty(int(math.ceil(k)))
     for b in range(x.shape[0]):
         row, out = x[b], mu[b]
-        if _count_finite(row) <= k:
+        if _top_values(row, top) <= k:  # at most k finite entries: all selected
             for i in range(row.shape[0]):
                 out[i] = 1.0 if row[i] > -np.inf else 0.0
             continue
-        lo, hi = _top_value(row, top.shape[0], top) - 1.0, _row_max(row)
+        lo, hi = top[-1] - 1.0, top[0]
         t = lo
         for _ in range(_MAX_ITER):
             f, na = _clip_stats(row, t)
