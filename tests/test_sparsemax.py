@@ -193,6 +193,16 @@ def test_entmax_alpha_one_is_softmax_and_per_row_alpha():
     for i in range(6):
         torch.testing.assert_close(y[i], torch.from_numpy(ref_entmax(x[i:i + 1].numpy(), alpha[i].item()))[0],
                                    atol=1e-8, rtol=0)
+    # a per-row tensor alpha of exactly 1 is softmax on that row (and still differentiable in x)
+    alpha[2] = 1.0
+    xx = x.clone().requires_grad_(True)
+    y = S.entmax(xx, alpha)
+    torch.testing.assert_close(y[2], torch.softmax(x[2], -1))
+    torch.testing.assert_close(y[0], S.entmax(x[:1], alpha[:1])[0])
+    y.sum().backward()
+    assert torch.isfinite(xx.grad).all()
+    with pytest.raises(ValueError, match="alpha must be >= 1"):
+        S.entmax(x, torch.full((6, 1), 0.9, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 4.0])
