@@ -69,34 +69,40 @@ def _keep_above(vals, idx, c: int, lo: float) -> int:
 
 
 @nb.njit(**_FAST)
-def _above_stats(x, scale: float, t: float):
-    """Over S = {z = scale x > t}: (|S|, sum (z - t), sum (z - t)^2), one vectorized sweep."""
+def _above_stats(x, scale: float, t: float, out, power: int):
+    """Over S = {z = scale x > t}: (|S|, sum (z - t), sum (z - t)^2), one vectorized sweep that also
+    writes out = [z - t]_+^power (power 1 or 2): the output, should t be the root."""
     cnt, r1, r2 = 0.0, 0.0, 0.0
     for i in range(x.shape[0]):
         d = max(scale * np.float64(x[i]) - t, 0.0)
         cnt += 1.0 if d > 0 else 0.0
         r1 += d
         r2 += d * d
+        out[i] = d if power == 1 else d * d
     return cnt, r1, r2
 
 
 @nb.njit(**_JIT)
-def _sparsemax_tau(x, scale: float, m: float) -> float:
-    """Root of sum [z - tau]_+ = 1, z = scale x, m = max z. Michelot: tau <- (sum_S z - 1) / |S| with
-    S = {z > tau}, from the lower bound m - 1; exact once S stops shrinking."""
+def _sparsemax_tau(x, scale: float, m: float, out) -> float:
+    """Root of sum [z - tau]_+ = 1, z = scale x, m = max z; out = [z - tau]_+ on return.
+
+    Michelot: tau' = tau + (sum [z - tau]_+ - 1) / |S|, S = {z > tau}, from the lower bound m - 1; once
+    S keeps its size, tau (computed from that same S) is exact, and the sweep that found this has
+    written its output."""
     tau, prev = m - 1.0, -1.0
     for _ in range(x.shape[0] + 2):
-        cnt, r1, _r2 = _above_stats(x, scale, tau)
-        tau = tau + (r1 - 1.0) / max(cnt, 1.0)
+        cnt, r1, _r2 = _above_stats(x, scale, tau, out, 1)
         if cnt == prev:
             break
         prev = cnt
+        tau = tau + (r1 - 1.0) / max(cnt, 1.0)
     return tau
 
 
 @nb.njit(**_JIT)
-def _quadratic_tau(x, scale: float, m: float) -> float:
-    """Root of F(t) = sum [z - t]_+^2 = 1, z = scale x, m = max z, from the lower bound m - 1.
+def _quadratic_tau(x, scale: float, m: float, out, power: int):
+    """Root of F(t) = sum [z - t]_+^2 = 1, z = scale x, m = max z, from the lower bound m - 1;
+    out = [z - tau]_+^power on return. -> (tau, sum of out).
 
     At a lower bound t (F(t) >= 1): t' = the smaller root of the quadratic sum_S (z - t')^2 = 1 over
     S = {z > t} (t' >= t; exact when S(t') = S, else an upper bound of tau); at an upper bound: a
@@ -104,7 +110,7 @@ def _quadratic_tau(x, scale: float, m: float) -> float:
     lo = t = m - 1.0
     from_closed, cnt_src = False, -1.0
     for _ in range(_MAX_ITER):
-        cnt, r1, r2 = _above_stats(x, scale, t)
+        cnt, r1, r2 = _above_stats(x, scale, t, out, power)
         if from_closed and cnt == cnt_src:
             break
         n_sup = max(cnt, 1.0)
@@ -118,7 +124,9 @@ def _quadratic_tau(x, scale: float, m: float) -> float:
         if nxt == t:
             break
         from_closed, cnt_src, t = use_closed, cnt, nxt
-    return t
+    else:  # iteration cap: the output of the last iterate
+        _cnt, r1, r2 = _above_stats(x, scale, t, out, power)
+    return t, (r1 if power == 1 else r2)
 
 
 @nb.njit(**_JIT)
@@ -180,18 +188,12 @@ def _write_normalized(out, vals, idx, c: int, tau: float, power: float) -> None:
 # forward kernels: x (B, n) -> y (B, n)
 # --------------------------------------------------------------------------------------------------
 @nb.njit(**_FAST)
-def _write_dense(x, out, scale: float, tau: float, power: int, normalize: bool) -> None:
-    """out = r^power (/ sum r^power if normalize), r = [scale x - tau]_+ (power 1 or 2)."""
-    total = 1.0
-    if normalize:
-        total = 0.0
-        for i in range(x.shape[0]):
-            d = max(scale * np.float64(x[i]) - tau, 0.0)
-            total += d if power == 1 else d * d
-        total = max(total, 1e-300)
-    for i in range(x.shape[0]):
-        d = max(scale * np.float64(x[i]) - tau, 0.0)
-        out[i] = (d if power == 1 else d * d) / total
+def _rescale(out, total: float) -> None:
+    """out /= total (skipped when total is 1 to rounding: the root's own sweep)."""
+    if abs(total - 1.0) > 4 * _EPS:
+        inv = 1.0 / max(total, 1e-300)
+        for i in range(out.shape[0]):
+            out[i] = out[i] * inv
 
 
 @nb.njit(**_JIT)
@@ -202,7 +204,7 @@ def sparsemax_forward(x, y) -> None:
         if m == -np.inf:
             y[b, :] = 0
             continue
-        _write_dense(x[b], y[b], 1.0, _sparsemax_tau(x[b], 1.0, m), 1, False)
+        _sparsemax_tau(x[b], 1.0, m, y[b])
 
 
 @nb.njit(**_JIT)
@@ -215,7 +217,8 @@ def quadratic_forward(x, y, scale: float, power: int) -> None:
         if m == -np.inf:
             y[b, :] = 0
             continue
-        _write_dense(x[b], y[b], scale, _quadratic_tau(x[b], scale, m), power, True)
+        _tau, total = _quadratic_tau(x[b], scale, m, y[b], power)
+        _rescale(y[b], total)
 
 
 @nb.njit(**_FAST)
@@ -253,15 +256,15 @@ def _dyadic_lower_bound(x, scale: float, m: float, j: int) -> float:
 
 
 @nb.njit(**_JIT)
-def _power_bracket(x, s: float, m: float, p: float):
+def _power_bracket(x, s: float, m: float, p: float, scratch):
     """[lo, hi] around the root of sum [z - t]_+^p = 1 (z = s x, max m). hi = m - n^(-1/p); lo from a
     pow-free root: all r = z - t <= 1 for t >= m - 1, so r^p >= r^q for q >= p, and the root for
     exponent q (sparsemax q = 1; quadratic q = 2; q = 4, 8, ..., 64 by Newton) is a lower bound."""
     lo, hi = m - 1.0, m - (1.0 / x.shape[0]) ** (1.0 / p)
     if p <= 1.0:
-        lo = _sparsemax_tau(x, s, m)
+        lo = _sparsemax_tau(x, s, m, scratch)
     elif p <= 2.0:
-        lo = _quadratic_tau(x, s, m)
+        lo = _quadratic_tau(x, s, m, scratch, 1)[0]
     elif p <= 64.0:
         lo = _dyadic_lower_bound(x, s, m, int(math.ceil(math.log2(p))))
     return min(lo - (abs(lo) + 1.0) * 1e-12, hi), hi
@@ -283,20 +286,23 @@ def power_forward(x, y, scale, p, out_power) -> None:
         if m == -np.inf:
             y[b, :] = 0
             continue
-        lo, hi = _power_bracket(x[b], s, m, p[b])
+        lo, hi = _power_bracket(x[b], s, m, p[b], vals)
         c = _collect_above(x[b], s, lo, vals, idx)
         tau, c = _power_tau(vals, idx, c, lo, hi, p[b])
         _write_normalized(y[b], vals, idx, c, tau, out_power[b])
 
 
 @nb.njit(**_FAST)
-def _clip_stats(x, t: float):
-    """(sum clip(x - t, 0, 1), #{0 < x - t < 1}), one vectorized sweep."""
+def _clip_stats(x, t: float, out):
+    """(sum clip(x - t, 0, 1), #{0 < x - t < 1}), one vectorized sweep that also writes
+    out = clip(x - t, 0, 1) (the output, should t be the root)."""
     f, na = 0.0, 0.0
     for i in range(x.shape[0]):
         d = np.float64(x[i]) - t
-        f += min(max(d, 0.0), 1.0)
+        c = min(max(d, 0.0), 1.0)
+        f += c
         na += 1.0 if 0.0 < d < 1.0 else 0.0
+        out[i] = c
     return f, na
 
 
@@ -337,7 +343,7 @@ def k_subsets_forward(x, mu, k: float) -> None:
         lo, hi = top[-1] - 1.0, top[0]
         t = lo
         for _ in range(_MAX_ITER):
-            f, na = _clip_stats(row, t)
+            f, na = _clip_stats(row, t, out)
             gap = f - k
             if abs(gap) <= tol:
                 break
@@ -351,8 +357,8 @@ def k_subsets_forward(x, mu, k: float) -> None:
             if nxt == t:
                 break
             t = nxt
-        for i in range(row.shape[0]):
-            out[i] = min(max(np.float64(row[i]) - t, 0.0), 1.0)
+        else:  # iteration cap: the output of the last iterate
+            _clip_stats(row, t, out)
 
 
 # --------------------------------------------------------------------------------------------------
