@@ -18,6 +18,10 @@ Part 2 (extrapolated, labeled so): for each dataset, one epoch of one chunk of a
 model-epoch x (models per shape = variants x folds x repetitions) x 50 epochs, summed over the shape
 grid (sampled shapes stand for the unsampled ones of equal pooling size d_model x n_heads*head_dim),
 divided by the number of trials running in parallel (--parallel, default 2 = one per core).
+
+Part 3 (--lower_bound, counted + measured): the full grid's model steps, parameter-element steps and
+forward/backward FLOPs, divided by this machine's measured batched-matmul GFLOP/s and fused-AdamW
+bandwidth: a floor for the full protocol on --parallel cores, whatever the overheads.
 """
 from __future__ import annotations
 
@@ -207,6 +211,83 @@ def extrapolate(dataset: str, mode: str, how: str, n_shapes: int, parallel: int,
             "trainings": sum(len(g["variants"]) for g in groups) * n_folds * n_seeds}
 
 
+def _median_seconds(fn, repeats: int = 7) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return sorted(times)[repeats // 2]
+
+
+def grid_work(dataset: str, how: str, batch: int = 4, epochs: int = 50, n_folds: int = 10, n_seeds: int = 5,
+              val_fraction: float = 0.2) -> dict:
+    """Work of the full Hu et al. grid on a dataset, counted: model steps, parameter-element steps
+    (what AdamW touches) and forward+backward FLOPs (layer 0: 2x its forward, the rest 3x; per step
+    B bags of the mean real / padded length, the pooling's per-bag order of batched_mil.pool)."""
+    data, labels = load(dataset)
+    padded, lengths, _ = data
+    d_in = padded.shape[-1]
+    steps, n_pad, n_real = [], [], []
+    rng = np.random.default_rng(0)
+    for seed in range(n_seeds):
+        for split in rw.cv_splits(labels.numpy(), n_folds, seed, val_fraction):
+            steps.append(math.ceil(len(split["train"]) / batch))
+            for _ in range(20):
+                order = rng.permutation(split["train"])
+                for i in range(0, len(order), batch):
+                    n_pad.append(int(lengths[order[i:i + batch]].max()))
+                    n_real.append(float(lengths[order[i:i + batch]].double().mean()))
+    groups = rw.group_by_shape(rw.search_configs("hu", 0, 0))
+    steps_per_epoch = float(np.mean(steps))
+    elements, flops, model_steps = 0.0, {"real": 0.0, "padded": 0.0}, 0.0
+    for group in groups:
+        per_shape = len(group["variants"]) * n_folds * n_seeds * epochs * steps_per_epoch
+        s = rw.model_shape(d_in, group, how)
+        n_params = sum(q.numel() for q in bm.reference_model(s, "softmax", 1.0, 0.0).parameters())
+        e, w, h, d = s.emb_dims, s.width, s.n_heads, s.d_head
+        enc0, enc_rest = d_in * e, (s.emb_layers - 1) * e * e + (w * e if s.emb_proj else 0)
+        pool = 2 * (w * h * d * 2 + batch * h * w * d * 2 + batch * w)
+        for key, n in (("padded", float(np.mean(n_pad))), ("real", float(np.mean(n_real)))):
+            per_instance = 2 * batch * n * (enc0 + enc_rest) + 2 * batch * n * w * h * 2
+            first = 2 * batch * n * enc0
+            flops[key] += (2 * first + 3 * (per_instance - first + pool)) * per_shape
+        elements += n_params * per_shape
+        model_steps += per_shape
+    return {"dataset": dataset, "pool_width": how, "steps_per_epoch": steps_per_epoch,
+            "mean_bag_len": float(np.mean(n_real)), "mean_padded_bag_len": float(np.mean(n_pad)),
+            "model_steps": model_steps, "param_element_steps": elements, "fwd_bwd_flops": flops}
+
+
+def machine_rates(d_in: int, n_inst: int) -> dict:
+    """Measured (1 thread, process time): batched-matmul GFLOP/s at the encoder's shape, and the
+    fused AdamW kernel's bytes/s (28 B per element: read p, g, m, v; write p, m, v) with a DRAM-sized
+    and a cache-sized working set."""
+    x, weight = torch.randn(24, n_inst, d_in), torch.randn(24, d_in, 64)
+    rates = {"bmm_gflops": 2 * 24 * n_inst * d_in * 64 / _median_seconds(lambda: torch.bmm(x, weight)) / 1e9}
+    for label, (m, n) in (("dram", (12, 425_985)), ("cache", (2, 85_697))):
+        p, g, mom, var = (np.random.rand(m, n).astype(np.float32) for _ in range(4))
+        one = np.ones(m, np.float32)
+        consts = np.array([0.1, 0.999, 0.001, 1e-8], np.float32)
+        step = lambda: bm._adamw_update(p, g, mom, var, one, one, -1e-3 * one, 0.3 * one,  # noqa: E731
+                                        np.ones(m, bool), consts)
+        step()
+        rates[f"adamw_GBps_{label}"] = 28 * m * n / _median_seconds(step) / 1e9
+    return rates
+
+
+def lower_bound(dataset: str, how: str, parallel: int) -> dict:
+    """Floor of the full grid's time on ``parallel`` cores at the measured rates: optimizer traffic
+    (28 B per parameter element per step) / AdamW bandwidth + forward/backward FLOPs / GFLOP/s."""
+    work = grid_work(dataset, how)
+    rates = machine_rates(int(load(dataset)[0][0].shape[-1]), int(4 * round(work["mean_padded_bag_len"])))
+    optimizer_s = 28 * work["param_element_steps"] / (rates["adamw_GBps_dram"] * 1e9) / parallel
+    optimizer_cache_s = 28 * work["param_element_steps"] / (rates["adamw_GBps_cache"] * 1e9) / parallel
+    compute_s = work["fwd_bwd_flops"]["real"] / (rates["bmm_gflops"] * 1e9) / parallel
+    return {**work, **rates, "optimizer_floor_s": optimizer_s, "optimizer_floor_cache_s": optimizer_cache_s,
+            "fwd_bwd_floor_s": compute_s, "floor_s": compute_s + optimizer_cache_s}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="fox", help="comma-separated datasets for the extrapolation")
@@ -223,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chunk_params", type=float, default=3e6)
     parser.add_argument("--skip_ratio", action="store_true")
     parser.add_argument("--skip_extrapolation", action="store_true")
+    parser.add_argument("--lower_bound", action="store_true",
+                        help="part 3: count the full grid's work and divide by measured rates (a floor)")
     parser.add_argument("--quick", action="store_true", help="8 models, 1 epoch, 1 shape, 3 shapes extrapolated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one per core as in a trial)")
@@ -262,6 +345,15 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {e['dataset']} | {f'{small / 60:.1f} min (extrapolated)' if small else '–'} | "
                   f"{e['extrapolated_full_protocol_s'] / 3600:.1f} h (extrapolated) | "
                   f"{e['sampled_shapes']}/{e['of_shapes']} |")
+    if args.lower_bound:
+        result["lower_bound"] = [lower_bound(d, args.pool_width, args.parallel) for d in args.datasets.split(",")]
+        for b in result["lower_bound"]:
+            print(f"\npart 3 ({b['dataset']}, {args.pool_width}): {b['model_steps']:.3g} model steps, "
+                  f"{b['param_element_steps']:.3g} parameter-element steps, {b['fwd_bwd_flops']['real']:.3g} FLOPs; "
+                  f"measured {b['bmm_gflops']:.0f} GFLOP/s, AdamW {b['adamw_GBps_dram']:.0f} GB/s (DRAM) / "
+                  f"{b['adamw_GBps_cache']:.0f} GB/s (cache); floor on {args.parallel} cores: fwd+bwd "
+                  f"{b['fwd_bwd_floor_s'] / 60:.0f} min + optimizer {b['optimizer_floor_cache_s'] / 60:.0f} min "
+                  f"(cache-resident; {b['optimizer_floor_s'] / 60:.0f} min from DRAM) = {b['floor_s'] / 3600:.1f} h")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench_real_world_{args.pool_width}.json"
