@@ -644,15 +644,15 @@ def entmax(x: Tensor, alpha: float | Tensor = 1.5, dim: int = -1) -> Tensor:
             return sparsemax(x, dim)
         alpha = torch.tensor(alpha, dtype=x.dtype, device=x.device)
     a = _alpha_last(alpha, x, dim)
-    if bool((a < 1).any()):
-        raise ValueError(f"alpha must be >= 1, got min {float(a.min())}")
+    a_min = float(a.detach().min())  # one host sync for both checks
+    if a_min < 1:
+        raise ValueError(f"alpha must be >= 1, got min {a_min}")
     xl = x.movedim(dim, -1)
+    if a_min > 1:
+        return _EntmaxAlpha.apply(xl.reshape(-1, xl.shape[-1]), a.reshape(-1, 1)).reshape(xl.shape).movedim(-1, dim)
     is_one = a == 1.0  # rows with alpha = 1: softmax (the limit; the threshold form divides by alpha - 1)
-    a_safe = torch.where(is_one, 1.5, a) if bool(is_one.any()) else a
-    y = _EntmaxAlpha.apply(xl.reshape(-1, xl.shape[-1]), a_safe.reshape(-1, 1)).reshape(xl.shape)
-    if a_safe is not a:
-        y = torch.where(is_one, softmax(xl, -1), y)
-    return y.movedim(-1, dim)
+    y = _EntmaxAlpha.apply(xl.reshape(-1, xl.shape[-1]), torch.where(is_one, 1.5, a).reshape(-1, 1))
+    return torch.where(is_one, softmax(xl, -1), y.reshape(xl.shape)).movedim(-1, dim)
 
 
 # --------------------------------------------------------------------------------------------------
