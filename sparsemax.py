@@ -83,9 +83,9 @@ def _rows_and_max(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     return x, m, None
 
 
-# CPU tensors go through the compiled kernels of sparsemax_kernels.py (same algorithms, one pass per
-# row instead of a dozen eager ops per iteration); set to False to run the torch code on CPU as well
-# (tests compare the two paths).
+# CPU tensors go through the compiled kernels of sparsemax_kernels.py (the same exact solvers, one pass
+# per row instead of a dozen eager ops per iteration; float32 rows in float32 arithmetic there, in
+# float64 here); set to False to run the torch code on CPU as well (tests compare the two paths).
 CPU_KERNELS = _K is not None
 
 
@@ -374,11 +374,13 @@ def _sparsemax_tau(z: Tensor, m: Tensor, dense: bool = False):
 def _quadratic_tau(z: Tensor, m: Tensor, scale: float = 1.0, dense: bool = False):
     """tau with sum_i [z_i - tau]_+^2 = 1 (1.5-entmax on z = x/2; 2-normmax on z = x).
 
-    Safeguarded iteration on F(tau) = sum [z - tau]_+^2, convex and decreasing. At a point t with
-    F(t) >= 1 (lower bound, support S(t) contains the optimal one) the next point is the exact root of
-    sum_{i in S(t)} (z_i - t')^2 = 1; at an upper bound it is a Newton step (which, F being convex,
-    lands below the root). A closed-form point whose support equals the one it was computed from is
-    the exact solution, which ends the iteration (finite termination in practice; capped).
+    Safeguarded iteration on F(tau) = sum [z - tau]_+^2, convex and decreasing. From any point t the
+    next one is the smaller root of sum_{i in S(t)} (z_i - t')^2 = 1: from a lower bound (F(t) >= 1,
+    S(t) contains the optimal support) it is an upper bound or exact, from an upper bound (S(t) inside
+    the optimal support) a lower bound or exact. Where that quadratic has no real root (S(t) far too
+    large) a Newton step on G = F^(1/2) (convex: lands below the root) is taken instead. A closed-form
+    point whose support equals the one it was computed from is the exact solution, which ends the
+    iteration (finite termination in practice; capped).
     """
     lo = m.double() * scale - 1.0  # tau for scale * z
     lb, bm = (None, None) if dense else _subset_bound(z, lambda s, sm: _quadratic_tau(s, sm, scale, dense=True)[0])
@@ -402,8 +404,9 @@ def _quadratic_tau(z: Tensor, m: Tensor, scale: float = 1.0, dense: bool = False
         cnt_safe = cnt.clamp_min(1.0)
         disc = r1 * r1 - cnt_safe * (r2 - 1.0)
         closed = t + (r1 - disc.clamp_min(0.0).sqrt()) / cnt_safe
-        newton = t + (r2 - 1.0) / (2.0 * r1).clamp_min(torch.finfo(torch.float64).tiny)
-        use_closed = is_lower & (disc >= 0)
+        g = r2.sqrt()
+        newton = t + (g - 1.0) * g / r1.clamp_min(torch.finfo(torch.float64).tiny)  # Newton on F^(1/2)
+        use_closed = disc >= 0
         nxt = torch.where(use_closed, closed, torch.maximum(newton, lo))
         # a point that cannot move any more is converged as well
         stuck = nxt == t

@@ -3,14 +3,18 @@
 Every threshold map reduces, row by row, to a 1-d root finding in tau followed by an element-wise
 output. In eager PyTorch each iteration of that search is a handful of full-tensor ops, so on short
 rows (n = 64) the maps were op-overhead bound at 10-40x ``torch.softmax``. Here one compiled loop
-handles a row at a time with the same algorithms, stopping rules and float64 arithmetic as the torch
-solvers in ``sparsemax.py`` (which stay the path for CUDA tensors and when numba is missing):
+handles a row at a time with the solvers of ``sparsemax.py`` (which stay the path for CUDA tensors and
+when numba is missing; k-subsets brackets its root by its own Newton iterates here instead of a top-k):
 
-  * sparsemax, 1.5-entmax, 2-normmax, k-subsets: each solver iteration is one vectorized sweep over
-    the row (count, sum, sum of squares above t), the output another; no sorting, no buffers.
-  * alpha-entmax, alpha-normmax: pow() is the cost, so a pow-free root (sparsemax, quadratic, or a
-    power-of-two exponent by Newton) first brackets tau from below, and the Newton iterations on
-    sum [z - t]_+^p = 1 run on the entries above that bound only.
+  * each row is first written, shifted and scaled, to a scratch row u = s (x - c) (c = the row max, so
+    the root lies in [-1, 0]); the subtraction is exact for the entries near the root, so precision
+    does not depend on the offset of the scores.
+  * sparsemax, 1.5-entmax, 2-normmax, k-subsets: each solver iteration is one vectorized sweep over u
+    (count, sum, sum of squares above t), the output one more; arithmetic in the input's dtype
+    (float32 rows in float32, 8 SIMD lanes; float64 rows in float64).
+  * alpha-entmax, alpha-normmax (float64 arithmetic): pow() is the cost, so a pow-free root (sparsemax,
+    quadratic, or a power-of-two exponent by Newton) first brackets tau from below, and the Newton
+    iterations on sum [u - t]_+^p = 1 run on the entries above that bound only.
   * backward passes: one or two sweeps per row (pow only on the support).
 
 tests/test_sparsemax.py runs every test on both paths and cross-checks them.
@@ -34,22 +38,78 @@ _MAX_ITER = 100
 
 
 # --------------------------------------------------------------------------------------------------
-# per-row helpers: sweeps, candidate buffers, threshold solvers, outputs
+# per-row helpers: shifted scratch row, sweeps, candidate buffers, threshold solvers, outputs
+#
+# Each forward kernel first writes the row, shifted and scaled, to a scratch row u = s (x - c) (c the
+# row max, or the ceil(k)-th largest entry for k-subsets: the root tau is then in [-1, 0]). The
+# subtraction is exact for every entry within a factor 2 of c and rounds to |u| eps otherwise, so the
+# entries near the root keep their full precision however large x is; the solver sweeps then read u
+# only (no conversions, no writes) and one last pass writes the output. Arithmetic is in u's dtype:
+# the input's for sparsemax, entmax15, 2-normmax and k-subsets (float32 rows in float32: 8 SIMD lanes;
+# the output is accurate to a few float32 ulps), float64 for the pow-based alpha-entmax/normmax.
 # --------------------------------------------------------------------------------------------------
 @nb.njit(**_MAX_MATH)
-def _row_max(x) -> float:
-    m = -np.inf
-    for i in range(x.shape[0]):
-        m = max(m, np.float64(x[i]))
-    return m
+def _row_max(x):
+    """max of a row in its dtype (8 independent accumulators: no serial max chain)."""
+    n = x.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = x.dtype.type(-np.inf)
+    i = 0
+    while i + 8 <= n:
+        m0, m1, m2, m3 = max(m0, x[i]), max(m1, x[i + 1]), max(m2, x[i + 2]), max(m3, x[i + 3])
+        m4, m5, m6, m7 = max(m4, x[i + 4]), max(m5, x[i + 5]), max(m6, x[i + 6]), max(m7, x[i + 7])
+        i += 8
+    while i < n:
+        m0 = max(m0, x[i])
+        i += 1
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
 
 @nb.njit(**_JIT)
-def _collect_above(x, scale: float, thr: float, vals, idx) -> int:
-    """vals/idx[:c] = the entries z = scale x_i > thr and their indices (branch-free); returns c."""
-    c = 0
+def _shift(x, c, s, u) -> None:
+    """u = (x - c) s in u's dtype (no fastmath: the subtraction must not be reassociated)."""
     for i in range(x.shape[0]):
-        z = scale * np.float64(x[i])
+        u[i] = (u.dtype.type(x[i]) - c) * s
+
+
+@nb.njit(**_FAST)
+def _count_finite(x):
+    """#{x_i > -inf} (in x's dtype, vectorized)."""
+    zero, one = x.dtype.type(0), x.dtype.type(1)
+    cnt = zero
+    for i in range(x.shape[0]):
+        cnt += one if x[i] > -np.inf else zero
+    return cnt
+
+
+@nb.njit(**_FAST)
+def _above_stats(u, t):
+    """Over S = {u > t}: (|S|, sum (u - t), sum (u - t)^2), one vectorized sweep in u's dtype."""
+    zero = u.dtype.type(0)
+    one = u.dtype.type(1)
+    cnt, r1, r2 = zero, zero, zero
+    for i in range(u.shape[0]):
+        d = max(u[i] - t, zero)
+        cnt += one if d > 0 else zero
+        r1 += d
+        r2 += d * d
+    return cnt, r1, r2
+
+
+@nb.njit(**_FAST)
+def _write_power(u, t, y, power: int, inv) -> None:
+    """y = [u - t]_+^power * inv (power 1 or 2)."""
+    zero = u.dtype.type(0)
+    for i in range(u.shape[0]):
+        d = max(u[i] - t, zero)
+        y[i] = (d if power == 1 else d * d) * inv
+
+
+@nb.njit(**_JIT)
+def _collect_above(u, thr, vals, idx) -> int:
+    """vals/idx[:c] = the entries u_i > thr and their indices (branch-free); returns c."""
+    c = 0
+    for i in range(u.shape[0]):
+        z = u[i]
         vals[c] = z
         idx[c] = i
         c += z > thr
@@ -68,65 +128,57 @@ def _keep_above(vals, idx, c: int, lo: float) -> int:
     return keep
 
 
-@nb.njit(**_FAST)
-def _above_stats(x, scale: float, t: float, out, power: int):
-    """Over S = {z = scale x > t}: (|S|, sum (z - t), sum (z - t)^2), one vectorized sweep that also
-    writes out = [z - t]_+^power (power 1 or 2): the output, should t be the root."""
-    cnt, r1, r2 = 0.0, 0.0, 0.0
-    for i in range(x.shape[0]):
-        d = max(scale * np.float64(x[i]) - t, 0.0)
-        cnt += 1.0 if d > 0 else 0.0
-        r1 += d
-        r2 += d * d
-        out[i] = d if power == 1 else d * d
-    return cnt, r1, r2
-
-
 @nb.njit(**_JIT)
-def _sparsemax_tau(x, scale: float, m: float, out) -> float:
-    """Root of sum [z - tau]_+ = 1, z = scale x, m = max z; out = [z - tau]_+ on return.
+def _sparsemax_root(u, t):
+    """Root of sum [u - tau]_+ = 1 from a lower bound t (u's dtype).
 
-    Michelot: tau' = tau + (sum [z - tau]_+ - 1) / |S|, S = {z > tau}, from the lower bound m - 1; once
-    S keeps its size, tau (computed from that same S) is exact, and the sweep that found this has
-    written its output."""
-    tau, prev = m - 1.0, -1.0
-    for _ in range(x.shape[0] + 2):
-        cnt, r1, _r2 = _above_stats(x, scale, tau, out, 1)
+    Michelot: t' = t + (sum [u - t]_+ - 1) / |S|, S = {u > t}; the iterates increase to tau, and once S
+    keeps its size t (computed from that same S) is exact."""
+    one = u.dtype.type(1)
+    prev = -one
+    for _ in range(u.shape[0] + 2):
+        cnt, r1, _r2 = _above_stats(u, t)
         if cnt == prev:
             break
         prev = cnt
-        tau = tau + (r1 - 1.0) / max(cnt, 1.0)
-    return tau
+        t = t + (r1 - one) / max(cnt, one)
+    return t
 
 
 @nb.njit(**_JIT)
-def _quadratic_tau(x, scale: float, m: float, out, power: int):
-    """Root of F(t) = sum [z - t]_+^2 = 1, z = scale x, m = max z, from the lower bound m - 1;
-    out = [z - tau]_+^power on return. -> (tau, sum of out).
+def _quadratic_root(u, t):
+    """Root of F(t) = sum [u - t]_+^2 = 1 from a lower bound t -> (tau, sum [u - tau]_+,
+    sum [u - tau]_+^2) (u's dtype).
 
-    At a lower bound t (F(t) >= 1): t' = the smaller root of the quadratic sum_S (z - t')^2 = 1 over
-    S = {z > t} (t' >= t; exact when S(t') = S, else an upper bound of tau); at an upper bound: a
-    Newton step (F convex: lands below tau). As ``sparsemax._quadratic_tau``."""
-    lo = t = m - 1.0
-    from_closed, cnt_src = False, -1.0
+    Each sweep gives S = {u > t}; t' = the smaller root of the quadratic sum_S (u - t')^2 = 1, which is
+    exact when S(t') = S (the next sweep sees the same count and ends), an upper bound of tau when t was
+    a lower bound (S a superset of the support), and a lower bound when t was an upper bound (S a
+    subset). Where that quadratic has no real root (S far too large, at a lower bound): a Newton step on
+    G = F^(1/2), convex and decreasing, so it stays below tau. As ``sparsemax._quadratic_tau``."""
+    one = u.dtype.type(1)
+    tiny = u.dtype.type(1e-30)
+    lo = t
+    from_closed, cnt_src = False, -one
     for _ in range(_MAX_ITER):
-        cnt, r1, r2 = _above_stats(x, scale, t, out, power)
+        cnt, r1, r2 = _above_stats(u, t)
         if from_closed and cnt == cnt_src:
             break
-        n_sup = max(cnt, 1.0)
-        disc = r1 * r1 - n_sup * (r2 - 1.0)
-        use_closed = r2 >= 1.0 and disc >= 0
-        if use_closed:
+        if r2 >= one:
             lo = max(lo, t)
+        n_sup = max(cnt, one)
+        disc = r1 * r1 - n_sup * (r2 - one)
+        use_closed = disc >= 0
+        if use_closed:
             nxt = t + (r1 - math.sqrt(disc)) / n_sup
         else:
-            nxt = max(t + (r2 - 1.0) / max(2.0 * r1, _TINY), lo)
+            g = math.sqrt(r2)
+            nxt = max(t + (g - one) * g / max(r1, tiny), lo)
         if nxt == t:
             break
         from_closed, cnt_src, t = use_closed, cnt, nxt
-    else:  # iteration cap: the output of the last iterate
-        _cnt, r1, r2 = _above_stats(x, scale, t, out, power)
-    return t, (r1 if power == 1 else r2)
+    else:  # iteration cap: the stats of the last iterate
+        _cnt, r1, r2 = _above_stats(u, t)
+    return t, r1, r2
 
 
 @nb.njit(**_JIT)
@@ -187,46 +239,45 @@ def _write_normalized(out, vals, idx, c: int, tau: float, power: float) -> None:
 # --------------------------------------------------------------------------------------------------
 # forward kernels: x (B, n) -> y (B, n)
 # --------------------------------------------------------------------------------------------------
-@nb.njit(**_FAST)
-def _rescale(out, total: float) -> None:
-    """out /= total (skipped when total is 1 to rounding: the root's own sweep)."""
-    if abs(total - 1.0) > 4 * _EPS:
-        inv = 1.0 / max(total, 1e-300)
-        for i in range(out.shape[0]):
-            out[i] = out[i] * inv
-
-
 @nb.njit(**_JIT)
 def sparsemax_forward(x, y) -> None:
-    """y = [x - tau]_+ with sum y = 1."""
+    """y = [x - tau]_+ with sum y = 1 (in x's dtype, on u = x - max)."""
+    u = np.empty(x.shape[1], x.dtype)
+    one = x.dtype.type(1)
     for b in range(x.shape[0]):
         m = _row_max(x[b])
         if m == -np.inf:
             y[b, :] = 0
             continue
-        _sparsemax_tau(x[b], 1.0, m, y[b])
+        _shift(x[b], m, one, u)
+        _write_power(u, _sparsemax_root(u, -one), y[b], 1, one)
 
 
 @nb.njit(**_JIT)
 def quadratic_forward(x, y, scale: float, power: int) -> None:
-    """r = [scale x - tau]_+ with sum r^2 = 1; y = r^power / sum r^power.
+    """r = [scale x - tau]_+ with sum r^2 = 1; y = r^power / sum r^power (in x's dtype, on
+    u = scale (x - max)).
 
     1.5-entmax: scale 1/2, power 2; 2-normmax: scale 1, power 1."""
+    u = np.empty(x.shape[1], x.dtype)
+    one, s = x.dtype.type(1), x.dtype.type(scale)
     for b in range(x.shape[0]):
-        m = scale * _row_max(x[b])
+        m = _row_max(x[b])
         if m == -np.inf:
             y[b, :] = 0
             continue
-        _tau, total = _quadratic_tau(x[b], scale, m, y[b], power)
-        _rescale(y[b], total)
+        _shift(x[b], m, s, u)
+        tau, r1, r2 = _quadratic_root(u, -one)
+        total = r1 if power == 1 else r2
+        _write_power(u, tau, y[b], power, one / max(total, x.dtype.type(1e-30)))
 
 
 @nb.njit(**_FAST)
-def _dyadic_stats(x, scale: float, t: float, j: int):
-    """(sum r^q, sum r^(q-1)), r = [scale x - t]_+, q = 2^j (powers by squaring), vectorized."""
+def _dyadic_stats(u, t: float, j: int):
+    """(sum r^q, sum r^(q-1)), r = [u - t]_+, q = 2^j (powers by squaring), vectorized."""
     f, s1 = 0.0, 0.0
-    for i in range(x.shape[0]):
-        r = max(scale * np.float64(x[i]) - t, 0.0)
+    for i in range(u.shape[0]):
+        r = max(u[i] - t, 0.0)
         rq = r
         for _ in range(j):
             rq = rq * rq
@@ -236,13 +287,13 @@ def _dyadic_stats(x, scale: float, t: float, j: int):
 
 
 @nb.njit(**_JIT)
-def _dyadic_lower_bound(x, scale: float, m: float, j: int) -> float:
-    """A lower bound of the root of sum [z - t]_+^q = 1, q = 2^j: Newton on G = F^(1/q) (convex,
-    decreasing) from m - 1; its iterates increase towards the root from below, so any of them is a
-    lower bound. Stops at F <= 1 + 1e-6 (pow-free: q-th roots by repeated sqrt)."""
-    t = m - 1.0
+def _dyadic_lower_bound(u, j: int) -> float:
+    """A lower bound of the root of sum [u - t]_+^q = 1, q = 2^j, max u = 0: Newton on G = F^(1/q)
+    (convex, decreasing) from -1; its iterates increase towards the root from below, so any of them is
+    a lower bound. Stops at F <= 1 + 1e-6 (pow-free: q-th roots by repeated sqrt)."""
+    t = -1.0
     for _ in range(_MAX_ITER):
-        f, s1 = _dyadic_stats(x, scale, t, j)
+        f, s1 = _dyadic_stats(u, t, j)
         if f <= 1.0 + 1e-6:
             break
         g = f
@@ -256,159 +307,179 @@ def _dyadic_lower_bound(x, scale: float, m: float, j: int) -> float:
 
 
 @nb.njit(**_JIT)
-def _power_bracket(x, s: float, m: float, p: float, scratch):
-    """[lo, hi] around the root of sum [z - t]_+^p = 1 (z = s x, max m). hi = m - n^(-1/p); lo from a
-    pow-free root: all r = z - t <= 1 for t >= m - 1, so r^p >= r^q for q >= p, and the root for
-    exponent q (sparsemax q = 1; quadratic q = 2; q = 4, 8, ..., 64 by Newton) is a lower bound."""
-    lo, hi = m - 1.0, m - (1.0 / x.shape[0]) ** (1.0 / p)
+def _power_bracket(u, p: float):
+    """[lo, hi] around the root of sum [u - t]_+^p = 1 (max u = 0). hi = -n^(-1/p); lo from a pow-free
+    root: all r = u - t <= 1 for t >= -1, so r^p >= r^q for q >= p, and the root for exponent q
+    (sparsemax q = 1; quadratic q = 2; q = 4, 8, ..., 64 by Newton) is a lower bound."""
+    lo, hi = -1.0, -((1.0 / u.shape[0]) ** (1.0 / p))
     if p <= 1.0:
-        lo = _sparsemax_tau(x, s, m, scratch)
+        lo = _sparsemax_root(u, -1.0)
     elif p <= 2.0:
-        lo = _quadratic_tau(x, s, m, scratch, 1)[0]
+        lo = _quadratic_root(u, -1.0)[0]
     elif p <= 64.0:
-        lo = _dyadic_lower_bound(x, s, m, int(math.ceil(math.log2(p))))
+        lo = _dyadic_lower_bound(u, int(math.ceil(math.log2(p))))
     return min(lo - (abs(lo) + 1.0) * 1e-12, hi), hi
 
 
 @nb.njit(**_JIT)
 def power_forward(x, y, scale, p, out_power) -> None:
     """r = [scale_b x - tau]_+ with sum r^(p_b) = 1; y = r^(out_b) / sum r^(out_b), per-row arrays
-    scale, p, out_power (B,).
+    scale, p, out_power (B,); float64 arithmetic on u = scale_b (x - max).
 
     alpha-entmax: scale = alpha - 1, p = out = 1/(alpha - 1); alpha-normmax: scale 1,
     p = alpha/(alpha - 1), out = 1/(alpha - 1). Newton runs on the entries above the bracket's
     lower end only (the pow calls are the cost)."""
     n = x.shape[1]
-    vals, idx = np.empty(n), np.empty(n, np.int64)
+    u, vals, idx = np.empty(n), np.empty(n), np.empty(n, np.int64)
     for b in range(x.shape[0]):
-        s = scale[b]
-        m = s * _row_max(x[b])
+        m = _row_max(x[b])
         if m == -np.inf:
             y[b, :] = 0
             continue
-        lo, hi = _power_bracket(x[b], s, m, p[b], vals)
-        c = _collect_above(x[b], s, lo, vals, idx)
+        _shift(x[b], np.float64(m), scale[b], u)
+        lo, hi = _power_bracket(u, p[b])
+        c = _collect_above(u, lo, vals, idx)
         tau, c = _power_tau(vals, idx, c, lo, hi, p[b])
         _write_normalized(y[b], vals, idx, c, tau, out_power[b])
 
 
 @nb.njit(**_FAST)
-def _clip_stats(x, t: float, out):
-    """(sum clip(x - t, 0, 1), #{0 < x - t < 1}), one vectorized sweep that also writes
-    out = clip(x - t, 0, 1) (the output, should t be the root)."""
-    f, na = 0.0, 0.0
-    for i in range(x.shape[0]):
-        d = np.float64(x[i]) - t
-        c = min(max(d, 0.0), 1.0)
-        f += c
-        na += 1.0 if 0.0 < d < 1.0 else 0.0
-        out[i] = c
-    return f, na
+def _clip_stats(u, t):
+    """(sum clip(u - t, 0, 1), #{0 < u - t < 1}, #{u - t >= 1}), one vectorized sweep in u's dtype."""
+    zero = u.dtype.type(0)
+    one = u.dtype.type(1)
+    f, na, n1 = zero, zero, zero
+    for i in range(u.shape[0]):
+        d = u[i] - t
+        f += min(max(d, zero), one)
+        na += one if zero < d < one else zero
+        n1 += one if d >= one else zero
+    return f, na, n1
+
+
+@nb.njit(**_FAST)
+def _write_clip(u, t, y) -> None:
+    """y = clip(u - t, 0, 1)."""
+    zero = u.dtype.type(0)
+    one = u.dtype.type(1)
+    for i in range(u.shape[0]):
+        y[i] = min(max(u[i] - t, zero), one)
 
 
 @nb.njit(**_JIT)
-def _top_values(row, top):
-    """One sweep: the len(top) largest entries of row into top (sorted, descending, by insertion)
-    and the number of finite entries. -> (count, filled slots of top)."""
-    k, filled, n_fin = top.shape[0], 0, 0
-    for i in range(row.shape[0]):
-        z = np.float64(row[i])
-        n_fin += z > -np.inf
-        if filled == k and z <= top[k - 1]:
-            continue
-        j = min(filled, k - 1)
-        while j > 0 and top[j - 1] < z:
-            top[j] = top[j - 1]
-            j -= 1
-        top[j] = z
-        filled = min(filled + 1, k)
-    return n_fin
+def _budget_root(u, k, t, hi, tol):
+    """Root of the piecewise-linear, decreasing F(t) = sum clip(u - t, 0, 1) = k from the start t,
+    F(hi) <= k (u's dtype). Newton, t' = t + (F - k) / |A|, A = {0 < u - t < 1}, inside the bracket
+    [lo, hi] (F(lo) >= k >= F(hi)) the iterates build; with no active entry: bisection, or, while no
+    lower end is known, steps down by 1, 2, 4, ... A Newton step that stays on its
+    linear piece lands on the root: the sweep that finds A and U = {u - t >= 1} unchanged after one
+    (or |F - k| <= tol) ends it. Needs more than k finite entries (F -> #finite as t -> -inf)."""
+    half, step = u.dtype.type(0.5), u.dtype.type(1)
+    lo = u.dtype.type(-np.inf)
+    newton, na_prev, n1_prev = False, -half, -half
+    for _ in range(_MAX_ITER):
+        f, na, n1 = _clip_stats(u, t)
+        gap = f - k
+        if abs(gap) <= tol or (newton and na == na_prev and n1 == n1_prev):
+            break
+        if gap >= 0:
+            lo = max(lo, t)
+        if gap <= 0:
+            hi = min(hi, t)
+        nxt = t + gap / na if na > 0 else t
+        newton = na > 0 and lo < nxt < hi
+        if not newton and lo > -np.inf:
+            nxt = half * (lo + hi)
+        elif not newton:
+            nxt, step = t - step, step + step
+        if nxt == t:
+            break
+        t, na_prev, n1_prev = nxt, na, n1
+    return t
 
 
 @nb.njit(**_JIT)
 def k_subsets_forward(x, mu, k: float) -> None:
     """mu = clip(x - tau, 0, 1) with sum mu = k (rows with more than k finite entries; others get
-    mu = 1 on their finite entries). tau: Newton on the piecewise-linear, decreasing
-    F(t) = sum clip(x - t, 0, 1) inside the bracket [x_(ceil k) - 1, max] (F >= k resp. 0 there),
-    bisecting when a step leaves it; a step that stays on its linear piece lands on the root.
-    As ``sparsemax._budget_tau``."""
-    tol = 4e-13 * max(k, 1.0)
-    top = np.empty(int(math.ceil(k)))
+    mu = 1 on their finite entries), in x's dtype on u = x - c: first c = max x, start tau = c - 1;
+    a root more than 2 below the max is refined once more on u = x - tau (so that u - tau keeps full
+    precision on the entries that set it, e.g. after a far outlier). As ``sparsemax._budget_tau``."""
+    zero = x.dtype.type(0)
+    one = x.dtype.type(1)
+    kk = x.dtype.type(k)
+    tol = x.dtype.type((4e-13 if x.itemsize == 8 else 4e-6) * max(k, 1.0))
+    u = np.empty(x.shape[1], x.dtype)
     for b in range(x.shape[0]):
         row, out = x[b], mu[b]
-        if _top_values(row, top) <= k:  # at most k finite entries: all selected
+        m = _row_max(row)
+        if _count_finite(row) <= k:  # at most k finite entries (incl. fully masked rows): all selected
             for i in range(row.shape[0]):
-                out[i] = 1.0 if row[i] > -np.inf else 0.0
+                out[i] = one if row[i] > -np.inf else zero
             continue
-        lo, hi = top[-1] - 1.0, top[0]
-        t = lo
-        for _ in range(_MAX_ITER):
-            f, na = _clip_stats(row, t, out)
-            gap = f - k
-            if abs(gap) <= tol:
-                break
-            if gap >= 0:
-                lo = max(lo, t)
-            if gap <= 0:
-                hi = min(hi, t)
-            nxt = t + gap / na if na > 0 else 0.5 * (lo + hi)
-            if not (lo < nxt < hi):
-                nxt = 0.5 * (lo + hi)
-            if nxt == t:
-                break
-            t = nxt
-        else:  # iteration cap: the output of the last iterate
-            _clip_stats(row, t, out)
+        _shift(row, m, one, u)
+        t = _budget_root(u, kk, -one, zero, tol)
+        if t < -2 * one:  # far below the max: recenter on the root and refine
+            c = m + t
+            _shift(row, c, one, u)
+            t = _budget_root(u, kk, zero, m - c, tol)
+        _write_clip(u, t, out)
 
 
 # --------------------------------------------------------------------------------------------------
-# backward kernels (vector-Jacobian products): y, g (B, n) -> dx (B, n)
+# backward kernels (vector-Jacobian products): y, g (B, n) -> dx (B, n), in y's dtype
 # --------------------------------------------------------------------------------------------------
 @nb.njit(**_FAST)
 def support_mean_backward(y, g, dx, lower: float, upper: float) -> None:
     """dx = s * (g - mean_{s} g), s = 1[lower < y < upper]: the Jacobian diag(s) - s s^T / |s| of
     sparsemax (s = 1[y > 0]) and of the k-subsets projection (s = 1[0 < mu < 1])."""
+    zero = y.dtype.type(0)
+    one = y.dtype.type(1)
+    lo, hi = y.dtype.type(lower), y.dtype.type(upper)
     for b in range(y.shape[0]):
-        tot, cnt = 0.0, 0.0
+        tot, cnt = zero, zero
         for i in range(y.shape[1]):
-            s = lower < y[b, i] < upper
-            tot += g[b, i] if s else 0.0
-            cnt += 1.0 if s else 0.0
-        v = tot / max(cnt, 1.0)
+            s = lo < y[b, i] < hi
+            tot += g[b, i] if s else zero
+            cnt += one if s else zero
+        v = tot / max(cnt, one)
         for i in range(y.shape[1]):
-            dx[b, i] = g[b, i] - v if lower < y[b, i] < upper else 0.0
+            dx[b, i] = g[b, i] - v if lo < y[b, i] < hi else zero
 
 
 @nb.njit(**_FAST)
 def entmax15_backward(y, g, dx) -> None:
     """1.5-entmax VJP: w = sqrt(y), dx = (g - (sum g w) / sum w) w (vectorized)."""
+    zero = y.dtype.type(0)
+    tiny = y.dtype.type(1e-30)
     for b in range(y.shape[0]):
-        wsum, gw = 0.0, 0.0
+        wsum, gw = zero, zero
         for i in range(y.shape[1]):
-            w = math.sqrt(np.float64(y[b, i]))
+            w = math.sqrt(y[b, i])
             wsum += w
             gw += g[b, i] * w
-        q = gw / max(wsum, _TINY)
+        q = gw / max(wsum, tiny)
         for i in range(y.shape[1]):
-            dx[b, i] = (g[b, i] - q) * math.sqrt(np.float64(y[b, i]))
+            dx[b, i] = (g[b, i] - q) * math.sqrt(y[b, i])
 
 
 @nb.njit(**_FAST)
 def normmax2_backward(y, g, dx) -> None:
     """2-normmax VJP: ``normmax_backward`` with alpha = 2 (b = 1[y > 0]), vectorized."""
+    zero = y.dtype.type(0)
+    one = y.dtype.type(1)
     for b in range(y.shape[0]):
-        sgb, sgy, sb, syy = 0.0, 0.0, 0.0, 0.0
+        sgb, sgy, sb, syy = zero, zero, zero, zero
         for i in range(y.shape[1]):
-            yi = np.float64(y[b, i])
-            bi = 1.0 if yi > 0 else 0.0
+            yi = y[b, i]
+            bi = one if yi > 0 else zero
             sgb += g[b, i] * bi
             sgy += g[b, i] * yi
             sb += bi
             syy += yi * yi
         scale = math.sqrt(syy)
         for i in range(y.shape[1]):
-            yi = np.float64(y[b, i])
-            bi = 1.0 if yi > 0 else 0.0
+            yi = y[b, i]
+            bi = one if yi > 0 else zero
             dx[b, i] = scale * (g[b, i] * bi - sgb * yi - sgy * (bi - sb * yi))
 
 

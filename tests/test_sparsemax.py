@@ -613,6 +613,34 @@ def test_kernels_equal_torch_path(monkeypatch, n, dtype):
             torch.testing.assert_close(ga_k, ga_t, atol=1e-7, rtol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e3, -3e4])
+def test_float32_maps_accurate_at_large_offsets(offset):
+    """float32 rows are solved in float32 by the kernels, on scores shifted by the row max (exact for the
+    entries near the root): the outputs equal the float64 solution for the same float32 scores to a few
+    float32 ulps of 1 at any offset (solved on the raw scores, each entry would be off by ~ulp(offset))."""
+    x32 = (offset + rand(200, 64, seed=60)).to(torch.float32)
+    x64 = x32.double().numpy()
+    cases = {"sparsemax": (S.sparsemax(x32), ref_sparsemax(x64)),
+             "entmax15": (S.entmax15(x32), ref_entmax(x64, 1.5)),
+             "normmax2": (S.normmax(x32, 2.0), ref_normmax(x64, 2.0)),
+             "k_subsets3": (S.k_subsets(x32, 3, normalize=False), ref_budget(x64, 3))}
+    for name, (got, ref) in cases.items():
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got.double(), torch.from_numpy(ref), atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("k", [2, 3.5])
+def test_k_subsets_float32_root_far_below_the_max(k):
+    """A far outlier puts tau ~1e4 below the row max: the kernel re-centers u = x - c on the first
+    estimate of tau and refines there, keeping float32 precision (on x - max the entries that set tau
+    would carry rounding errors of ulp(1e4) ~ 1e-3)."""
+    x = rand(64, 100, scale=0.3, seed=61)
+    x[::2, 7] = 1e4
+    x32 = x.float()
+    got = S.k_subsets(x32, k, normalize=False).double()
+    torch.testing.assert_close(got, torch.from_numpy(ref_budget(x32.double().numpy(), k)), atol=1e-6, rtol=0)
+
+
 def test_kernel_alpha_gradient_float32_close_to_float64(map_path):
     """The kernels compute in float64 also for float32 inputs: the float32 alpha gradient matches the
     float64 one to float32 rounding of the inputs."""
