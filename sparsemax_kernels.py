@@ -34,17 +34,19 @@ _FAST = dict(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract", "ar
 _MAX_MATH = dict(cache=True, nogil=True, fastmath={"nnan", "reassoc", "nsz"})  # no NaN inputs by contract
 _TINY = np.finfo(np.float64).tiny
 _EPS = np.finfo(np.float64).eps
+_EPS32 = float(np.finfo(np.float32).eps)
 _MAX_ITER = 100
 
 
 # --------------------------------------------------------------------------------------------------
 # per-row helpers: shifted scratch row, sweeps, candidate buffers, threshold solvers, outputs
 #
-# Each forward kernel first writes the row, shifted and scaled, to a scratch row u = s (x - c) (c the
-# row max, or the ceil(k)-th largest entry for k-subsets: the root tau is then in [-1, 0]). The
-# subtraction is exact for every entry within a factor 2 of c and rounds to |u| eps otherwise, so the
-# entries near the root keep their full precision however large x is; the solver sweeps then read u
-# only (no conversions, no writes) and one last pass writes the output. Arithmetic is in u's dtype:
+# Each forward kernel first writes the row, shifted and scaled, to a scratch row u = s (x - c), c the
+# row max (the root of sparsemax/entmax/normmax is then in [-1, 0]; k-subsets re-centers on its root
+# when that lies more than 2 below the max). The subtraction is exact for every entry within a factor
+# 2 of c and rounds to |u| eps otherwise, so the entries near the root keep their full precision
+# however large x is; the solver sweeps then read u only (no conversions, no writes) and one last
+# pass writes the output. Arithmetic is in u's dtype:
 # the input's for sparsemax, entmax15, 2-normmax and k-subsets (float32 rows in float32: 8 SIMD lanes;
 # the output is accurate to a few float32 ulps), float64 for the pow-based alpha-entmax/normmax.
 # --------------------------------------------------------------------------------------------------
@@ -345,16 +347,18 @@ def power_forward(x, y, scale, p, out_power) -> None:
 
 @nb.njit(**_FAST)
 def _clip_stats(u, t):
-    """(sum clip(u - t, 0, 1), #{0 < u - t < 1}, #{u - t >= 1}), one vectorized sweep in u's dtype."""
+    """Over A = {0 < u - t < 1} and U = {u - t >= 1}: (sum_A (u - t), |A|, |U|), one vectorized sweep in
+    u's dtype (sum clip(u - t, 0, 1) = |U| + sum_A (u - t), the integer part exact)."""
     zero = u.dtype.type(0)
     one = u.dtype.type(1)
-    f, na, n1 = zero, zero, zero
+    fa, na, n1 = zero, zero, zero
     for i in range(u.shape[0]):
         d = u[i] - t
-        f += min(max(d, zero), one)
+        c = min(max(d, zero), one)
+        fa += c if c < one else zero
         na += one if zero < d < one else zero
         n1 += one if d >= one else zero
-    return f, na, n1
+    return fa, na, n1
 
 
 @nb.njit(**_FAST)
@@ -371,16 +375,16 @@ def _budget_root(u, k, t, hi, tol):
     """Root of the piecewise-linear, decreasing F(t) = sum clip(u - t, 0, 1) = k from the start t,
     F(hi) <= k (u's dtype). Newton, t' = t + (F - k) / |A|, A = {0 < u - t < 1}, inside the bracket
     [lo, hi] (F(lo) >= k >= F(hi)) the iterates build; with no active entry: bisection, or, while no
-    lower end is known, steps down by 1, 2, 4, ... A Newton step that stays on its
-    linear piece lands on the root: the sweep that finds A and U = {u - t >= 1} unchanged after one
-    (or |F - k| <= tol) ends it. Needs more than k finite entries (F -> #finite as t -> -inf)."""
-    half, step = u.dtype.type(0.5), u.dtype.type(1)
-    lo = u.dtype.type(-np.inf)
+    lower end is known, steps down by 1, 2, 4, ... A Newton step that stays on its linear piece lands
+    on the root: the sweep that finds A and U = {u - t >= 1} unchanged after one (or |F - k| <= tol |A|,
+    the rounding of sum_A) ends it. Needs more than k finite entries (F -> #finite as t -> -inf)."""
+    half, one = u.dtype.type(0.5), u.dtype.type(1)
+    step, lo = one, u.dtype.type(-np.inf)
     newton, na_prev, n1_prev = False, -half, -half
     for _ in range(_MAX_ITER):
-        f, na, n1 = _clip_stats(u, t)
-        gap = f - k
-        if abs(gap) <= tol or (newton and na == na_prev and n1 == n1_prev):
+        fa, na, n1 = _clip_stats(u, t)
+        gap = (n1 - k) + fa
+        if abs(gap) <= tol * max(na, one) or (newton and na == na_prev and n1 == n1_prev):
             break
         if gap >= 0:
             lo = max(lo, t)
@@ -407,7 +411,7 @@ def k_subsets_forward(x, mu, k: float) -> None:
     zero = x.dtype.type(0)
     one = x.dtype.type(1)
     kk = x.dtype.type(k)
-    tol = x.dtype.type((4e-13 if x.itemsize == 8 else 4e-6) * max(k, 1.0))
+    tol = x.dtype.type(4 * (_EPS if x.itemsize == 8 else _EPS32))  # per active entry
     u = np.empty(x.shape[1], x.dtype)
     for b in range(x.shape[0]):
         row, out = x[b], mu[b]

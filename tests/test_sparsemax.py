@@ -618,12 +618,14 @@ def test_float32_maps_accurate_at_large_offsets(offset):
     """float32 rows are solved in float32 by the kernels, on scores shifted by the row max (exact for the
     entries near the root): the outputs equal the float64 solution for the same float32 scores to a few
     float32 ulps of 1 at any offset (solved on the raw scores, each entry would be off by ~ulp(offset))."""
-    x32 = (offset + rand(200, 64, seed=60)).to(torch.float32)
+    spread = torch.logspace(-1, 1.5, 200, dtype=torch.float64).view(200, 1)  # row scales 0.1..30
+    x32 = (offset + rand(200, 64, seed=60) * spread).to(torch.float32)
     x64 = x32.double().numpy()
     cases = {"sparsemax": (S.sparsemax(x32), ref_sparsemax(x64)),
              "entmax15": (S.entmax15(x32), ref_entmax(x64, 1.5)),
              "normmax2": (S.normmax(x32, 2.0), ref_normmax(x64, 2.0)),
-             "k_subsets3": (S.k_subsets(x32, 3, normalize=False), ref_budget(x64, 3))}
+             "k_subsets3": (S.k_subsets(x32, 3, normalize=False), ref_budget(x64, 3)),
+             "k_subsets7": (S.k_subsets(x32, 7, normalize=False), ref_budget(x64, 7))}
     for name, (got, ref) in cases.items():
         assert got.dtype == torch.float32, name
         torch.testing.assert_close(got.double(), torch.from_numpy(ref), atol=1e-6, rtol=0, msg=name)
