@@ -644,8 +644,8 @@ def test_k_subsets_float32_root_far_below_the_max(k):
 
 
 def test_kernel_alpha_gradient_float32_close_to_float64(map_path):
-    """The kernels compute in float64 also for float32 inputs: the float32 alpha gradient matches the
-    float64 one to float32 rounding of the inputs."""
+    """The alpha-entmax kernels compute in float64 also for float32 inputs: the float32 alpha gradient
+    matches the float64 one to float32 rounding of the inputs."""
     if map_path != "kernels":
         pytest.skip("a property of the kernels")
     x, g = rand(40, 30, scale=2.0, seed=52), rand(40, 30, seed=53)
