@@ -7,16 +7,18 @@ Conventions shared by all maps
   * Masked entries (``-inf``) get weight exactly 0; a row that is entirely masked returns zeros (never
     NaN) and zero gradient. ``+inf`` and NaN inputs are not supported.
   * float32 and float64, CPU and CUDA. On CPU the threshold maps run compiled numba kernels
-    (sparsemax_kernels.py: the same algorithms, row by row, one loop instead of a dozen eager ops
-    per iteration; ``CPU_KERNELS = False`` switches them off); CUDA tensors (and CPU without numba)
-    run the torch solvers described next. Sequential k-subsets always runs its numba solver on the
-    host (its oracle is a sequential dynamic program; CUDA tensors are copied).
-  * Exact solutions, computed in float64 internally (also for float32 inputs). Each map is a 1-d
-    problem in a threshold tau (or, for sequential k-subsets, a small QP), solved without sorting:
+    (sparsemax_kernels.py: the same exact solvers, row by row, one loop instead of a dozen eager ops
+    per iteration; float32 rows in float32 on max-shifted scores there, and k-subsets brackets its
+    root by its own Newton iterates; ``CPU_KERNELS = False`` switches them off); CUDA tensors (and CPU
+    without numba) run the torch solvers described next. Sequential k-subsets always runs its numba
+    solver on the host (its oracle is a sequential dynamic program; CUDA tensors are copied).
+  * Exact solutions; the torch solvers compute in float64 internally (also for float32 inputs). Each
+    map is a 1-d problem in a threshold tau (or, for sequential k-subsets, a small QP), solved
+    without sorting:
       - sparsemax, k-subsets: Newton steps that land on the root of the current linear piece
         (Michelot-type, finite exact termination);
-      - 1.5-entmax, 2-normmax: support-based closed form (a quadratic) alternating with Newton steps,
-        stopped when a closed-form point keeps the support it came from (exact);
+      - 1.5-entmax, 2-normmax: support-based closed form (a quadratic; Newton on F^(1/2) where it has
+        no real root), stopped when a closed-form point keeps the support it came from (exact);
       - alpha-entmax, alpha-normmax: safeguarded Newton on ||[z - tau]_+||_p (convex for p >= 1),
         stopped at |F(tau) - 1| <= 1e-13 or when no representable progress is left.
     Every tau iterate stays above a lower bound: max - 1 for the simplex maps, raised (rows >= 64) to

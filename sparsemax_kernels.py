@@ -407,7 +407,8 @@ def k_subsets_forward(x, mu, k: float) -> None:
     """mu = clip(x - tau, 0, 1) with sum mu = k (rows with more than k finite entries; others get
     mu = 1 on their finite entries), in x's dtype on u = x - c: first c = max x, start tau = c - 1;
     a root more than 2 below the max is refined once more on u = x - tau (so that u - tau keeps full
-    precision on the entries that set it, e.g. after a far outlier). As ``sparsemax._budget_tau``."""
+    precision on the entries that set it, e.g. after a far outlier). ``sparsemax._budget_tau`` (the
+    torch path) solves the same F(t) = k by Newton too, inside a top-k bracket."""
     zero = x.dtype.type(0)
     one = x.dtype.type(1)
     kk = x.dtype.type(k)
