@@ -21,7 +21,7 @@ Modes are the retrieval maps of ``sparsemax.py``; a mode may carry its parameter
 
 Every (mode, seed) pair is a Ray Tune trial (``training.run_trials``): rerunning the same command (or the
 same ``--exp_name``) resumes and keeps every finished trial. ``--tune`` instead samples
-``--num_samples`` hyperparameter configurations per mode (space: ``tune_space()``) scored on validation
+``--num_samples`` hyperparameter configurations per mode (space: ``sample_tune_space()``) scored on validation
 bags built from MNIST-train images disjoint from the training bags' images.
 
 Outputs: ``{img_dir}/{train_acc,test_acc,train_loss,test_loss}_{tag}.png`` (mean curve and std band per
@@ -61,6 +61,8 @@ BAG_DEFAULTS = dict(n_train=4000, n_val=1000, n_test=1000, epochs=100, trials=5,
                     num_pattern=2, scale=0.1, update_steps=1, dropout=0.3, lr=1e-4, weight_decay=1e-3,
                     batch_size=256, grad_clip=None)
 BAG_QUICK = dict(epochs=10, trials=2)
+# Hu et al.'s run for bag size 100: their code sets num_pattern 4, their README dropout 0.1.
+BAG_SIZE_DEFAULTS = {100: dict(num_pattern=4, dropout=0.1)}
 KMIL_DEFAULTS = dict(n_train=2000, n_val=500, n_test=500, epochs=50, trials=5, d_model=128, n_heads=4,
                      num_pattern=1, scale=None, update_steps=1, dropout=0.0, lr=1e-4, weight_decay=1e-4,
                      batch_size=16, grad_clip=1.0)
@@ -71,14 +73,14 @@ SANTOS_KMIL_SPARSEMAP = {2: {2: 97.7, 3: 95.1, 5: 92.6}, 3: {2: 96.1, 3: 96.5, 5
                          5: {2: 96.2, 3: 95.1, 5: 95.1}}
 
 
-def tune_space() -> dict:
-    """Hyperparameter search space of ``--tune`` (sampled ``--num_samples`` times per mode)."""
-    from ray import tune
+def sample_tune_space(rng: np.random.Generator) -> dict:
+    """One hyperparameter configuration of ``--tune`` (drawn ``--num_samples`` times per mode)."""
+    def choice(values: Sequence) -> Any:
+        return values[int(rng.integers(len(values)))]
 
-    return {"lr": tune.loguniform(1e-5, 1e-3), "weight_decay": tune.loguniform(1e-4, 1e-2),
-            "dropout": tune.choice([0.0, 0.1, 0.3, 0.5]), "scale": tune.choice([0.05, 0.1, 0.25, 0.5, 1.0]),
-            "d_model": tune.choice([128, 256, 512]), "n_heads": tune.choice([1, 2, 4]),
-            "num_pattern": tune.choice([1, 2, 4])}
+    return {"lr": float(10 ** rng.uniform(-5, -3)), "weight_decay": float(10 ** rng.uniform(-4, -2)),
+            "dropout": choice([0.0, 0.1, 0.3, 0.5]), "scale": choice([0.05, 0.1, 0.25, 0.5, 1.0]),
+            "d_model": choice([128, 256, 512]), "n_heads": choice([1, 2, 4]), "num_pattern": choice([1, 2, 4])}
 
 
 TUNE_SPACE_DOC = ("lr ~ loguniform(1e-5, 1e-3), weight_decay ~ loguniform(1e-4, 1e-2), dropout in {0, .1, .3, .5}, "
@@ -118,16 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
                        ("grad_clip", float)):
         hyper.add_argument(f"--{name}", type=kind, default=None)
     hyper.add_argument("--scale", type=_scale, default=None, help="beta; 'auto' = 1/sqrt(d_model/n_heads)")
+    run = parser.add_argument_group("computation")
+    training.add_precision_arg(run)
+    run.add_argument("--train_metrics", default="running", choices=training.TRAIN_METRICS,
+                     help="train loss/accuracy per epoch: 'running' = mean over the epoch's mini-batches in train "
+                          "mode (free), 'eval' = an extra eval-mode pass over the training bags (default running)")
     out = parser.add_argument_group("outputs")
-    out.add_argument("--img_dir", default=str(REPO_DIR / "imgs"), help="figures and per-epoch CSV")
-    out.add_argument("--results_dir", default=str(REPO_DIR / "results"), help="summary CSV/JSON and config")
+    out.add_argument("--img_dir", default=None, help="figures and per-epoch CSV (default imgs/; --quick: "
+                                                     "results/quick/imgs/)")
+    out.add_argument("--results_dir", default=None,
+                     help="summary CSV/JSON, config, and the experiment's trial files under <exp_name>/trials/ "
+                          "(default results/; --quick: results/quick/, which git ignores)")
+    out.add_argument("--tag", default=None,
+                     help="name of the output files (default: the bag size, or kmil<K>), e.g. 5_fp32")
     training.add_ray_args(parser, default_exp_name="auto")
     return parser
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset hyperparameters from the task's defaults (quick overrides first); expand the modes."""
-    defaults = dict(KMIL_DEFAULTS if args.k_mil else BAG_DEFAULTS)
+    defaults = dict(KMIL_DEFAULTS if args.k_mil else {**BAG_DEFAULTS, **BAG_SIZE_DEFAULTS.get(args.bag_size, {})})
     if args.quick:
         defaults.update(KMIL_QUICK if args.k_mil else BAG_QUICK)
     for name, value in defaults.items():
@@ -142,9 +154,18 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"duplicate modes: {args.modes}")
     if args.tune:
         args.trials = 1
-    args.tag = f"kmil{args.k_mil}" if args.k_mil else str(args.bag_size)
+    try:
+        args.precision = training.resolve_precision(args.precision, use_gpu=args.gpus_per_trial > 0)
+    except ValueError as error:
+        raise SystemExit(str(error))
+    task_tag = f"kmil{args.k_mil}" if args.k_mil else str(args.bag_size)
+    args.tag = args.tag or task_tag
+    smoke = REPO_DIR / "results" / "quick"
+    args.results_dir = args.results_dir or str(smoke if args.quick else REPO_DIR / "results")
+    args.img_dir = args.img_dir or str(smoke / "imgs" if args.quick else REPO_DIR / "imgs")
     if args.exp_name == "auto":
-        args.exp_name = f"mnist_mil_{args.tag}_{config_fingerprint(args)}"
+        task = f"kmil{args.k_mil}" if args.k_mil else f"bag{args.bag_size}"
+        args.exp_name = f"mnist_mil_{task}_{args.precision}" + ("_quick" if args.quick else "")
     return args
 
 
@@ -154,7 +175,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # Flags that do not change any trial's result (so they may differ on resume).
 _NON_RESULT_FLAGS = {"ray_address", "cpus_per_trial", "gpus_per_trial", "gpus_id", "num_cpus", "exp_name",
-                     "ray_dir", "img_dir", "results_dir", "quick"}
+                     "ray_dir", "img_dir", "results_dir", "quick", "tag"}
 
 
 def result_config(args: argparse.Namespace) -> dict:
@@ -162,8 +183,26 @@ def result_config(args: argparse.Namespace) -> dict:
     return {k: v for k, v in sorted(vars(args).items()) if k not in _NON_RESULT_FLAGS}
 
 
-def config_fingerprint(args: argparse.Namespace) -> str:
-    return hashlib.sha1(json.dumps(result_config(args), sort_keys=True, default=str).encode()).hexdigest()[:8]
+# Flags that only choose which trials run (each trial's file has its own identity): an experiment may grow.
+_TRIAL_SELECTION_FLAGS = {"modes", "trials", "num_samples", "k", "alpha"}
+
+
+def experiment_settings(args: argparse.Namespace, digest: str) -> dict:
+    """What every trial of an experiment shares: reopening it with other values is refused."""
+    settings = {k: v for k, v in result_config(args).items() if k not in _TRIAL_SELECTION_FLAGS}
+    return {**settings, "data": digest}
+
+
+def data_digest(data: dict[str, dict]) -> str:
+    """sha1 of every array of the built splits (images or bags, indices, labels, masks): the identity of
+    the data a trial trains and is tested on."""
+    digest = hashlib.sha1()
+    for name in sorted(data):
+        for key in sorted(data[name]):
+            array = np.ascontiguousarray(data[name][key])
+            digest.update(f"{name}/{key}/{array.dtype}/{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,14 +338,16 @@ def run_trial(config: dict, data: dict, report) -> list[dict]:
 
     def report_epoch(metrics: dict) -> None:
         if "val" in splits:
-            val = training.evaluate_bags(model, *splits["val"], batch_size=config["batch_size"])
+            val = training.evaluate_bags(model, *splits["val"], batch_size=config["batch_size"],
+                                         precision=config["precision"])
             metrics.update(val_loss=val["loss"], val_acc=val["acc"])
         report(metrics)
 
     return training.train_bag_classifier(
         model, splits["train"], splits["test"], epochs=config["epochs"], lr=config["lr"],
         weight_decay=config["weight_decay"], batch_size=config["batch_size"], grad_clip=config["grad_clip"],
-        seed=config["seed"], report=report_epoch, device=device)
+        seed=config["seed"], report=report_epoch, device=device, precision=config["precision"],
+        train_metrics=config["train_metrics"])
 
 
 def train_trial(config: dict, data: dict) -> None:
@@ -316,18 +357,24 @@ def train_trial(config: dict, data: dict) -> None:
     run_trial(config, data, tune.report)
 
 
-def param_space(args: argparse.Namespace) -> dict:
-    """Trial grid: every mode x seed (or x sampled hyperparameters with --tune)."""
-    from ray import tune
-
+def trial_configs(args: argparse.Namespace, digest: str) -> list[dict]:
+    """Every trial: mode x seed (or mode x ``--num_samples`` sampled hyperparameters with --tune). Each
+    config holds everything its result depends on, the data's digest included (its trial file's identity)."""
     fixed = {name: getattr(args, name) for name in
              ("epochs", "d_model", "n_heads", "num_pattern", "scale", "update_steps", "dropout", "lr",
-              "weight_decay", "batch_size", "grad_clip")}
-    space = {**fixed, "encoder": "lenet" if args.k_mil else "mlp", "mode": tune.grid_search(args.modes),
-             "seed": tune.grid_search([args.seed + i for i in range(args.trials)])}
+              "weight_decay", "batch_size", "grad_clip", "precision", "train_metrics")}
+    fixed.update(encoder="lenet" if args.k_mil else "mlp", data=digest)
+    samples = [{}]
     if args.tune:
-        space.update(tune_space())
-    return space
+        rng = np.random.default_rng((args.seed, 3))
+        samples = [sample_tune_space(rng) for _ in range(args.num_samples)]
+    return [{**fixed, **sample, "mode": mode, "seed": args.seed + i}
+            for mode in args.modes for sample in samples for i in range(args.trials)]
+
+
+def trial_label(config: dict) -> str:
+    """Readable part of a trial file's name: mode and seed."""
+    return f"{config['mode'].replace(':', '-')}_seed{config['seed']}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,13 +496,26 @@ def plot_curves(records: list[dict], args: argparse.Namespace) -> list[Path]:
             curves[mode] = pivot.to_numpy()
         split, kind = metric.split("_")
         ylabel = f"{split} {'accuracy' if kind == 'acc' else 'BCE loss'}"
+        how = f"\n{split}: {training.TRAIN_METRICS_DOC[args.train_metrics]}" if split == "train" else ""
         path = Path(args.img_dir) / f"{metric}_{args.tag}.png"
-        plot_mean_std(curves, "epoch", ylabel, f"{task}: {ylabel} (mean +- std over trials)", path)
+        plot_mean_std(curves, "epoch", ylabel, f"{task}, {args.precision}: {ylabel} (mean +- std over trials){how}",
+                      path)
         paths.append(path)
     return paths
 
 
-def write_outputs(records: list[dict], summary: list[dict], args: argparse.Namespace) -> dict[str, Path]:
+def run_provenance(trials: list[dict]) -> dict:
+    """Compute and code behind the results: trial wall times (the sum is the sweep's compute on one trial
+    slot each), the git commits that produced the trials, the precision."""
+    walls = [t["wall_time_s"] for t in trials]
+    return {"precision": sorted({t["config"]["precision"] for t in trials}),
+            "trial_wall_time_s": {"sum": float(np.sum(walls)), "mean": float(np.mean(walls)),
+                                  "max": float(np.max(walls))} if walls else {},
+            "git_commits": sorted({t["git_commit"] for t in trials}), "n_trials": len(trials)}
+
+
+def write_outputs(records: list[dict], summary: list[dict], args: argparse.Namespace,
+                  trials: list[dict]) -> dict[str, Path]:
     import pandas as pd
 
     img_dir, results_dir = Path(args.img_dir), Path(args.results_dir)
@@ -467,8 +527,9 @@ def write_outputs(records: list[dict], summary: list[dict], args: argparse.Names
     pd.DataFrame(records).to_csv(files["metrics_csv"], index=False)
     flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in s.items()} for s in summary]
     pd.DataFrame(flat).to_csv(files["summary_csv"], index=False)
-    files["summary_json"].write_text(json.dumps({"config": result_config(args), "exp_name": args.exp_name,
-                                                 "summary": summary}, indent=2, default=str))
+    payload = {"config": result_config(args), "exp_name": args.exp_name, "summary": summary,
+               "provenance": run_provenance(trials), "train_metrics": training.TRAIN_METRICS_DOC[args.train_metrics]}
+    files["summary_json"].write_text(json.dumps(payload, indent=2, default=str))
     for i, path in enumerate(plot_curves(records, args)):
         files[f"plot_{i}"] = path
     return files
@@ -477,44 +538,27 @@ def write_outputs(records: list[dict], summary: list[dict], args: argparse.Names
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-def check_resume_config(args: argparse.Namespace) -> None:
-    """Refuse to resume an experiment that was started with different result-changing flags."""
-    path = Path(args.ray_dir).resolve() / f"{args.exp_name}.mnist_mil_config.json"
-    config = json.loads(json.dumps(result_config(args), default=str))
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != config:
-            diff = {k: (previous.get(k), config.get(k)) for k in set(previous) | set(config)
-                    if previous.get(k) != config.get(k)}
-            raise SystemExit(f"experiment {args.exp_name!r} was started with other settings "
-                             f"(flag: (then, now)) {diff}; use another --exp_name or the original flags")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Run all trials (resuming ``--exp_name``), write figures/CSV/JSON, print the table; returns
+    """Run the trials that have no trial file yet, write figures/CSV/JSON, print the table; returns
     ``{"summary": [...], "files": {...}, "trials": [...]}``."""
-    from ray import tune
-
     args = parse_args(argv)
-    training.log_config(args, Path(args.results_dir) / f"mnist_mil_{args.tag}_config.json")
-    check_resume_config(args)
+    config = training.log_config(args, Path(args.results_dir) / f"mnist_mil_{args.tag}_config.json")
     training.seed_everything(args.seed)
     data = build_kmil_data(args) if args.k_mil else build_bag_data(args)
+    digest = data_digest(data)
+    trial_dir = training.open_experiment(Path(args.results_dir) / args.exp_name, experiment_settings(args, digest))
     sizes = {name: len(split["labels"]) for name, split in data.items()}
-    print(f"bags per split: {sizes}; experiment {args.exp_name!r} under {args.ray_dir}")
-    trainable = tune.with_parameters(train_trial, data=data)
-    trials = training.run_trials(trainable, param_space(args), args, metric="val_acc" if args.tune else None,
-                                 mode="max", num_samples=args.num_samples if args.tune else 1)
+    print(f"bags per split: {sizes}; precision {args.precision}; experiment {training.repo_relative(trial_dir)}")
+    trials = training.run_trials(train_trial, trial_configs(args, digest), args, trial_dir, label=trial_label,
+                                 params={"data": data})
     records = epoch_records(trials)
     summary = summarize(records, args)
-    files = write_outputs(records, summary, args)
+    files = write_outputs(records, summary, args, trials)
     task = f"K-MIL K={args.k_mil}" if args.k_mil else f"MNIST bags, bag size {args.bag_size}"
     selection = summary[0]["selection"] if summary else ""
-    print("\n" + format_table(summary, f"{task} ({selection}, mean +- std over trials)"))
-    print("\nwrote:\n" + "\n".join(f"  {path}" for path in files.values()))
-    return {"summary": summary, "files": files, "trials": trials, "args": args}
+    print("\n" + format_table(summary, f"{task} ({selection}, {args.precision}, mean +- std over trials)"))
+    print("\nwrote:\n" + "\n".join(f"  {training.repo_relative(path)}" for path in files.values()))
+    return {"summary": summary, "files": files, "trials": trials, "args": args, "config": config}
 
 
 if __name__ == "__main__":

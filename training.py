@@ -8,12 +8,16 @@ a laptop to a cluster (``--ray_address``) and an interrupted run resumes by reru
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import subprocess
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -55,8 +59,9 @@ def add_ray_args(parser: argparse.ArgumentParser, default_exp_name: str) -> argp
 
 
 def log_config(args: argparse.Namespace, path: Path | None = None) -> dict:
-    """Print the run's configuration and, if ``path`` is given, write it there as JSON."""
-    config = vars(args).copy()
+    """Print the run's configuration (paths inside the repository made repo-relative) and, if ``path`` is
+    given, write it there as JSON."""
+    config = {k: repo_relative(v) if k.endswith("_dir") and isinstance(v, str) else v for k, v in vars(args).items()}
     print("config:", json.dumps(config, sort_keys=True, default=str))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +70,10 @@ def log_config(args: argparse.Namespace, path: Path | None = None) -> dict:
 
 
 def init_ray(args: argparse.Namespace) -> None:
-    """Connect to ``--ray_address`` or start a local Ray (no-op if Ray is already running here)."""
+    """Connect to ``--ray_address`` or start a private local Ray (no-op if this process already has one).
+
+    Without ``--ray_address`` a new local instance is always started (``address="local"``): a Ray
+    cluster that happens to run on this machine is never joined."""
     import ray
 
     if args.gpus_id is not None:
@@ -78,7 +86,7 @@ def init_ray(args: argparse.Namespace) -> None:
         ray.init(address=args.ray_address, runtime_env=runtime_env, log_to_driver=False)
     else:  # local workers import the repo's modules from here
         pythonpath = os.pathsep.join(filter(None, [str(REPO_DIR), os.environ.get("PYTHONPATH")]))
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
 
 
@@ -89,45 +97,227 @@ def trial_device(config: dict) -> torch.device:
                         else "cpu")
 
 
-def run_trials(trainable: Callable[[dict], Any], param_space: dict, args: argparse.Namespace,
-               metric: str | None = None, mode: str = "max", num_samples: int = 1,
-               search_alg: Any = None) -> list[dict]:
-    """Run ``trainable`` as Ray Tune trials over ``param_space`` and return one dict per trial:
-    ``{"config": ..., "metrics": last reported metrics, "history": [per-report metrics]}``.
+# --------------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------------
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-    Trials report with ``ray.tune.report(dict)`` (e.g. once per epoch). Rerunning with the same
-    ``args.exp_name`` restores the experiment: finished trials are kept, unfinished and errored ones
-    rerun. ``cpus_per_trial``/``gpus_per_trial`` are put into each trial's config for ``trial_device``.
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16, from /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_precision(requested: str, use_gpu: bool) -> str:
+    """The concrete precision of ``--precision`` for trials on a GPU (``use_gpu``) or the CPU.
+
+    ``auto`` = bf16 where the CPU has AMX/AVX512-BF16 or the (local) GPU supports bf16, else fp32.
+    fp16 exists only on CUDA (with loss scaling). Raises ValueError naming what is allowed."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"--precision {requested!r}: choose from {', '.join(PRECISIONS)}")
+    if use_gpu and requested == "auto":
+        if not torch.cuda.is_available():
+            raise ValueError("--precision auto with --gpus_per_trial > 0 needs a GPU visible here to choose; "
+                             "give --precision fp32, bf16 or fp16")
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if requested == "auto":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if requested == "fp16" and not use_gpu:
+        raise ValueError("--precision fp16 runs on CUDA only (use --gpus_per_trial 1); on the CPU use fp32 or bf16")
+    return requested
+
+
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` (shared by the training scripts)."""
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="autocast precision of the forward pass and loss; weights and optimizer state stay "
+                             "float32. auto = bf16 where the CPU has AMX/AVX512-BF16 or the GPU supports bf16, "
+                             "else fp32; fp16 on CUDA only (default auto)")
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for bf16/fp16 (matmuls in that dtype, reductions and losses in float32); a no-op
+    for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in _AUTOCAST_DTYPE:
+        raise ValueError(f"precision {precision!r} is not concrete: use fp32, bf16 or fp16")
+    return torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPE[precision])
+
+
+def git_commit() -> str:
+    """HEAD of this repository, with '+dirty' when tracked files differ from it ('unknown' outside git)."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=REPO_DIR, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it (config files never hold this machine's
+    absolute paths), else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO_DIR)) if resolved.is_relative_to(REPO_DIR) else str(path)
+
+
+def expand_grid(space: dict) -> list[dict]:
+    """Every combination of the ``{"grid_search": [...]}`` values of ``space`` (in Ray Tune's order:
+    the last grid key varies slowest), the other values fixed."""
+    import itertools
+
+    keys = [k for k, v in space.items() if isinstance(v, dict) and set(v) == {"grid_search"}]
+    fixed = {k: v for k, v in space.items() if k not in keys}
+    combos = itertools.product(*(space[k]["grid_search"] for k in reversed(keys)))
+    return [{**fixed, **dict(zip(reversed(keys), values))} for values in combos]
+
+
+def _canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def trial_key(config: dict) -> str:
+    """Identity of a trial: a hash of its (canonical JSON) config."""
+    return hashlib.sha1(json.dumps(_canonical(config), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def open_experiment(experiment_dir: Path, settings: dict) -> Path:
+    """Create or reopen ``experiment_dir`` (``experiment.json`` = the settings that determine its trials);
+    refuse, before any work, to reopen it with other settings. Returns its ``trials/`` directory."""
+    settings = _canonical(settings)
+    path = experiment_dir / "experiment.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            diff = {k: (previous.get(k), settings.get(k)) for k in sorted(set(previous) | set(settings))
+                    if previous.get(k) != settings.get(k)}
+            raise SystemExit(f"experiment {repo_relative(experiment_dir)!r} was started with other settings "
+                             f"(setting: (then, now)) {diff}; use another --exp_name or the original flags")
+    else:
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, json.dumps(settings, indent=2, sort_keys=True))
+    return experiment_dir / "trials"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so that a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def trial_file(trial_dir: Path, config: dict, label: Callable[[dict], str] | None = None) -> Path:
+    """``trial_dir/<label>_<key>.json`` of one trial config."""
+    name = f"{label(config)}_{trial_key(config)}" if label else trial_key(config)
+    return trial_dir / f"{name}.json"
+
+
+def load_trial(path: Path, config: dict) -> dict | None:
+    """The finished trial stored at ``path`` if it is the trial of ``config`` (else None)."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("config") == _canonical(config) else None
+
+
+def _trial_file_writer(files: dict[str, tuple[Path, dict]]) -> Any:
+    """A Ray Tune callback (it runs in the driver, so on a cluster too) that collects each trial's reports
+    and writes its trial file the moment the trial finishes. ``files``: trial key -> (path, config)."""
+    from ray import tune
+
+    class TrialFileWriter(tune.Callback):
+        def __init__(self) -> None:
+            self.history: dict[str, list[dict]] = {}
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            self.history.setdefault(trial.config["trial"]["trial_key"], []).append(_own_metrics(result))
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            key = trial.config["trial"]["trial_key"]
+            path, config = files[key]
+            history = self.history.pop(key, [])
+            wall = float((trial.last_result or {}).get("time_total_s", float("nan")))
+            record = {"config": config, "key": key, "history": history, "metrics": history[-1] if history else {},
+                      "wall_time_s": wall, "git_commit": git_commit(), "host_cpus": os.cpu_count(),
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            _write_atomically(path, json.dumps(_canonical(record), indent=1, sort_keys=True))
+            print(f"trial finished in {wall:.0f} s: {repo_relative(path)}", flush=True)
+
+    return TrialFileWriter()
+
+
+def _own_metrics(result: dict) -> dict:
+    """What the trainable reported, without the keys Ray adds to every result."""
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    skip = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
+    return {k: v for k, v in result.items() if k not in skip}
+
+
+def _with_resources(config: dict, args: argparse.Namespace) -> dict:
+    return {**config, "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}
+
+
+def _run_config_trial(config: dict, script_trainable: Callable[..., Any], params: dict) -> Any:
+    """Ray entry point: unwrap the trial's config (without its bookkeeping key), call the script's trainable."""
+    return script_trainable({k: v for k, v in config["trial"].items() if k != "trial_key"}, **params)
+
+
+def run_trials(trainable: Callable[..., Any], configs: Sequence[dict], args: argparse.Namespace,
+               trial_dir: Path, label: Callable[[dict], str] | None = None,
+               params: dict | None = None) -> list[dict]:
+    """Run each config of ``configs`` as a Ray Tune trial ``trainable(config, **params)`` unless its trial
+    file already exists, and return one dict per config, in order:
+    ``{"config", "metrics": last report, "history": [reports], "wall_time_s", "git_commit", "key"}``.
+
+    Checkpointing: each finished trial writes ``trial_dir/<label>_<hash of its config>.json`` (atomically,
+    from the driver); a rerun, on any machine, skips the trials whose file holds the same config, so
+    committing ``trial_dir`` checkpoints a sweep. Trials report with ``ray.tune.report(dict)`` (e.g. once
+    per epoch). ``cpus_per_trial``/``gpus_per_trial`` are added to each trial's config (for
+    ``trial_device``), not to its identity. ``params`` are large shared objects (data), shipped once.
     """
+    configs = [_canonical(c) for c in configs]
+    paths = [trial_file(trial_dir, c, label) for c in configs]
+    done = [load_trial(p, c) for p, c in zip(paths, configs)]
+    pending = [(trial_key(c), p, c) for p, c, d in zip(paths, configs, done) if d is None]
+    print(f"{len(configs) - len(pending)} of {len(configs)} trials already in {repo_relative(trial_dir)}; "
+          f"running {len(pending)}", flush=True)
+    if pending:
+        _fit(trainable, pending, args, params or {})
+        done = [load_trial(p, c) for p, c in zip(paths, configs)]
+    missing = [repo_relative(p) for p, d in zip(paths, done) if d is None]
+    if missing:
+        raise RuntimeError(f"trials did not finish (no trial file): {missing}")
+    return done
+
+
+def _fit(trainable: Callable[..., Any], pending: list[tuple[str, Path, dict]], args: argparse.Namespace,
+         params: dict) -> None:
+    """One fresh Ray Tune run over the pending trials (Ray's own experiment folder is scratch space)."""
     from ray import tune
 
     init_ray(args)
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
-    param_space = {**param_space, "cpus_per_trial": args.cpus_per_trial,
-                   "gpus_per_trial": args.gpus_per_trial}
-    storage = Path(args.ray_dir).resolve()
-    experiment_dir = storage / args.exp_name
-    resourced = tune.with_resources(trainable, resources)
-    if tune.Tuner.can_restore(str(experiment_dir)):
-        print(f"resuming experiment {experiment_dir}")
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=resourced, resume_errored=True,
-                                   param_space=param_space)
-    else:
-        tuner = tune.Tuner(
-            resourced, param_space=param_space,
-            tune_config=tune.TuneConfig(num_samples=num_samples, search_alg=search_alg,
-                                        metric=metric if search_alg else None,
-                                        mode=mode if search_alg else None),
-            run_config=tune.RunConfig(name=args.exp_name, storage_path=str(storage), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=1)))
-    grid = tuner.fit()
-    trials = []
-    for result in grid:
+    entry = tune.with_resources(tune.with_parameters(_run_config_trial, script_trainable=trainable, params=params),
+                                resources)
+    space = {"trial": tune.grid_search([{**_with_resources(c, args), "trial_key": key} for key, _, c in pending])}
+    writer = _trial_file_writer({key: (path, config) for key, path, config in pending})
+    tuner = tune.Tuner(
+        entry, param_space=space,
+        run_config=tune.RunConfig(name=f"{args.exp_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                                  storage_path=str(Path(args.ray_dir).resolve()), verbose=1,
+                                  callbacks=[writer],
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    for result in tuner.fit():
         if result.error is not None:
             raise RuntimeError(f"trial {result.path} failed: {result.error}")
-        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-        trials.append({"config": result.config, "metrics": result.metrics, "history": history})
-    return trials
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,14 +373,15 @@ def iterate_batches(tensors: tuple[Tensor | None, ...], batch_size: int, shuffle
 
 
 def evaluate_bags(model: nn.Module, bags: Tensor, mask: Tensor | None, labels: Tensor,
-                  batch_size: int = 256) -> dict[str, float]:
+                  batch_size: int = 256, precision: str = "fp32") -> dict[str, float]:
     """Eval-mode loss (BCE with logits) and accuracy (logit > 0) over a bag set."""
     model.eval()
     device = next(model.parameters()).device
     total_loss, correct = 0.0, 0
     with torch.no_grad():
         for xb, mb, yb in iterate_batches((bags, mask, labels), batch_size, shuffle=False):
-            logits = model(xb.to(device), None if mb is None else mb.to(device))
+            with autocast(precision, device):
+                logits = model(xb.to(device), None if mb is None else mb.to(device)).float()
             yb = yb.to(device).float()
             total_loss += F.binary_cross_entropy_with_logits(logits, yb, reduction="sum").item()
             correct += ((logits > 0).float() == yb).sum().item()
@@ -198,37 +389,59 @@ def evaluate_bags(model: nn.Module, bags: Tensor, mask: Tensor | None, labels: T
     return {"loss": total_loss / n, "acc": correct / n}
 
 
+TRAIN_METRICS = ("eval", "running")
+TRAIN_METRICS_DOC = {"eval": "eval mode, after the epoch", "running": "running mean over the epoch's batches, train mode"}
+
+
 def train_bag_classifier(model: nn.Module, train: tuple[Tensor, Tensor | None, Tensor],
                          test: tuple[Tensor, Tensor | None, Tensor], epochs: int, lr: float = 1e-4,
                          weight_decay: float = 1e-3, batch_size: int = 256, grad_clip: float | None = None,
                          seed: int = 0, report: Callable[[dict], None] | None = None,
-                         device: torch.device | str = "cpu") -> list[dict]:
+                         device: torch.device | str = "cpu", precision: str = "fp32",
+                         train_metrics: str = "eval") -> list[dict]:
     """Train with AdamW + cosine schedule on BCE-with-logits; evaluate in eval mode after each epoch.
 
-    ``train``/``test`` are (bags, key_padding_mask or None, labels). ``report`` receives each epoch's
-    metrics (train_loss, train_acc measured in eval mode on the training bags, test_loss, test_acc).
-    Returns the list of per-epoch metrics.
+    ``train``/``test`` are (bags, key_padding_mask or None, labels). ``precision`` (fp32/bf16/fp16) autocasts
+    the forward pass and loss (master weights and AdamW state stay float32; fp16 scales the loss).
+    ``train_metrics``: train_loss/train_acc measured in eval mode on the training bags after each epoch
+    (``eval``) or as the running mean over the epoch's mini-batches in train mode (``running``: no extra
+    forward pass; dropout on, weights changing during the epoch). ``report`` receives each epoch's metrics
+    (train_loss, train_acc, test_loss, test_acc, epoch_s). Returns the list of per-epoch metrics.
     """
+    if train_metrics not in TRAIN_METRICS:
+        raise ValueError(f"train_metrics {train_metrics!r}: choose from {', '.join(TRAIN_METRICS)}")
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
     steps_per_epoch = math.ceil(train[0].shape[0] / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
         model.train()
+        loss_sum, correct = 0.0, 0
         for xb, mb, yb in iterate_batches(train, batch_size, shuffle=True, generator=generator):
-            logits = model(xb.to(device), None if mb is None else mb.to(device))
-            loss = F.binary_cross_entropy_with_logits(logits, yb.to(device).float())
+            yb = yb.to(device).float()
+            with autocast(precision, device):
+                logits = model(xb.to(device), None if mb is None else mb.to(device)).float()
+                loss = F.binary_cross_entropy_with_logits(logits, yb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if grad_clip is not None:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-        tr, te = evaluate_bags(model, *train), evaluate_bags(model, *test)
+            loss_sum += loss.item() * yb.shape[0]
+            correct += int(((logits.detach() > 0).float() == yb).sum())
+        n_train = train[2].shape[0]
+        tr = (evaluate_bags(model, *train, batch_size=batch_size, precision=precision) if train_metrics == "eval"
+              else {"loss": loss_sum / n_train, "acc": correct / n_train})
+        te = evaluate_bags(model, *test, batch_size=batch_size, precision=precision)
         metrics = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
-                   "test_loss": te["loss"], "test_acc": te["acc"]}
+                   "test_loss": te["loss"], "test_acc": te["acc"], "epoch_s": time.perf_counter() - start}
         history.append(metrics)
         if report is not None:
             report(metrics)
