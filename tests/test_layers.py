@@ -328,8 +328,10 @@ def test_head_dim_decouples_head_width_from_d_model():
     z = sparsemax.sparsemax(0.7 * q @ k.transpose(-1, -2)) @ v
     assert torch.allclose(out, hop.out_proj(z.transpose(1, 2).reshape(2, 1, 12)), atol=1e-12)
     assert out.shape == (2, 1, 10) and w.shape == (2, 3, 1, 5)
-    with pytest.raises(ValueError, match="mix=False"):
-        Hopfield(10, n_heads=3, head_dim=4, mix=False)
+    # without the output projection the output is the concatenated heads, n_heads * head_dim wide
+    separate = Hopfield(10, n_heads=3, head_dim=4, mode="sparsemax", scale=0.7, mix=False).double()
+    separate.load_state_dict({k: v for k, v in hop.state_dict().items() if not k.startswith("out_proj")})
+    assert torch.allclose(separate(R, Y), z.transpose(1, 2).reshape(2, 1, 12), atol=1e-12)
 
 
 @pytest.mark.parametrize("transition", [0.0, 0.7, 100.0])

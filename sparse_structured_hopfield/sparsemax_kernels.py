@@ -1,0 +1,1 @@
+../sparsemax_kernels.py
