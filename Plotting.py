@@ -1,18 +1,21 @@
-"""Regenerate the theory figures of sparse / structured modern Hopfield networks into ``imgs/``.
+"""Regenerate the theory figures of sparse / structured modern Hopfield networks.
 
-Every curve runs the true Hopfield update of ``layers.retrieve``
+Every curve runs the Hopfield update of ``layers.retrieve``
 
-    q  <-  X^T y_Omega(beta X q)
+    q  <-  X^T y_Omega(theta),   theta = beta X q,
 
-with y_Omega in {softmax, sparsemax, 1.5-entmax, 2-normmax, 2-subsets} applied to ``beta * scores``
+with y_Omega in {softmax, sparsemax, 1.5-entmax, 2-normmax, 2-subsets} applied to beta * scores
 (never to scores that were normalized first: that turns sparsemax into a linear memory).
 
 Figures (PNG + the numbers behind each as CSV, file prefix in brackets):
 
-1. [fig1_capacity]   MNIST memory capacity (Hu et al. 2023): success rate vs number of stored patterns,
-                     queries = stored images with the bottom half masked, one update.
-2. [fig2_noise]      MNIST noise robustness (Hu et al. 2023): success rate vs pixel-noise standard
-                     deviation sigma, fixed number of stored patterns, one update.
+1. [fig1_capacity]   MNIST memory capacity: success rate vs number of stored patterns N (5 .. 60,000),
+                     queries = stored images with the bottom 14 or 18 of 28 rows masked, one update;
+                     one panel per beta and one for Hu et al.'s setting (below).
+                     [fig1_capacity_table] each map's capacity: the largest N of the grid whose success
+                     (and that of every smaller N) is >= ``--capacity_level`` (0.9).
+2. [fig2_noise]      MNIST noise robustness: success rate vs pixel-noise standard deviation sigma,
+                     ``noise_n`` stored patterns, one update, same panels.
 3. [fig3_convergence] MNIST retrieval error vs update steps and fraction of queries retrieved exactly
                      (Santos et al. 2024: exact retrieval with sparse maps, never with softmax).
 4. [fig4_margin]     Exact retrieval and the margin: fraction of stored patterns that are fixed points vs
@@ -21,24 +24,41 @@ Figures (PNG + the numbers behind each as CSV, file prefix in brackets):
 6. [fig6_sparsity, fig6_energy] Mean support size of y vs beta; Hopfield-Fenchel-Young energy
                      (``layers.energy``) along update trajectories, never increasing.
 
-MNIST preprocessing (figures 1-4, 6): each image is centered by the mean training image and scaled to
-unit L2 norm, so every stored pattern lies on the unit sphere (every pattern can be a fixed point and
-Delta_i = 1 - max_{j != i} <x_i, x_j>).  Queries go through the same map after corruption: masked
-pixels are set to the mean image (0 after centering); noise is N(0, sigma^2) per pixel on the [0, 1]
-image (not clipped).  Success: cosine distance between the retrieved q and the stored pattern
-<= ``--threshold`` (0.2, as Hu et al.'s 20/100).  Hu et al.'s code applied softmax(1000 * s / sum(s))
-to raw-pixel dot products s, i.e. an inverse temperature that shrinks with the number of stored
-patterns; here beta is fixed and explicit: beta = 10 (hot: dense retrieval averages many patterns)
-and beta = 100 (cold: every map is close to argmax), see ``--betas``.
+MNIST preprocessing (fixed-beta panels, figures 3, 4, 6): each image is centered by the mean training
+image and scaled to unit L2 norm, so every stored pattern lies on the unit sphere (every pattern can be
+a fixed point and Delta_i = 1 - max_{j != i} <x_i, x_j>).  Queries go through the same map after
+corruption: masked pixels are set to the mean image (0 after centering); noise is N(0, sigma^2) per
+pixel on the [0, 1] image (not clipped).
 
-    python3 Plotting.py                  # every figure into imgs/ (a few minutes on 2 cores)
-    python3 Plotting.py --quick --out_dir /tmp/figs --figures 1 4
+Hu et al. 2023 setting (panel ``hu2023``, their code's capacity and noise figures): raw pixels in [0, 1]
+are the patterns, masked pixels are 0, noisy queries are clamp(|x + sigma eps|, 0, 1), and
+
+    theta = 1000 s / sum_j s_j,   s = X q,
+
+i.e. an effective inverse temperature beta_eff = 1000 / sum_j s_j that shrinks like 1/N (recorded as
+``beta_eff``).  Their code normalized this way for softmax; its sparsemax got s / sum_j s_j, on which
+sparsemax is the identity (a linear memory); here every map gets the same theta.
+
+Success (figures 1, 2).  Maps that retrieve one pattern (softmax, sparsemax, 1.5-entmax, 2-normmax):
+the cosine distance between the retrieved q and the target is <= ``--threshold`` (0.2, as Hu et al.'s
+20/100).  k-subsets retrieves an association of k patterns (Santos et al. 2024): success iff the target
+is one of the k patterns of largest weight and q lies within ``--threshold`` of their mean.  Beside
+each rate the CSV holds what theory ties together after one update (target = pattern i for query i):
+``frac_hit`` (target among the k largest scores), ``frac_past_margin`` (theta_(k) - theta_(k+1) >= m,
+the map's margin: 1 for sparsemax, 2-normmax, 2-subsets; 2 for 1.5-entmax; none for softmax),
+``frac_exact`` (y uniform on exactly k patterns: one-hot for k = 1), ``frac_exact_hit`` (both).
+Theory: exact iff past the margin, and exact + hit implies success.
+
+    python3 Plotting.py                  # every figure into imgs/ (the committed figures)
+    python3 Plotting.py --report         # the README's capacity table, from imgs/fig1_capacity_table.csv
+    python3 Plotting.py --quick --figures 1 4   # smoke run into results/smoke/ (gitignored)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -56,12 +76,20 @@ from tqdm import tqdm  # noqa: E402
 
 import datasets  # noqa: E402
 import layers  # noqa: E402
-import training  # noqa: E402
+import sparsemax  # noqa: E402
+from datasets.mnist import MNIST_SIZES  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
+FULL_OUT_DIR = "imgs"  # committed figures: written only by the full run the README cites
+SMOKE_OUT_DIR = "results/smoke"  # --quick default (gitignored)
+MNIST_TRAIN = MNIST_SIZES["train"]
+IMAGE_ROWS = 28
 
 MODES = ("softmax", "sparsemax", "entmax", "normmax", "k_subsets")
 MODE_PARAMS = {"softmax": {}, "sparsemax": {}, "entmax": {}, "normmax": {"alpha": 2.0}, "k_subsets": {"k": 2}}
+MODE_K = {mode: MODE_PARAMS[mode].get("k", 1) for mode in MODES}  # patterns per retrieved association
+# y is uniform on the k best patterns iff theta_(k) - theta_(k+1) >= margin (softmax: never)
+MODE_MARGIN = {"softmax": None, "sparsemax": 1.0, "entmax": 2.0, "normmax": 1.0, "k_subsets": 1.0}
 MODE_LABELS = {"softmax": "softmax", "sparsemax": "sparsemax", "entmax": "1.5-entmax",
                "normmax": "2-normmax", "k_subsets": "2-subsets"}
 MODE_COLORS = {"softmax": "tab:blue", "sparsemax": "tab:orange", "entmax": "tab:green",
@@ -69,6 +97,8 @@ MODE_COLORS = {"softmax": "tab:blue", "sparsemax": "tab:orange", "entmax": "tab:
 MODE_STYLES = {"softmax": ("o", "-"), "sparsemax": ("s", "--"), "entmax": ("^", "-."), "normmax": ("v", ":"),
                "k_subsets": ("D", "-")}  # (marker, line style): overlapping curves stay visible
 FIGURES = ("1", "2", "3", "4", "5", "6")
+HU = "hu2023"  # setting name of Hu et al.'s normalized scores
+HU_SCALE = 1000.0  # theta = HU_SCALE * s / sum(s)
 
 # Figure 4: (family, mode, alpha, margin) with margin = 1/(alpha-1) for entmax, 1 for normmax.
 MARGIN_MAPS = (("entmax", "entmax_alpha", 1.25, 4.0), ("entmax", "entmax_alpha", 1.5, 2.0),
@@ -77,33 +107,53 @@ MARGIN_MAPS = (("entmax", "entmax_alpha", 1.25, 4.0), ("entmax", "entmax_alpha",
 
 
 # --------------------------------------------------------------------------------------------------
-# Settings
+# Settings and argument checks
 # --------------------------------------------------------------------------------------------------
 FULL = dict(
-    capacity_ns=[5, 10, 20, 50, 100, 200, 300, 500, 700, 1000, 1500, 2000, 2500, 3000], runs=5,
-    max_queries=1000, noise_n=1000, sigmas=[0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.5],
+    capacity_ns=[5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 60000], runs=3,
+    max_queries=500, mask_rows=[14, 18], noise_n=1000, sigmas=[0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.5],
     conv_n=1000, conv_queries=500, conv_steps=10, margin_n=300, margin_betas=48,
     basin_grid=161, basin_steps=60, basin_trajectories=6, sparsity_n=1000, sparsity_queries=200,
     sparsity_betas=25, energy_queries=12, energy_steps=25)
 QUICK = dict(
-    capacity_ns=[5, 20, 100, 300], runs=2, max_queries=100, noise_n=200, sigmas=[0.0, 0.5, 1.5],
-    conv_n=100, conv_queries=60, conv_steps=5, margin_n=60, margin_betas=24,
+    capacity_ns=[5, 50, 500, 2000], runs=2, max_queries=100, mask_rows=[14, 18], noise_n=200,
+    sigmas=[0.0, 0.5, 1.5], conv_n=100, conv_queries=60, conv_steps=5, margin_n=60, margin_betas=24,
     basin_grid=31, basin_steps=30, basin_trajectories=3, sparsity_n=200, sparsity_queries=32,
     sparsity_betas=10, energy_queries=6, energy_steps=12)
+N_TRAJECTORY_STARTS = 6  # fixed starting points of figure 5
+
+# flag: (lowest, highest) allowed value of each element (None: unbounded), checked before any work
+INT_RANGES = {
+    "capacity_ns": (3, MNIST_TRAIN), "runs": (1, None), "max_queries": (1, None), "mask_rows": (1, IMAGE_ROWS - 1),
+    "noise_n": (3, MNIST_TRAIN), "conv_n": (1, MNIST_TRAIN), "conv_queries": (1, None), "conv_steps": (1, None),
+    "margin_n": (2, MNIST_TRAIN), "margin_betas": (2, None), "basin_grid": (2, None), "basin_steps": (1, None),
+    "basin_trajectories": (1, N_TRAJECTORY_STARTS), "sparsity_n": (1, MNIST_TRAIN), "sparsity_queries": (1, None),
+    "sparsity_betas": (2, None), "energy_queries": (1, None), "energy_steps": (1, None), "steps": (1, None),
+    "threads": (0, None), "seed": (0, None)}
+POSITIVE_FLOATS = ("betas", "conv_beta", "basin_betas", "energy_beta")  # > 0 and finite
+FLOAT_RANGES = {"sigmas": (0.0, math.inf), "conv_sigma": (0.0, math.inf), "threshold": (0.0, 2.0),
+                "capacity_level": (0.0, 1.0)}  # closed intervals
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default=str(REPO_DIR / "imgs"), help="where PNG/CSV/JSON go")
+    parser.add_argument("--out_dir", default=None,
+                        help=f"where PNG/CSV/JSON go (default: {FULL_OUT_DIR}/, with --quick {SMOKE_OUT_DIR}/)")
     parser.add_argument("--figures", nargs="+", default=list(FIGURES), choices=FIGURES,
                         help="which figures to make (default: all)")
     parser.add_argument("--quick", action="store_true", help="small settings for tests/smoke runs")
+    parser.add_argument("--report", action="store_true",
+                        help="print the capacity table of <out_dir>/fig1_capacity_table.csv as markdown and exit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--betas", nargs="+", type=float, default=[10.0, 100.0],
+    parser.add_argument("--betas", nargs="+", type=float, default=[3.0, 10.0, 100.0],
                         help="inverse temperatures of the MNIST capacity / noise figures (one panel each)")
+    parser.add_argument("--no_hu", action="store_true",
+                        help=f"leave out the panel of Hu et al.'s setting ({HU}: theta = 1000 s / sum(s))")
     parser.add_argument("--threshold", type=float, default=0.2,
-                        help="success iff cosine distance(retrieved, stored pattern) <= threshold")
+                        help="success iff cosine distance(retrieved, target) <= threshold, in [0, 2]")
+    parser.add_argument("--capacity_level", type=float, default=0.9,
+                        help="capacity = largest N with success >= this level (and at every smaller N)")
     parser.add_argument("--steps", type=int, default=1, help="update steps in figures 1 and 2")
     parser.add_argument("--conv_beta", type=float, default=30.0, help="beta of figure 3")
     parser.add_argument("--conv_sigma", type=float, default=0.5, help="pixel noise of the queries of figure 3")
@@ -119,7 +169,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.out_dir is None:
+        args.out_dir = str(REPO_DIR / (SMOKE_OUT_DIR if args.quick else FULL_OUT_DIR))
+    check_args(parser, args)
     return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse out-of-range values before any work (argparse error naming flag, value and range: exit 2)."""
+    def refuse(name: str, value, allowed: str) -> None:
+        parser.error(f"argument --{name}: {value!r} is out of range; allowed: {allowed}")
+
+    def values(name: str) -> list:
+        value = getattr(args, name)
+        return value if isinstance(value, list) else [value]
+
+    for name, (lo, hi) in INT_RANGES.items():
+        for v in values(name):
+            if v < lo or (hi is not None and v > hi):
+                refuse(name, v, f"integers >= {lo}" if hi is None else f"integers in [{lo}, {hi}]")
+    for name in POSITIVE_FLOATS:
+        for v in values(name):
+            if not (math.isfinite(v) and v > 0):
+                refuse(name, v, "finite numbers > 0")
+    for name, (lo, hi) in FLOAT_RANGES.items():
+        for v in values(name):
+            if not (lo <= v <= hi) or math.isnan(v):
+                refuse(name, v, f"numbers in [{lo:g}, {hi:g}]")
+    if args.runs * args.noise_n > MNIST_TRAIN:
+        refuse("noise_n", args.noise_n, f"--runs x --noise_n <= {MNIST_TRAIN} (disjoint MNIST subsets), "
+                                        f"i.e. <= {MNIST_TRAIN // args.runs} with --runs {args.runs}")
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it, else as given (logged configs)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO_DIR)) if resolved.is_relative_to(REPO_DIR) else str(path)
+
+
+def git_commit() -> dict:
+    """HEAD commit of the repository and whether tracked files differ from it."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=REPO_DIR, capture_output=True, text=True).stdout.strip()
+    try:
+        return {"git_commit": git("rev-parse", "HEAD") or None,
+                "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except OSError:  # no git executable
+        return {"git_commit": None, "git_dirty": None}
+
+
+def panel_settings(args: argparse.Namespace) -> list[tuple[str, float | None]]:
+    """(name, beta) of each panel of figures 1 and 2: the fixed betas, then Hu et al.'s (beta None)."""
+    panels: list[tuple[str, float | None]] = [(f"beta={b:g}", b) for b in args.betas]
+    return panels if args.no_hu else panels + [(HU, None)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,24 +234,38 @@ def mnist_raw(split: str = "train") -> tuple[Tensor, Tensor]:
     return raw, raw.mean(0)
 
 
+def unit_rows(x: Tensor) -> Tensor:
+    """x / ||x|| row-wise (a zero row stays zero)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def to_pattern(raw: Tensor, mean: Tensor) -> Tensor:
     """x = (image - mean) / ||image - mean||: centered, unit L2 norm."""
-    centered = raw - mean
-    return centered / centered.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return unit_rows(raw - mean)
 
 
-def masked_query(raw: Tensor, mean: Tensor, keep_rows: int = 14) -> Tensor:
-    """Query with the bottom 28 - keep_rows image rows replaced by the mean image, then normalized."""
-    centered = (raw - mean).reshape(-1, 28, 28).clone()
-    centered[:, keep_rows:, :] = 0.0
-    centered = centered.reshape(raw.shape)
-    return centered / centered.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+def mask_bottom_rows(images: Tensor, mask_rows: int) -> Tensor:
+    """Copy of flattened 28 x 28 images with the bottom ``mask_rows`` image rows set to 0."""
+    out = images.reshape(-1, IMAGE_ROWS, images.shape[-1] // IMAGE_ROWS).clone()
+    out[:, IMAGE_ROWS - mask_rows:, :] = 0.0
+    return out.reshape(images.shape)
+
+
+def masked_query(raw: Tensor, mean: Tensor, mask_rows: int = 14) -> Tensor:
+    """Query with the bottom ``mask_rows`` image rows replaced by the mean image, then normalized."""
+    return unit_rows(mask_bottom_rows(raw - mean, mask_rows))
 
 
 def noisy_query(raw: Tensor, mean: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
     """Query = pattern map of image + N(0, sigma^2) pixel noise (sigma = standard deviation)."""
     noise = torch.randn(raw.shape, generator=generator, dtype=raw.dtype)
     return to_pattern(raw + sigma * noise, mean)
+
+
+def hu_noisy_query(raw: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
+    """Hu et al.'s noisy query on raw pixels: clamp(|image + N(0, sigma^2)|, 0, 1)."""
+    noise = torch.randn(raw.shape, generator=generator, dtype=raw.dtype)
+    return (raw + sigma * noise).abs().clamp(0.0, 1.0)
 
 
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
@@ -165,11 +281,10 @@ def run_subsets(n_images: int, runs: int, size: int, seed: int) -> list[Tensor]:
     return [perm[r * size:(r + 1) * size] for r in range(runs)]
 
 
-def one_step_success(queries: Tensor, targets: Tensor, patterns: Tensor, beta: float, mode: str,
-                     steps: int, threshold: float) -> float:
-    """Fraction of queries whose retrieval lies within ``threshold`` cosine distance of its target."""
-    out = layers.retrieve(queries, patterns, beta, mode, steps=steps, **MODE_PARAMS[mode])
-    return (cosine_distance(out, targets) <= threshold).float().mean().item()
+def run_samples(n_images: int, runs: int, size: int, seed: int) -> list[Tensor]:
+    """Independent random index sets (one per run, seed + run) of ``size`` images: runs overlap once
+    runs x size > n_images (with size = n_images every run stores all images, in its own order)."""
+    return [torch.randperm(n_images, generator=torch.Generator().manual_seed(seed + r))[:size] for r in range(runs)]
 
 
 def support_size(y: Tensor) -> Tensor:
@@ -178,41 +293,151 @@ def support_size(y: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Figure 1 and 2: capacity and noise robustness on MNIST
+# Figures 1 and 2: one update, scored per map
 # --------------------------------------------------------------------------------------------------
-def capacity_experiment(args: argparse.Namespace, raw: Tensor, mean: Tensor) -> pd.DataFrame:
-    """Success rate per (beta, mode, number stored, run); queries: bottom half masked."""
+def scaled_scores(queries: Tensor, patterns: Tensor, beta: float | None) -> tuple[Tensor, Tensor]:
+    """theta = b X q per query with b = beta, or Hu et al.'s b = 1000 / sum_j <x_j, q> when beta is None.
+
+    Returns (theta (n_q, N), b (n_q, 1))."""
+    scores = queries @ patterns.T
+    if beta is None:  # a query with no ink left (sum s = 0) gets theta = 0 (uniform y) and b = NaN
+        total = scores.sum(-1, keepdim=True)
+        b = torch.where(total > 0, HU_SCALE / total, float("nan"))
+        return torch.nan_to_num(b, nan=0.0) * scores, b
+    return beta * scores, torch.full((len(scores), 1), beta, dtype=scores.dtype)
+
+
+def first_step_stats(top: torch.return_types.topk, y: Tensor, k: int, margin: float | None) -> dict[str, float]:
+    """Fractions over queries (the target of query i is pattern i) of: hit (target among the k largest
+    theta), past_margin (theta_(k) - theta_(k+1) >= margin; NaN without a margin), exact (y uniform on
+    exactly k patterns, i.e. support size k) and exact_hit (both).  ``top``: theta.topk(>= k + 1)."""
+    hit = (top.indices[:, :k] == torch.arange(len(y))[:, None]).any(-1)
+    exact = support_size(y) == k
+    past = float("nan") if margin is None else \
+        ((top.values[:, k - 1] - top.values[:, k]) >= margin).double().mean().item()
+    return dict(frac_hit=hit.double().mean().item(), frac_past_margin=past,
+                frac_exact=exact.double().mean().item(), frac_exact_hit=(exact & hit).double().mean().item())
+
+
+def retrieval_success(out: Tensor, y: Tensor, patterns: Tensor, targets: Tensor, k: int,
+                      threshold: float) -> Tensor:
+    """Per query. k = 1: d_cos(q, x_target) <= threshold.  k > 1 (k-subsets retrieves an association
+    of k patterns): the target is one of the k patterns of largest weight y and d_cos(q, their mean)
+    <= threshold."""
+    if k == 1:
+        return cosine_distance(out, patterns[targets]) <= threshold
+    top = y.topk(k, dim=-1).indices
+    hit = (top == targets[:, None]).any(-1)
+    return hit & (cosine_distance(out, patterns[top].mean(1)) <= threshold)
+
+
+def criterion(mode: str) -> str:
+    """Name of what a map's success measures: the target pattern, or a k-set containing it."""
+    return "pattern" if MODE_K[mode] == 1 else f"{MODE_K[mode]}-set"
+
+
+def evaluate_maps(queries: Tensor, patterns: Tensor, beta: float | None, modes: list[str], steps: int,
+                  threshold: float) -> list[dict]:
+    """One row per map: success after ``steps`` updates q <- X^T y(theta(q)) (``layers.retrieve``'s update,
+    theta from ``scaled_scores``), the first update's ``first_step_stats`` and the mean b (beta_eff; Hu
+    et al.'s setting: over queries with a nonzero score sum).
+    Query i's target is pattern i; k-subsets is scored on the association of its last update."""
+    theta, b = scaled_scores(queries, patterns, beta)
+    top = theta.topk(max(MODE_K[m] for m in modes) + 1, dim=-1)  # shared by every map's statistics
+    targets = torch.arange(len(queries))
     rows = []
-    subsets = run_subsets(len(raw), args.runs, max(args.capacity_ns), args.seed)
+    for mode in modes:
+        y_map = sparsemax.get_map(mode, **MODE_PARAMS[mode])
+        y = y_map(theta)
+        stats = first_step_stats(top, y, MODE_K[mode], MODE_MARGIN[mode])
+        out = y @ patterns
+        for _ in range(steps - 1):
+            y = y_map(scaled_scores(out, patterns, beta)[0])
+            out = y @ patterns
+        ok = retrieval_success(out, y, patterns, targets, MODE_K[mode], threshold)
+        rows.append(dict(mode=mode, criterion=criterion(mode), success=ok.double().mean().item(), **stats,
+                         beta_eff=b.nanmean().item()))
+    return rows
+
+
+def capacity_experiment(args: argparse.Namespace, raw: Tensor, mean: Tensor) -> pd.DataFrame:
+    """Success per (setting, masked rows, mode, N stored, run); queries: the first ``max_queries``
+    stored images with their bottom rows masked.  Run r stores the first N of its own random order of
+    the 60,000 MNIST-train images (runs overlap for large N; at N = 60,000 only the queries differ)."""
+    rows = []
+    orders = run_samples(len(raw), args.runs, max(args.capacity_ns), args.seed)
     tasks = [(r, n) for r in range(args.runs) for n in args.capacity_ns]
     for run, n in tqdm(tasks, desc="fig1 capacity", leave=False):
-        stored_raw = raw[subsets[run][:n]]
-        patterns = to_pattern(stored_raw, mean)
+        stored_raw = raw[orders[run][:n]]
         n_q = min(n, args.max_queries)
-        queries = masked_query(stored_raw[:n_q], mean)
-        for beta in args.betas:
-            for mode in args.modes:
-                rate = one_step_success(queries, patterns[:n_q], patterns, beta, mode, args.steps, args.threshold)
-                rows.append(dict(beta=beta, mode=mode, n_stored=n, run=run, n_queries=n_q, success=rate))
+        for setting, beta in panel_settings(args):
+            hu = beta is None
+            patterns = stored_raw if hu else to_pattern(stored_raw, mean)
+            for mask_rows in args.mask_rows:
+                queries = mask_bottom_rows(stored_raw[:n_q], mask_rows) if hu else \
+                    masked_query(stored_raw[:n_q], mean, mask_rows)
+                for row in evaluate_maps(queries, patterns, beta, args.modes, args.steps, args.threshold):
+                    rows.append(dict(setting=setting, beta=float("nan") if hu else beta, mask_rows=mask_rows,
+                                     n_stored=n, run=run, n_queries=n_q, **row))
     return pd.DataFrame(rows)
 
 
 def noise_experiment(args: argparse.Namespace, raw: Tensor, mean: Tensor) -> pd.DataFrame:
-    """Success rate per (beta, mode, sigma, run) with ``noise_n`` stored patterns."""
+    """Success per (setting, mode, sigma, run) with ``noise_n`` stored patterns (disjoint sets per run);
+    every setting sees the same noise draw."""
     rows = []
     subsets = run_subsets(len(raw), args.runs, args.noise_n, args.seed + 1)
     tasks = [(r, s) for r in range(args.runs) for s in args.sigmas]
     for run, sigma in tqdm(tasks, desc="fig2 noise", leave=False):
         stored_raw = raw[subsets[run]]
-        patterns = to_pattern(stored_raw, mean)
         n_q = min(args.noise_n, args.max_queries)
-        generator = torch.Generator().manual_seed(args.seed * 1000 + run)
-        queries = noisy_query(stored_raw[:n_q], mean, sigma, generator)
-        for beta in args.betas:
-            for mode in args.modes:
-                rate = one_step_success(queries, patterns[:n_q], patterns, beta, mode, args.steps, args.threshold)
-                rows.append(dict(beta=beta, mode=mode, sigma=sigma, run=run, n_queries=n_q, success=rate))
+        for setting, beta in panel_settings(args):
+            hu = beta is None
+            generator = torch.Generator().manual_seed(args.seed * 1000 + run)
+            patterns = stored_raw if hu else to_pattern(stored_raw, mean)
+            queries = hu_noisy_query(stored_raw[:n_q], sigma, generator) if hu else \
+                noisy_query(stored_raw[:n_q], mean, sigma, generator)
+            for row in evaluate_maps(queries, patterns, beta, args.modes, args.steps, args.threshold):
+                rows.append(dict(setting=setting, beta=float("nan") if hu else beta, sigma=sigma, run=run,
+                                 n_queries=n_q, **row))
     return pd.DataFrame(rows)
+
+
+def capacity_table(df: pd.DataFrame, level: float) -> pd.DataFrame:
+    """Per (setting, masked rows, mode): capacity_n = the largest N of the grid whose mean success over
+    runs is >= level there and at every smaller N (0: none); first_fail_n = the smallest N below the
+    level (NaN: never below on the grid, so the capacity is at least the largest N)."""
+    rows = []
+    for (setting, mask_rows, mode), d in df.groupby(["setting", "mask_rows", "mode"], sort=False):
+        curve = d.groupby("n_stored").success.mean().sort_index()
+        failing = curve.index[curve.to_numpy() < level - 1e-9]  # 1e-9: rates like 450/500 = 0.9 pass
+        first_fail = failing.min() if len(failing) else float("nan")
+        passing = curve.index[curve.index < first_fail] if len(failing) else curve.index
+        rows.append(dict(setting=setting, mask_rows=mask_rows, mode=mode, criterion=criterion(mode), level=level,
+                         capacity_n=int(passing.max()) if len(passing) else 0, first_fail_n=first_fail,
+                         max_n=int(curve.index.max()), success_at_max_n=curve.iloc[-1]))
+    return pd.DataFrame(rows)
+
+
+def capacity_cell(row: pd.Series) -> str:
+    """Table cell: the capacity, '>= N' when never below the level, '< N' when below from the start."""
+    if math.isnan(row.first_fail_n):
+        return f">= {row.capacity_n:,}"
+    return f"< {int(row.first_fail_n):,}" if row.capacity_n == 0 else f"{row.capacity_n:,}"
+
+
+def report_table(table: pd.DataFrame) -> str:
+    """Markdown capacity table: one row per map, one column per (masked rows, setting)."""
+    settings = list(dict.fromkeys(table.setting))
+    columns = sorted(dict.fromkeys(zip(table.mask_rows, table.setting)), key=lambda c: (c[0], settings.index(c[1])))
+    header = ["map"] + [f"{m}/{IMAGE_ROWS} rows masked, {'Hu et al.' if s == HU else s.replace('beta', 'β')}"
+                        for m, s in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for mode in dict.fromkeys(table["mode"]):
+        cells = [capacity_cell(table[(table["mode"] == mode) & (table.mask_rows == m) & (table.setting == s)].iloc[0])
+                 for m, s in columns]
+        lines.append("| " + " | ".join([MODE_LABELS.get(mode, mode)] + cells) + " |")
+    return "\n".join(lines)
 
 
 def line_style(mode: str) -> dict:
@@ -222,28 +447,56 @@ def line_style(mode: str) -> dict:
                 markerfacecolor="none" if mode != "softmax" else MODE_COLORS[mode])
 
 
-def plot_success_curves(df: pd.DataFrame, x: str, xlabel: str, title: str, path: Path,
-                        modes: list[str], logx: bool = False) -> None:
-    """One panel per beta: mean +- std over runs of the success rate per mode."""
-    betas = sorted(df.beta.unique())
-    fig, axes = plt.subplots(1, len(betas), figsize=(5.2 * len(betas), 4.2), squeeze=False, sharey=True)
-    for ax, beta in zip(axes[0], betas):
-        for mode in modes:
-            stats = df[(df.beta == beta) & (df["mode"] == mode)].groupby(x).success.agg(["mean", "std"])
-            std = stats["std"].fillna(0.0)
-            ax.plot(stats.index, stats["mean"], **line_style(mode))
-            ax.fill_between(stats.index, stats["mean"] - std, stats["mean"] + std, color=MODE_COLORS[mode],
-                            alpha=0.2)
-        ax.set_title(f"{title}, $\\beta$ = {beta:g}")
-        ax.set_xlabel(xlabel)
-        if logx:
-            ax.set_xscale("log")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("retrieval success rate")
-    axes[0, -1].legend(loc="center right", fontsize=8)
+def panel_title(setting: str, d: pd.DataFrame) -> str:
+    """Fixed beta, or Hu et al.'s setting with the range of its effective beta."""
+    if setting != HU:
+        return f"$\\beta$ = {d.beta.iloc[0]:g} (centered, unit-norm patterns)"
+    lo, hi = d.beta_eff.min(), d.beta_eff.max()
+    return f"Hu et al. 2023 setting: raw pixels, $\\theta$ = 1000 s / $\\Sigma_j s_j$\n" \
+           f"($\\beta_{{eff}}$ = 1000 / $\\Sigma_j s_j$ from {lo:.2g} to {hi:.2g})"
+
+
+def success_caption(modes: list[str], threshold: float) -> str:
+    """What success means per map (figure caption)."""
+    single = ", ".join(MODE_LABELS[m] for m in modes if MODE_K[m] == 1)
+    parts = [f"{single}: cosine distance(q, target) $\\leq$ {threshold:g}"] if single else []
+    parts += [f"{MODE_LABELS[m]}: target among the {MODE_K[m]} patterns of largest weight and cosine "
+              f"distance(q, their mean) $\\leq$ {threshold:g}" for m in modes if MODE_K[m] > 1]
+    return "success = " + "; ".join(parts)
+
+
+def plot_success_panels(df: pd.DataFrame, x: str, xlabel: str, path: Path, modes: list[str], suptitle: str,
+                        threshold: float, row: str | None = None, logx: bool = False,
+                        level: float | None = None) -> None:
+    """Panels (rows: values of ``row``; columns: settings): mean +- std over runs of the success rate."""
+    settings = list(dict.fromkeys(df.setting))
+    row_values = sorted(df[row].unique()) if row else [None]
+    fig, axes = plt.subplots(len(row_values), len(settings), figsize=(4.4 * len(settings), 3.5 * len(row_values) + 0.9),
+                             squeeze=False, sharey=True)
+    for i, value in enumerate(row_values):
+        for j, setting in enumerate(settings):
+            ax = axes[i, j]
+            d = df[(df.setting == setting) & ((df[row] == value) if row else True)]
+            for mode in modes:
+                stats = d[d["mode"] == mode].groupby(x).success.agg(["mean", "std"])
+                std = stats["std"].fillna(0.0)
+                ax.plot(stats.index, stats["mean"], **line_style(mode))
+                ax.fill_between(stats.index, stats["mean"] - std, stats["mean"] + std, color=MODE_COLORS[mode],
+                                alpha=0.2)
+            if level is not None:
+                ax.axhline(level, color="grey", ls=":", lw=1)
+            ax.set_title(panel_title(setting, d), fontsize=9)
+            ax.set_xlabel(xlabel)
+            if logx:
+                ax.set_xscale("log")
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+        axes[i, 0].set_ylabel("success rate" if row is None else
+                              f"success rate\n(bottom {value} of {IMAGE_ROWS} rows masked)")
+    axes[0, -1].legend(loc="lower left", fontsize=7)
+    fig.suptitle(f"{suptitle}\n{success_caption(modes, threshold)}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -591,15 +844,20 @@ def make_figures(args: argparse.Namespace) -> list[Path]:
     def fig1():
         df = capacity_experiment(args, raw, mean)
         save(df, out_dir, "fig1_capacity", written)
-        plot_success_curves(df, "n_stored", "number of stored MNIST patterns", "memory capacity",
-                            out_dir / "fig1_capacity.png", args.modes, logx=True)
+        save(capacity_table(df, args.capacity_level), out_dir, "fig1_capacity_table", written)
+        plot_success_panels(df, "n_stored", "number of stored MNIST patterns N", out_dir / "fig1_capacity.png",
+                            args.modes, f"Memory capacity on MNIST (one update, {args.runs} runs; dotted: "
+                            f"capacity level {args.capacity_level:g})", args.threshold, row="mask_rows",
+                            logx=True, level=args.capacity_level)
         written.append(out_dir / "fig1_capacity.png")
 
     def fig2():
         df = noise_experiment(args, raw, mean)
         save(df, out_dir, "fig2_noise", written)
-        plot_success_curves(df, "sigma", "noise standard deviation $\\sigma$ (pixels in [0, 1])",
-                            f"noise robustness, N = {args.noise_n}", out_dir / "fig2_noise.png", args.modes)
+        plot_success_panels(df, "sigma", "noise standard deviation $\\sigma$ (pixels in [0, 1])",
+                            out_dir / "fig2_noise.png", args.modes,
+                            f"Noise robustness on MNIST, N = {args.noise_n} stored (one update, {args.runs} runs)",
+                            args.threshold)
         written.append(out_dir / "fig2_noise.png")
 
     def fig3():
@@ -633,28 +891,49 @@ def make_figures(args: argparse.Namespace) -> list[Path]:
         plot_energy(energy, args, out_dir / "fig6_energy.png")
         written.extend([out_dir / "fig6_sparsity.png", out_dir / "fig6_energy.png"])
 
+    start = time.perf_counter()
     makers = {"1": fig1, "2": fig2, "3": fig3, "4": fig4, "5": fig5, "6": fig6}
     for name in FIGURES:
         if name in args.figures:
             timed(name, makers[name])
     config_path = out_dir / "figures_config.json"  # timings of figures made by earlier runs are kept
     previous = json.loads(config_path.read_text()).get("timings_s", {}) if config_path.exists() else {}
-    config_path.write_text(json.dumps({**vars(args), "timings_s": {**previous, **timings}}, indent=2,
-                                      default=str))
-    written.append(out_dir / "figures_config.json")
+    record = {**run_config(args), "wall_time_s": round(time.perf_counter() - start, 2),
+              "timings_s": {**previous, **timings}, "threads_used": torch.get_num_threads(), **git_commit()}
+    config_path.write_text(json.dumps(record, indent=2, default=str))
+    written.append(config_path)
     return written
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The run's settings as logged: paths repo-relative."""
+    return {**vars(args), "out_dir": repo_relative(args.out_dir)}
+
+
+def print_report(args: argparse.Namespace) -> str:
+    """The README's capacity table, rebuilt from <out_dir>/fig1_capacity_table.csv (no computation)."""
+    path = Path(args.out_dir) / "fig1_capacity_table.csv"
+    if not path.exists():
+        raise SystemExit(f"{repo_relative(path)} not found: run `python3 Plotting.py --figures 1` first")
+    text = report_table(pd.read_csv(path))
+    print(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
+    if args.report:
+        print_report(args)
+        return []
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    training.log_config(args)
+    config = run_config(args)
+    print("config:", json.dumps(config, sort_keys=True, default=str))
     start = time.perf_counter()
     written = make_figures(args)
     print(f"done in {time.perf_counter() - start:.1f} s; wrote:")
     for path in written:
-        print(f"  {path}")
+        print(f"  {repo_relative(path)}")
     return written
 
 

@@ -7,6 +7,11 @@ The Hopfield-Fenchel-Young energy never increases along q <- X^T y(beta X q).
 """
 from __future__ import annotations
 
+import json
+import math
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -32,7 +37,7 @@ def test_every_figure_writes_png_and_csv(quick_dir):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert png.stat().st_size > 5000, name
         assert len(pd.read_csv(csv)) > 0, name
-    for extra in ("fig4_margin_summary.csv", "fig5_trajectories.csv", "fig5_attractors.csv", "fig5_summary.csv",
+    for extra in ("fig1_capacity_table.csv", "fig4_margin_summary.csv", "fig5_trajectories.csv", "fig5_attractors.csv", "fig5_summary.csv",
                   "figures_config.json"):
         assert (quick_dir / extra).stat().st_size > 0
 
@@ -40,9 +45,12 @@ def test_every_figure_writes_png_and_csv(quick_dir):
 def test_capacity_csv_covers_the_grid(quick_dir):
     args = Plotting.parse_args(["--quick"])
     df = pd.read_csv(quick_dir / "fig1_capacity.csv")
-    assert len(df) == args.runs * len(args.capacity_ns) * len(args.betas) * len(Plotting.MODES)
+    panels = Plotting.panel_settings(args)
+    assert len(panels) == len(args.betas) + 1 and panels[-1] == (Plotting.HU, None)
+    assert len(df) == args.runs * len(args.capacity_ns) * len(panels) * len(args.mask_rows) * len(Plotting.MODES)
     assert df.success.between(0, 1).all()
-    assert set(df.n_stored) == set(args.capacity_ns)
+    assert set(df.n_stored) == set(args.capacity_ns) and set(df.mask_rows) == set(args.mask_rows)
+    assert (df[df.setting != Plotting.HU].beta == df[df.setting != Plotting.HU].beta_eff).all()
 
 
 def test_noise_free_queries_of_separated_patterns_are_retrieved(quick_dir):
@@ -52,14 +60,16 @@ def test_noise_free_queries_of_separated_patterns_are_retrieved(quick_dir):
     df = pd.read_csv(quick_dir / "fig2_noise.csv")
     raw, mean = Plotting.mnist_raw("train")
     subsets = Plotting.run_subsets(len(raw), args.runs, args.noise_n, args.seed + 1)
+    bounds = []
     for beta in args.betas:
         for run in range(args.runs):
             patterns = Plotting.to_pattern(raw[subsets[run]], mean)
             n_q = min(args.noise_n, args.max_queries)
             separated = (beta * layers.separation(patterns)[:n_q] >= 1.0 + 1e-4).float().mean().item()
-            row = df[(df.beta == beta) & (df.run == run) & (df.sigma == 0) & (df["mode"] == "sparsemax")]
+            row = df[(df.setting == f"beta={beta:g}") & (df.run == run) & (df.sigma == 0) & (df["mode"] == "sparsemax")]
             assert row.success.item() >= separated - 1e-9
-            assert separated > 0.5  # the bound is not vacuous
+            bounds.append(separated)
+    assert max(bounds) > 0.5  # the bound is not vacuous
 
 
 def test_margin_threshold_is_sharp(quick_dir):
@@ -186,3 +196,154 @@ def test_energy_of_figure6_generates_the_update(mode):
     (grad,) = torch.autograd.grad(layers.energy(q, X, 3.0, mode, **params).sum(), q)
     expected = q - layers.retrieve(q, X, 3.0, mode, **params)
     assert torch.allclose(grad, expected, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures 1 and 2: what each success rate measures, and the theory beside it
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["fig1_capacity", "fig2_noise"])
+def test_one_step_theory_holds_in_every_row(quick_dir, name):
+    """Per row (one setting, map, grid point, run), after one update: y is uniform on exactly k patterns
+    iff theta_(k) - theta_(k+1) >= margin (so frac_exact == frac_past_margin); exact on a hit retrieves
+    the target (or a k-set containing it) at distance 0, so success >= frac_exact_hit; k-subsets success
+    needs the target among its k patterns, so success <= frac_hit.  Also in Hu et al.'s setting, whose
+    theta = 1000 s / sum(s) has its own effective beta per query."""
+    df = pd.read_csv(quick_dir / f"{name}.csv")
+    sparse = df[df["mode"] != "softmax"]
+    assert np.allclose(sparse.frac_exact, sparse.frac_past_margin, atol=1e-12, rtol=0)
+    assert (df.success >= df.frac_exact_hit - 1e-12).all()
+    kset = df[df["mode"] == "k_subsets"]
+    assert (kset.criterion == "2-set").all() and (df[df["mode"] != "k_subsets"].criterion == "pattern").all()
+    assert (kset.success <= kset.frac_hit + 1e-12).all()
+    assert df[df["mode"] == "softmax"].frac_past_margin.isna().all()
+    # neither bound is vacuous: both regimes occur (in Hu et al.'s setting too, for few stored patterns)
+    for setting in ("beta=100", Plotting.HU) if name == "fig1_capacity" else ("beta=100",):
+        d = sparse[sparse.setting == setting]
+        assert (d.frac_exact_hit > 0.5).any() and (d.frac_past_margin < 0.5).any(), setting
+
+
+def test_hu_setting_effective_beta_is_1000_over_the_score_sum(quick_dir):
+    """theta = 1000 s / sum_j s_j: beta_eff = 1000 / sum_j <x_j, q> on raw pixels, shrinking with N."""
+    raw, _ = Plotting.mnist_raw("train")
+    patterns, queries = raw[:50], Plotting.mask_bottom_rows(raw[:5], 14)
+    theta, b = Plotting.scaled_scores(queries, patterns, None)
+    assert torch.allclose(theta.sum(-1), torch.full((5,), 1000.0))
+    assert torch.allclose(b[:, 0], 1000.0 / (queries @ patterns.T).sum(-1))
+    assert (queries.reshape(5, 28, 28)[:, 14:] == 0).all() and torch.equal(queries[:, :14 * 28], raw[:5, :14 * 28])
+    df = pd.read_csv(quick_dir / "fig1_capacity.csv")
+    hu = df[df.setting == Plotting.HU].groupby("n_stored").beta_eff.mean().sort_index()
+    assert hu.is_monotonic_decreasing and hu.iloc[0] > 100 * hu.iloc[-1]
+    assert df[df.setting == Plotting.HU].beta.isna().all()
+
+
+def test_hu_noisy_query_is_clamped_absolute_value():
+    raw, _ = Plotting.mnist_raw("train")
+    q = Plotting.hu_noisy_query(raw[:4], 0.5, torch.Generator().manual_seed(0))
+    noise = torch.randn(raw[:4].shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(q, (raw[:4] + 0.5 * noise).abs().clamp(0, 1))
+    assert torch.equal(Plotting.hu_noisy_query(raw[:4], 0.0, torch.Generator()), raw[:4])
+
+
+def test_k_subsets_is_scored_on_its_k_set():
+    """Orthonormal patterns e_0..e_3, y = (1/2, 1/2, 0, 0): q = (e_0 + e_1)/2 retrieves the pair {0, 1}.
+    Scored as a 2-set it succeeds for targets 0 and 1 and fails for 2; scored as one pattern it would fail
+    for every target (d_cos(q, e_0) = 1 - 1/sqrt(2) = 0.29 > 0.2)."""
+    patterns = torch.eye(4, dtype=torch.float64)
+    y = torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 3, dtype=torch.float64)
+    out = y @ patterns
+    targets = torch.tensor([0, 1, 2])
+    assert Plotting.retrieval_success(out, y, patterns, targets, 2, 0.2).tolist() == [True, True, False]
+    assert Plotting.retrieval_success(out, y, patterns, targets, 1, 0.2).tolist() == [False, False, False]
+    # a broad mixture containing the target is no 2-set retrieval
+    y_broad = torch.full((1, 4), 0.25, dtype=torch.float64)
+    assert not Plotting.retrieval_success(y_broad @ patterns, y_broad, patterns, torch.tensor([0]), 2, 0.2).item()
+
+
+def test_evaluate_maps_runs_the_update_of_layers_retrieve():
+    """Success of evaluate_maps == success recomputed from layers.retrieve (fixed beta, 2 steps)."""
+    raw, mean = Plotting.mnist_raw("train")
+    patterns = Plotting.to_pattern(raw[:300], mean)
+    queries = Plotting.masked_query(raw[:40], mean, 18)
+    rows = {r["mode"]: r for r in Plotting.evaluate_maps(queries, patterns, 10.0, list(Plotting.MODES), 2, 0.2)}
+    for mode in ("softmax", "sparsemax", "normmax"):
+        out = layers.retrieve(queries, patterns, 10.0, mode, steps=2, **Plotting.MODE_PARAMS[mode])
+        expected = (Plotting.cosine_distance(out, patterns[:40]) <= 0.2).double().mean().item()
+        assert rows[mode]["success"] == pytest.approx(expected, abs=1 / 40 + 1e-9), mode  # float32 ties
+
+
+def capacity_reference(curve: pd.Series, level: float) -> int:
+    """Largest N with success >= level at N and every smaller N (straightforward loop)."""
+    capacity = 0
+    for n, success in curve.sort_index().items():
+        if success < level - 1e-9:
+            break
+        capacity = n
+    return capacity
+
+
+def test_capacity_table_matches_the_curves(quick_dir):
+    df = pd.read_csv(quick_dir / "fig1_capacity.csv")
+    table = pd.read_csv(quick_dir / "fig1_capacity_table.csv")
+    args = Plotting.parse_args(["--quick"])
+    assert len(table) == len(Plotting.panel_settings(args)) * len(args.mask_rows) * len(Plotting.MODES)
+    assert (table.level == args.capacity_level).all()
+    for row in table.itertuples():
+        d = df[(df.setting == row.setting) & (df.mask_rows == row.mask_rows) & (df["mode"] == row.mode)]
+        curve = d.groupby("n_stored").success.mean()
+        assert row.capacity_n == capacity_reference(curve, row.level), row
+        later = curve[curve.index > row.capacity_n]
+        assert math.isnan(row.first_fail_n) == (len(later) == 0)
+        if len(later):
+            assert row.first_fail_n == later.index.min() and later.iloc[0] < row.level
+    # the harder query (more rows masked) never raises the single-pattern capacity at beta = 100
+    t = table[(table.setting == "beta=100") & (table.criterion == "pattern")].set_index(["mode", "mask_rows"])
+    for mode in ("softmax", "sparsemax", "entmax", "normmax"):
+        assert t.loc[(mode, 18), "capacity_n"] <= t.loc[(mode, 14), "capacity_n"]
+
+
+def test_capacity_cells():
+    row = dict(setting="beta=3", mask_rows=14, mode="sparsemax", level=0.9)
+    table = pd.DataFrame([{**row, "capacity_n": 2000, "first_fail_n": 5000.0},
+                          {**row, "mode": "entmax", "capacity_n": 60000, "first_fail_n": float("nan")},
+                          {**row, "mode": "softmax", "capacity_n": 0, "first_fail_n": 5.0}])
+    text = Plotting.report_table(table)
+    assert text.splitlines()[0] == "| map | 14/28 rows masked, β=3 |"
+    assert "| sparsemax | 2,000 |" in text and "| 1.5-entmax | >= 60,000 |" in text and "| softmax | < 5 |" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments and output places
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, flag", [
+    (["--capacity_ns", "0"], "--capacity_ns"), (["--capacity_ns", "5", "60001"], "--capacity_ns"),
+    (["--runs", "0"], "--runs"), (["--betas=-1"], "--betas"), (["--betas", "nan"], "--betas"),
+    (["--steps", "0"], "--steps"), (["--threshold=-1"], "--threshold"), (["--threshold", "2.5"], "--threshold"),
+    (["--sigmas=-1"], "--sigmas"), (["--threads=-3"], "--threads"), (["--mask_rows", "28"], "--mask_rows"),
+    (["--capacity_level", "1.5"], "--capacity_level"), (["--max_queries", "0"], "--max_queries"),
+    (["--basin_trajectories", "7"], "--basin_trajectories"), (["--conv_beta", "0"], "--conv_beta"),
+    (["--runs", "61", "--noise_n", "1000"], "--noise_n"), (["--seed=-1"], "--seed")])
+def test_bad_arguments_are_refused_up_front(argv, flag, capsys, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exc:
+        Plotting.main(argv + ["--quick", "--out_dir", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    value = argv[-1].split("=")[-1] if "=" in argv[-1] else argv[-1]
+    assert f"argument {flag}:" in err and value in err and "allowed:" in err, err
+    assert not out.exists()  # refused before any work
+
+
+def test_smoke_runs_write_apart_from_the_committed_figures():
+    quick, full = Plotting.parse_args(["--quick"]), Plotting.parse_args([])
+    assert Plotting.repo_relative(quick.out_dir) == Plotting.SMOKE_OUT_DIR
+    assert Plotting.repo_relative(full.out_dir) == Plotting.FULL_OUT_DIR
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{Plotting.SMOKE_OUT_DIR}/fig1_capacity.png"],
+                             cwd=Plotting.REPO_DIR)
+    assert ignored.returncode == 0  # gitignored
+    assert Plotting.run_config(quick)["out_dir"] == Plotting.SMOKE_OUT_DIR  # logged repo-relative
+
+
+def test_config_records_commit_and_wall_time(quick_dir):
+    config = json.loads((quick_dir / "figures_config.json").read_text())
+    assert config["quick"] and config["wall_time_s"] > 0 and set(config["timings_s"]) == set(Plotting.FIGURES)
+    assert "git_commit" in config and "git_dirty" in config
