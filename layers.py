@@ -55,7 +55,9 @@ def association(q: Tensor, X: Tensor, beta: float, mode: str = "softmax", **map_
 
 def retrieve(q: Tensor, X: Tensor, beta: float, mode: str = "softmax", steps: int = 1,
              **map_params) -> Tensor:
-    """Run ``steps`` Hopfield updates q <- X^T y_Omega(beta X q) (batched over the leading dims of q)."""
+    """Run ``steps`` >= 0 Hopfield updates q <- X^T y_Omega(beta X q) (batched over the leading dims of q)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0 (the number of updates), got {steps!r}")
     for _ in range(steps):
         y = association(q, X, beta, mode, **map_params)
         q = torch.einsum("...n,...nd->...d", y, X) if X.dim() > 2 else y @ X
@@ -293,6 +295,7 @@ class Hopfield(nn.Module):
                 raise ValueError("gsh initial alpha must lie in (1, 2)")
             # alpha_h = 1 + sigmoid(a_h) stays in (1, 2)
             self.alpha_logit = nn.Parameter(torch.full((n_heads,), math.log((alpha0 - 1) / (2 - alpha0))))
+        sparsemax.get_map(mode, **self.map_params)  # a misspelled or foreign map parameter is an error
         if init_std is not None:
             self._init_normal(init_std)
         # today's layer (all options at their defaults) may take the folded path of ``forward``
@@ -440,7 +443,7 @@ class Hopfield(nn.Module):
         w_v, b_v = self.v_proj.weight.view(h, d, -1), self.v_proj.bias.view(1, h, 1, d)
 
         def weights_of(state: Tensor) -> Tensor:  # heads x states as one (B, H S, .) batch: no broadcast copies
-            folded = torch.einsum("bhsd,hde->bhse", state, w_k).reshape(b, h * s, -1)
+            folded = torch.einsum("bhsd,hde->bhse", state, w_k).flatten(1, 2)
             scores = ((folded @ stored.transpose(-1, -2)).view(b, h, s, n)
                       + (state * b_k).sum(-1, keepdim=True)) * self.scale
             if pad is not None:
@@ -448,7 +451,7 @@ class Hopfield(nn.Module):
             return self._normalize(scores)
 
         def read(a: Tensor, w: Tensor, bias: Tensor) -> Tensor:
-            pooled = (a.reshape(b, h * s, n) @ stored).view(b, h, s, -1)
+            pooled = (a.reshape(b, h * s, n) @ stored).unflatten(1, (h, s))
             return torch.einsum("bhse,hde->bhsd", pooled, w) + a.sum(-1, keepdim=True) * bias
 
         for _ in range(self.update_steps - 1):
@@ -477,7 +480,7 @@ class Hopfield(nn.Module):
             q, k, v = self._project(R, Y, P)
             weights = self._associate(q, k, bias)
             z = self.dropout(weights) @ v
-        out = self.out_proj(z.transpose(1, 2).reshape(R.shape[0], R.shape[1], -1))
+        out = self.out_proj(z.transpose(1, 2).flatten(2))  # flatten, not reshape(-1): a batch of 0 works
         out = out if self.batch_first else out.transpose(0, 1)
         return (out, weights) if return_weights else out
 
@@ -565,6 +568,8 @@ class HopfieldPooling(nn.Module):
                  dropout: float = 0.0, mode: str = "softmax", scale: float | Tensor | None = None,
                  num_pattern: int = 1, **kwargs) -> None:
         super().__init__()
+        if num_pattern < 1:
+            raise ValueError(f"num_pattern must be >= 1 (learned queries), got {num_pattern}")
         self.query = nn.Parameter(0.02 * torch.randn(1, num_pattern, d_model))
         self.hopfield = Hopfield(d_model, n_heads=n_heads, mode=mode, scale=scale,
                                  update_steps=update_steps, dropout=dropout, mix=mix, **kwargs)
@@ -597,6 +602,8 @@ class HopfieldLayer(nn.Module):
         if not (lookup_targets_as_trainable or lookup_weights_as_separated):
             raise ValueError("lookup_targets_as_trainable=False needs lookup_weights_as_separated=True: "
                              "otherwise the targets are the (trainable) stored patterns themselves")
+        if num_stored < 1:
+            raise ValueError(f"num_stored must be >= 1 (trainable stored patterns), got {num_stored}")
         width = kwargs.get("stored_pattern_size") or d_model
         self.stored = nn.Parameter(torch.randn(1, num_stored, width) / math.sqrt(width))
         self.hopfield = Hopfield(d_model, n_heads=n_heads, mode=mode, scale=scale,
