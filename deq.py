@@ -46,11 +46,11 @@ def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
 def flatten_state(z: State) -> tuple[Tensor, Any]:
     """(B, ...) tensor or tuple/list of (B, ...) tensors -> ((B, D) tensor, spec to undo it)."""
     if isinstance(z, Tensor):
-        flat = z.reshape(z.shape[0], -1) if z.dim() >= 2 else z.reshape(1, -1)
+        flat = z.flatten(1) if z.dim() >= 2 else z.reshape(1, -1)  # flatten: also a batch of 0
         return flat, ("tensor", z.shape)
     parts = list(z)
     shapes = [p.shape for p in parts]
-    flat = torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+    flat = torch.cat([p.flatten(1) for p in parts], dim=1)
     return flat, (type(z), shapes)
 
 
@@ -83,7 +83,7 @@ def _finish_stats(stats: dict, start: float, tol: float | None) -> dict:
     stats["seconds"] = time.perf_counter() - start
     last = stats["residuals_per_sample"][-1] if stats["residuals_per_sample"] is not None else None
     stats["converged"] = bool(tol is not None and last is not None and bool((last < tol).all()))
-    stats["final_residual"] = float(last.max()) if last is not None else float("nan")
+    stats["final_residual"] = float(last.max()) if last is not None and last.numel() else float("nan")
     return stats
 
 
@@ -131,7 +131,9 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: floa
     measurably slows AA on the Hopfield nets), that iterate is rejected, the sample's history is cleared and it takes the plain Picard step
     x_{k+1} = f(x_ref) from its last accepted iterate x_ref instead (accepted unconditionally); no
     extra f call is needed. Returns f(x_K) for the last iterate x_K; residual logging and early stop
-    as in ``picard`` (one f call per iteration).
+    as in ``picard`` (one f call per iteration). Under grad mode the history is updated out of place,
+    so autograd can backpropagate through the iterations (``fixed_point(backward='unroll',
+    backward_solver='anderson')``, hopdeq's 'backprop' with solver 'anderson').
     """
     stats = _new_stats() if stats is None else stats
     start = time.perf_counter()
@@ -143,6 +145,7 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: floa
     x, gx = z0, z0
     ref_g, ref_res = None, None  # image and residual of the last accepted iterate, per sample
     check = torch.zeros(bsz, dtype=torch.bool, device=z0.device)  # was the last step an Anderson step?
+    grad = torch.is_grad_enabled()
     for k in range(max_iter):
         gx = f(x)
         res = relative_residual(x, gx)
@@ -155,16 +158,16 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: floa
             accept = ~reject
             ref_g = torch.where(accept[:, None], gx, ref_g)
             ref_res = torch.where(accept, res, ref_res)
-            f_hist[:, slot] = torch.where(accept[:, None], gx - x, f_hist[:, slot])
-            g_hist[:, slot] = torch.where(accept[:, None], gx, g_hist[:, slot])
+            f_hist = _set_slot(f_hist, slot, torch.where(accept[:, None], gx - x, f_hist[:, slot]), grad)
+            g_hist = _set_slot(g_hist, slot, torch.where(accept[:, None], gx, g_hist[:, slot]), grad)
             valid[reject] = False
             valid[:, slot] |= accept
             x = torch.where(reject[:, None], ref_g, _anderson_mix(f_hist, g_hist, valid, lam, eye))
             check = accept & (valid.sum(1) > 1)
         else:  # fast path: every sample accepted its step
             ref_g, ref_res = gx, res
-            f_hist[:, slot] = gx - x
-            g_hist[:, slot] = gx
+            f_hist = _set_slot(f_hist, slot, gx - x, grad)
+            g_hist = _set_slot(g_hist, slot, gx, grad)
             valid[:, slot] = True
             x = _anderson_mix(f_hist, g_hist, valid, lam, eye)
             check = valid.sum(1) > 1  # a one-slot mix is a Picard step: always accepted
@@ -172,9 +175,20 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: floa
     return gx
 
 
+def _set_slot(hist: Tensor, slot: int, value: Tensor, out_of_place: bool) -> Tensor:
+    """hist[:, slot] = value, on a copy when autograd needs the old history (grad mode)."""
+    if out_of_place:
+        hist = hist.clone()
+    hist[:, slot] = value
+    return hist
+
+
 def _anderson_mix(f_hist: Tensor, g_hist: Tensor, valid: Tensor, lam: float, eye: Tensor) -> Tensor:
     """x = sum_i alpha_i g_i, alpha = argmin ||F^T alpha|| s.t. 1^T alpha = 1 over valid slots only
-    (f_hist holds the residuals F_i = g_i - x_i)."""
+    (f_hist holds the residuals F_i = g_i - x_i). The weights alpha are constants for autograd: near
+    a fixed point the residuals are rounding noise and d alpha / dF ~ 1 / ||F|| (NaN or garbage), so
+    unrolled Anderson steps differentiate x = sum_i alpha_i g_i through the images g_i only."""
+    f_hist = f_hist.detach()
     gram = f_hist @ f_hist.transpose(1, 2)                      # (B, m, m)
     vf = valid.to(gram.dtype)
     mask2 = vf.unsqueeze(2) * vf.unsqueeze(1)
@@ -238,12 +252,16 @@ def _attach_implicit_grad(f: Callable[[Tensor], Tensor], z_star: Tensor, solver:
     return z_out
 
 
-def _unroll(f: Callable[[Tensor], Tensor], z_star: Tensor, steps: int) -> Tensor:
-    """Recurrent backprop: apply f ``steps`` >= 1 times with grad, starting at the detached z*."""
+def _unroll(f: Callable[[Tensor], Tensor], z_star: Tensor, steps: int, solver: str = "picard",
+            m: int = 5) -> Tensor:
+    """Recurrent backprop: ``steps`` >= 1 iterations of ``solver`` with grad, started at the detached
+    z* (picard: z <- f(z); anderson: Anderson steps, differentiated through the mixing as well)."""
     z = z_star.detach()
-    for _ in range(max(1, steps)):
-        z = f(z)
-    return z
+    if solver == "picard":
+        for _ in range(max(1, steps)):
+            z = f(z)
+        return z
+    return solve(f, z, solver, max(1, steps), None, m=m)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,8 +284,9 @@ def fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, solver: str = "anders
         backward: 'implicit' -> returned z* = f_d(z*) carries a hook that solves the adjoint fixed point
             g = J^T g + v (J = df_d/dz at z*) with ``backward_solver`` (default: ``solver``) for up to
             ``backward_iter`` iterations / ``backward_tol``; 'unroll' -> backprop through
-            ``backward_iter`` applications of f_d started at the detached fixed point (truncated
-            Neumann series of the implicit gradient). Without grad mode both just return z*.
+            ``backward_iter`` iterations of ``backward_solver`` (default: Picard steps z <- f_d(z), a
+            truncated Neumann series of the implicit gradient; 'anderson': Anderson steps) started at
+            the detached fixed point. Without grad mode both just return z*.
         damping: d in [0, 1).
     Returns:
         (z_star, stats) with z_star of z0's shape and stats = dict(residuals: list[float] mean relative
@@ -277,6 +296,9 @@ def fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, solver: str = "anders
     """
     if backward not in ("implicit", "unroll"):
         raise ValueError(f"backward must be 'implicit' or 'unroll', got {backward!r}")
+    for name, value in (("solver", solver), ("backward_solver", backward_solver or solver)):
+        if value not in SOLVERS:
+            raise ValueError(f"unknown {name} {value!r}; choose from {SOLVERS}")
     flat0, spec = flatten_state(z0)
 
     def f_undamped(zf: Tensor) -> Tensor:
@@ -292,7 +314,7 @@ def fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, solver: str = "anders
             z_star = _attach_implicit_grad(f_flat, z_star, backward_solver or solver, backward_iter,
                                            backward_tol, m, stats)
         else:
-            z_star = _unroll(f_flat, z_star, backward_iter)
+            z_star = _unroll(f_flat, z_star, backward_iter, backward_solver or "picard", m)
     return unflatten_state(z_star, spec), stats
 
 
@@ -308,10 +330,12 @@ class DEQ(nn.Module):
         z_init: initial state (batch dim may be 1 and is then broadcast to the input's batch size), or
             None when every call passes its own ``z_init``.
         forward_kwargs: dict(solver='anderson'|'picard', iter=40, tol=None, m=5).
-        backward_kwargs: dict(solver='picard', iter=8, method='backprop'|'full_adjoint', tol=None).
-            'backprop': recurrent backprop through ``iter`` damped Picard steps from the detached z*
-            (the solver must be 'picard'); 'full_adjoint': implicit differentiation, the adjoint
-            fixed point g = J^T g + v solved by ``solver`` for ``iter`` iterations.
+        backward_kwargs: dict(solver='picard'|'anderson', iter=8, method='backprop'|'full_adjoint',
+            tol=None). 'backprop' (as in hopdeq): backpropagation through ``iter`` iterations of
+            ``solver`` on the damped map, started at the detached z* (Picard steps, or Anderson steps
+            differentiated through their mixing: hopdeq's default {"solver": "anderson", "iter": 8,
+            "method": "backprop"} runs unchanged); 'full_adjoint': implicit differentiation, the
+            adjoint fixed point g = J^T g + v solved by ``solver`` for ``iter`` iterations.
         damping_factor: d in f_d(z) = d z + (1 - d) f(Ux, z).
     After each call ``last_stats`` holds the forward solver's stats (see ``fixed_point``).
     """
@@ -327,8 +351,9 @@ class DEQ(nn.Module):
                                 **(backward_kwargs or {})}
         if self.backward_kwargs["method"] not in ("backprop", "full_adjoint"):
             raise ValueError(f"unknown backward method {self.backward_kwargs['method']!r}")
-        if self.backward_kwargs["method"] == "backprop" and self.backward_kwargs["solver"] != "picard":
-            raise ValueError("method='backprop' unrolls Picard steps; use backward solver 'picard'")
+        for kind, kw in (("forward", self.forward_kwargs), ("backward", self.backward_kwargs)):
+            if kw["solver"] not in SOLVERS:
+                raise ValueError(f"unknown {kind} solver {kw['solver']!r}; choose from {SOLVERS}")
         damped(lambda z: z, damping_factor)  # validates the range
         self.damping_factor = damping_factor
         self.last_stats: dict = {}

@@ -44,6 +44,7 @@ uses the *unscaled* marginals (sum k) as pattern weights: ``scripts/utils.py`` (
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable
 
@@ -67,22 +68,75 @@ SEQUENTIAL_TRANSITION_DEFAULT = 100.0
 _MAX_NEWTON = 100
 
 
-def _tol(dtype: torch.dtype) -> float:
-    return 1e-13 if dtype == torch.float64 else 1e-6
+# --------------------------------------------------------------------------------------------------
+# Argument checks (before any work) and helpers: normalized dim last, masked / NaN rows
+# --------------------------------------------------------------------------------------------------
+def _check_scores(x: Tensor, name: str) -> None:
+    """x must be a floating-point tensor (int / bool scores have no simplex weights in their dtype)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name}: x must be a floating-point tensor (float16, bfloat16, float32, float64), "
+                        f"got {x.dtype}; convert it, e.g. x.float()")
 
 
-# --------------------------------------------------------------------------------------------------
-# Helpers: move the normalized dim last and handle fully masked rows
-# --------------------------------------------------------------------------------------------------
-def _rows_and_max(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Return (x with fully masked rows set to 0, row max, empty-row mask or None)."""
+def _check_alpha(alpha: float, name: str, strict: bool) -> float:
+    """A finite float alpha >= 1 (strict: > 1)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name}: alpha must be a float (or a tensor for entmax), got {type(alpha).__name__}")
+    alpha = float(alpha)
+    ok = math.isfinite(alpha) and (alpha > 1 if strict else alpha >= 1)
+    if not ok:
+        raise ValueError(f"{name}: alpha must be {'>' if strict else '>='} 1 and finite, got {alpha}")
+    return alpha
+
+
+def _check_k(k, name: str, n: int | None = None) -> int:
+    """k: an integer in [1, n] (n = the size of the normalized dim; None: not known yet; 0: empty input)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{name}: k must be a positive integer (the size of the selected subsets), "
+                        f"got {k!r} ({type(k).__name__})")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"{name}: k must be a positive integer, got {k}")
+    if n and k > n:
+        raise ValueError(f"{name}: k={k} exceeds the {n} entries along the normalized dim (k <= n)")
+    return k
+
+
+def _check_normalize(normalize, name: str) -> bool:
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise TypeError(f"{name}: normalize must be True or False, got {normalize!r}")
+    return bool(normalize)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 / bfloat16 rows are solved (and differentiated) in float32, others in their dtype."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _rows_and_max(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(x with fully masked and NaN rows set to 0, row max (0 there), mask of those rows or None,
+    mask of the NaN rows or None). amax propagates NaN, so the NaN rows cost no extra pass."""
     m = x.amax(-1, keepdim=True)
-    empty = torch.isneginf(m)
-    if bool(empty.any()):
-        x = x.masked_fill(empty, 0.0)
-        m = m.masked_fill(empty, 0.0)
-        return x, m, empty
-    return x, m, None
+    special = torch.isneginf(m) | torch.isnan(m)
+    if bool(special.any()):
+        nan = torch.isnan(m)
+        x = x.masked_fill(special, 0.0)
+        m = m.masked_fill(special, 0.0)
+        return x, m, special, nan if bool(nan.any()) else None
+    return x, m, None, None
+
+
+def _nan_rows(y: Tensor) -> Tensor | None:
+    """Mask (B, 1) of the rows of a map's output that are NaN (a NaN row is NaN in every entry), or None."""
+    nan = torch.isnan(y[:, :1])
+    return nan if bool(nan.any()) else None
+
+
+def _with_nan(t: Tensor, nan: Tensor | None) -> Tensor:
+    """t with the rows of ``nan`` set to NaN (NaN in -> NaN out, also for gradients)."""
+    return t if nan is None else t.masked_fill(nan, float("nan"))
 
 
 # CPU tensors go through the compiled kernels of sparsemax_kernels.py (the same exact solvers, one pass
@@ -92,8 +146,8 @@ CPU_KERNELS = _K is not None
 
 
 def _on_kernels(x: Tensor) -> bool:
-    """Run this (B, n) tensor through the numba kernels?"""
-    return CPU_KERNELS and x.is_cpu and (x.dtype == torch.float32 or x.dtype == torch.float64)
+    """Run this (B, n) tensor through the numba kernels? (float16 / bfloat16 rows: in float32.)"""
+    return CPU_KERNELS and x.is_cpu and x.dtype.is_floating_point
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -101,8 +155,9 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def _kernel_out(x: Tensor, kernel: Callable, *args) -> Tensor:
-    """out = empty like x; kernel(x, out, *args) on numpy views; returns out as a tensor."""
-    xn = _np(x)
+    """out = empty like x; kernel(x, out, *args) on numpy views (16-bit x: on a float32 copy);
+    returns out as a tensor (float32 for 16-bit x)."""
+    xn = _np(x.to(_work_dtype(x.dtype)))
     out = np.empty_like(xn)
     kernel(xn, out, *args)
     return torch.from_numpy(out)
@@ -117,18 +172,28 @@ def _kernel_vjp(y: Tensor, g: Tensor, kernel: Callable, *args) -> Tensor:
 
 
 def _apply_last(fn: Callable[[Tensor], Tensor], x: Tensor, dim: int) -> Tensor:
-    """Apply fn (normalizing the last dim of a 2-d tensor) along ``dim`` of x."""
+    """Apply fn (normalizing the last dim of a 2-d tensor) along ``dim`` of x; empty x -> empty output."""
+    if x.numel() == 0:
+        x.movedim(dim, -1)  # validates dim
+        return x * 0  # same shape and dtype, still attached to autograd
     if dim == -1 or dim == x.dim() - 1:  # no movedim (and no reshape for 2-d x): fewer autograd nodes
         return fn(x) if x.dim() == 2 else fn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
     xl = x.movedim(dim, -1)
     return fn(xl.reshape(-1, xl.shape[-1])).reshape(xl.shape).movedim(-1, dim)
 
 
-class _DenseRows:
-    """Row reductions over the last dim of a (B, n) tensor (held in float64)."""
+def _shifted(z: Tensor, shift: Tensor, scale: float | Tensor) -> Tensor:
+    """(z - shift) * scale in float64 (shift: the row max, (B, 1) float64). The subtraction is exact for
+    the entries within a factor 2 of the shift, i.e. the ones near the root, at any offset."""
+    z = z.double() - shift
+    return z * scale if isinstance(scale, Tensor) or scale != 1.0 else z
 
-    def __init__(self, z: Tensor, scale: float = 1.0):
-        self.z = z.double() * scale if isinstance(scale, Tensor) or scale != 1.0 else z.double()
+
+class _DenseRows:
+    """Row reductions over the last dim of a (B, n) tensor, held shifted in float64: (z - shift) * scale."""
+
+    def __init__(self, z: Tensor, scale: float | Tensor, shift: Tensor):
+        self.z = _shifted(z, shift, scale)
 
     def sum(self, v: Tensor) -> Tensor:
         return v.sum(-1, keepdim=True)
@@ -212,14 +277,13 @@ class _CompactRows:
     iterating on the candidates only costs O(B L) per step instead of O(B n), with plain dense row
     reductions."""
 
-    def __init__(self, z: Tensor, flat: Tensor | None, scale: float | Tensor = 1.0,
+    def __init__(self, z: Tensor, flat: Tensor | None, scale: float | Tensor, shift: Tensor,
                  packed: tuple[Tensor, Tensor] | None = None):
-        """flat: flat indices of the candidates in z, or packed = (values, columns) already."""
+        """flat: flat indices of the candidates in z, or packed = (values, columns) already; the values
+        are held as (z - shift) * scale in float64."""
         self.B, self.n = z.shape
         self.z, self.cols = packed if packed is not None else _pack_rows(z, None, flat, float("-inf"))
-        self.z = self.z.double()
-        if isinstance(scale, Tensor) or scale != 1.0:
-            self.z = self.z * scale
+        self.z = _shifted(self.z, shift, scale)
 
     def shrink(self, lo: Tensor, n_above: Tensor | None = None) -> None:
         """Drop the candidates <= lo (a new lower bound of tau) once the widest row would halve.
@@ -251,25 +315,25 @@ _COMPACT_MIN_SIZE = 1 << 15  # below this many entries the dense loop is cheaper
 _COMPACT_MAX_FRACTION = 0.25
 
 
-def _rows_for(z: Tensor, lo: Tensor, scale: float | Tensor = 1.0, bm: Tensor | None = None):
-    """Rows of scale * z (float64) as a packed list of the entries above lo when that is much
-    smaller than z (scale > 0, a float or a per-row (B, 1) tensor), else densely.
+def _rows_for(z: Tensor, lo: Tensor, scale: float | Tensor, shift: Tensor, bm: Tensor | None = None):
+    """Rows of (z - shift) * scale (float64) as a packed list of the entries above lo when that is
+    much smaller than z (scale > 0, a float or a per-row (B, 1) tensor), else densely.
 
     bm: block maxima of z (see _block_max): only the blocks whose max is above lo are scanned."""
     if z.numel() < _COMPACT_MIN_SIZE:
-        return _DenseRows(z, scale)
+        return _DenseRows(z, scale, shift)
     z2 = z.reshape(-1, z.shape[-1])
     thr = lo.reshape(-1, 1) / scale if isinstance(scale, Tensor) or scale != 1.0 else lo.reshape(-1, 1)
-    if z.dtype != torch.float64:  # compare in z's dtype with a threshold lowered by a few ulps
-        thr = (thr - (thr.abs() + 1.0) * (8 * torch.finfo(z.dtype).eps)).to(z.dtype)
+    thr = thr + shift.reshape(-1, 1)  # in z's coordinates; compared in z's dtype, lowered by a few ulps
+    thr = (thr - (thr.abs() + 1.0) * (8 * torch.finfo(z.dtype).eps)).to(z.dtype)
     if bm is not None:
         packed = _candidates_in_blocks(z2, thr, bm)
         if packed is not None:
-            return _CompactRows(z2, None, scale, packed)
+            return _CompactRows(z2, None, scale, shift, packed)
     flat = (z2 > thr).reshape(-1).nonzero().squeeze(1)
     if flat.numel() > _COMPACT_MAX_FRACTION * z.numel():
-        return _DenseRows(z, scale)
-    return _CompactRows(z2, flat, scale)
+        return _DenseRows(z, scale, shift)
+    return _CompactRows(z2, flat, scale, shift)
 
 
 def _candidates_in_blocks(z: Tensor, thr: Tensor, bm: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -350,17 +414,19 @@ def _subset_bound(z: Tensor, solve: Callable[[Tensor, Tensor], Tensor], need: in
 
 
 def _sparsemax_tau(z: Tensor, m: Tensor, dense: bool = False):
-    """tau with sum_i [z_i - tau]_+ = 1 (Michelot's algorithm = Newton from a lower bound:
-    tau_0 = max(max - 1, subset bound)).
+    """tau with sum_i [z_i - m - tau]_+ = 1, m the row max: the threshold of the shifted scores z - m
+    (as every solver here: exact at any offset). Michelot's algorithm = Newton from a lower bound:
+    tau_0 = max(-1, subset bound).
 
     tau_{t+1} = (sum_{i in S_t} z_i - 1) / |S_t| with S_t = {z_i > tau_t}; S_t shrinks monotonically
     and tau_t is exact as soon as |S_{t+1}| = |S_t| (finite termination).
     """
-    tau = m.double() - 1.0
+    m = m.double()
+    tau = torch.full_like(m, -1.0)
     lb, bm = (None, None) if dense else _subset_bound(z, lambda s, sm: _sparsemax_tau(s, sm, dense=True)[0])
     if lb is not None:
         tau = torch.maximum(tau, lb)
-    R = _DenseRows(z) if dense else _rows_for(z, tau, 1.0, bm)
+    R = _DenseRows(z, 1.0, m) if dense else _rows_for(z, tau, 1.0, m, bm)
     cnt_prev = None
     for _ in range(z.shape[-1] + 2):
         r = (R.z - R.bc(tau)).clamp_min_(0.0)
@@ -374,7 +440,7 @@ def _sparsemax_tau(z: Tensor, m: Tensor, dense: bool = False):
 
 
 def _quadratic_tau(z: Tensor, m: Tensor, scale: float = 1.0, dense: bool = False):
-    """tau with sum_i [z_i - tau]_+^2 = 1 (1.5-entmax on z = x/2; 2-normmax on z = x).
+    """tau with sum_i [scale (z_i - m) - tau]_+^2 = 1, m the row max (1.5-entmax: scale 1/2; 2-normmax: 1).
 
     Safeguarded iteration on F(tau) = sum [z - tau]_+^2, convex and decreasing. From any point t the
     next one is the smaller root of sum_{i in S(t)} (z_i - t')^2 = 1: from a lower bound (F(t) >= 1,
@@ -384,12 +450,13 @@ def _quadratic_tau(z: Tensor, m: Tensor, scale: float = 1.0, dense: bool = False
     point whose support equals the one it was computed from is the exact solution, which ends the
     iteration (finite termination in practice; capped).
     """
-    lo = m.double() * scale - 1.0  # tau for scale * z
+    m = m.double()
+    lo = torch.full_like(m, -1.0)  # tau for scale * (z - m)
     lb, bm = (None, None) if dense else _subset_bound(z, lambda s, sm: _quadratic_tau(s, sm, scale, dense=True)[0])
     if lb is not None:
         lo = torch.maximum(lo, lb)
     t = lo
-    R = _DenseRows(z, scale) if dense else _rows_for(z, lo, scale, bm)
+    R = _DenseRows(z, scale, m) if dense else _rows_for(z, lo, scale, m, bm)
     from_closed = torch.zeros_like(lo, dtype=torch.bool)
     cnt_src = torch.zeros_like(lo)
     done = torch.zeros_like(lo, dtype=torch.bool)
@@ -422,52 +489,50 @@ def _quadratic_tau(z: Tensor, m: Tensor, scale: float = 1.0, dense: bool = False
 
 
 def _power_tau(z: Tensor, m: Tensor, p: Tensor | float, scale: float | Tensor = 1.0, dense: bool = False):
-    """tau with F(tau) = sum_i [z_i - tau]_+^p = 1, p > 0 (scalar or per row).
+    """tau with F(tau) = sum_i [scale (z_i - m) - tau]_+^p = 1, p > 0 (scalar or per row), m the row max,
+    to the last float: tau = the largest float t with F(t) >= 1 (an entry exactly at the support
+    boundary gets weight exactly 0 however large alpha is; ``sparsemax_kernels._power_tau`` alike).
 
     Newton on G(tau) = F(tau)^{1/p} = ||[z - tau]_+||_p, which is convex and decreasing for p >= 1
-    (so the iterates from the lower bound max - 1 increase monotonically to the root, quadratically
-    near it, and G is exactly linear while only one entry is positive). Steps leaving the bracket
-    [max - 1, max - n^{-1/p}] (F >= 1 resp. F <= 1 there; possible for p < 1) fall back to bisection.
-    Stops when |F - 1| <= tol for every row.
+    (so the iterates from a lower bound increase monotonically to the root, quadratically near it, and
+    G is exactly linear while only one entry is positive), at least one ulp up per step from the lower
+    end. Steps leaving the bracket [lo, hi] (F(lo) >= 1 >= F(hi), from [-1, -n^{-1/p}]; possible for
+    p < 1) fall back to bisection. A row ends when F(t) = 1 exactly or lo and hi are adjacent floats.
     """
     n = z.shape[-1]
-    m = m.double() * scale  # max of scale * z
+    m = m.double()
     p = p.double() if isinstance(p, Tensor) else p
-    lo = m - 1.0
-    hi = m - (1.0 / n) ** (1.0 / p) if not isinstance(p, Tensor) else m - torch.pow(1.0 / n, 1.0 / p)
+    lo = torch.full_like(m, -1.0)
+    hi = torch.full_like(m, -(1.0 / n) ** (1.0 / p)) if not isinstance(p, Tensor) else -torch.pow(1.0 / n, 1.0 / p).expand_as(m)
     lb, bm = (None, None) if dense else _subset_bound(z, lambda s, sm: _power_tau(s, sm, p, scale, dense=True)[0])
     if lb is not None:
         lo = torch.minimum(torch.maximum(lo, lb), hi)
     t = lo.clone()
-    R = _DenseRows(z, scale) if dense else _rows_for(z, lo, scale, bm)
+    R = _DenseRows(z, scale, m) if dense else _rows_for(z, lo, scale, m, bm)
     pc = R.bc(p)
-    tol = _tol(torch.float64)
     tiny = torch.finfo(torch.float64).tiny
     done = torch.zeros_like(t, dtype=torch.bool)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=m.device)
     for _ in range(_MAX_NEWTON):
         r = (R.z - R.bc(t)).clamp_min(0.0)
         rp = r.pow(pc)
         f = R.sum(rp)
-        err = f - 1.0
-        done = done | (err.abs() <= tol)
+        above = f > 1.0
+        lo = torch.where(~done & (f >= 1.0), t, lo)  # t >= lo: the largest point with F >= 1 so far
+        hi = torch.where(~done & ~above, torch.minimum(hi, t), hi)
+        up = torch.nextafter(lo, inf)
+        done = done | (f == 1.0) | (hi <= up)
         if bool(done.all()):
             break
         s1 = R.sum(torch.where(r > 0, rp / r, 0.0))  # sum r^{p-1} = -F'(tau) / p
         g = f.pow(1.0 / p)
         nxt = t + (g - 1.0) * f / (g * s1).clamp_min(tiny)
-        lo = torch.where(err >= 0, torch.maximum(lo, t), lo)
-        hi = torch.where(err <= 0, torch.minimum(hi, t), hi)
-        bad = ~((nxt > lo) & (nxt < hi)) | ~torch.isfinite(nxt)
-        # no representable progress left (Newton step or bracket within a few ulps): t is as exact as
-        # the dtype allows
-        ulps = 4 * torch.finfo(torch.float64).eps * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
-        done = done | (~bad & ((nxt - t).abs() <= ulps)) | ((hi - lo) <= ulps)
-        nxt = torch.where(bad, 0.5 * (lo + hi), nxt)
-        done = done | (nxt == t)
+        nxt = torch.where(above, torch.maximum(nxt, up), nxt)
+        nxt = torch.where((nxt > lo) & (nxt < hi), nxt, 0.5 * (lo + hi))  # NaN -> bisection too
         t = torch.where(done, t, nxt)
         R.shrink(lo)
         pc = R.bc(p)
-    return t, R
+    return lo, R
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,11 +540,43 @@ def _power_tau(z: Tensor, m: Tensor, p: Tensor | float, scale: float | Tensor = 
 # --------------------------------------------------------------------------------------------------
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
     """y_i = exp(x_i) / sum_j exp(x_j)  (Omega = negative Shannon entropy)."""
+    _check_scores(x, "softmax")
+    if x.numel() == 0:
+        return _apply_last(None, x, dim)
     m = x.amax(dim, keepdim=True)
     empty = torch.isneginf(m)
     if bool(empty.any()):
         return torch.softmax(x.masked_fill(empty, 0.0), dim).masked_fill(empty, 0.0)
     return torch.softmax(x, dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# shared forward / backward plumbing of the threshold maps
+# --------------------------------------------------------------------------------------------------
+def _save(ctx, x: Tensor, *tensors: Tensor, kernel: bool, nan: Tensor | None) -> None:
+    """Record the path, the input dtype and the NaN rows; save the tensors the backward needs."""
+    ctx.kernel, ctx.dtype, ctx.nan = kernel, x.dtype, nan
+    ctx.save_for_backward(*tensors)
+
+
+def _kernel_forward(ctx, x: Tensor, kernel: Callable, *args, extra: tuple = ()) -> Tensor:
+    """y = kernel(x, *args) on the numba path; saves y (float32 for 16-bit x) and ``extra``."""
+    y = _kernel_out(x, kernel, *args)
+    _save(ctx, x, y, *extra, kernel=True, nan=_nan_rows(y))
+    return y.to(x.dtype)
+
+
+def _grad_out(ctx, dx: Tensor) -> Tensor:
+    """The input gradient in the input's dtype, NaN on the rows that were NaN."""
+    return _with_nan(dx, ctx.nan).to(ctx.dtype)
+
+
+def _torch_output(ctx, x: Tensor, sup, y: Tensor, nan: Tensor | None, *extra: Tensor) -> Tensor:
+    """Torch path: save y (support layout, work dtype) and return it dense in x's dtype."""
+    y = y.to(_work_dtype(x.dtype))
+    ctx.sup = sup
+    _save(ctx, x, y, *extra, kernel=False, nan=nan)
+    return _with_nan(sup.dense(y), nan).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -490,32 +587,28 @@ class _Sparsemax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        ctx.kernel = _on_kernels(x)
-        if ctx.kernel:
-            y = _kernel_out(x, _K.sparsemax_forward)
-            ctx.save_for_backward(y)
-            return y
-        x, m, empty = _rows_and_max(x)
-        tau, R = _sparsemax_tau(x, m)
+        if _on_kernels(x):
+            return _kernel_forward(ctx, x, _K.sparsemax_forward)
+        xs, m, empty, nan = _rows_and_max(x)
+        tau, R = _sparsemax_tau(xs, m)
         sup, r = R.support(tau, empty)
-        ctx.sup = sup
-        ctx.save_for_backward(r.to(x.dtype))
-        return sup.dense(r.to(x.dtype))
+        return _torch_output(ctx, x, sup, r, nan)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
         if ctx.kernel:
-            return _kernel_vjp(y, g, _K.support_mean_backward, 0.0, np.inf)
+            return _grad_out(ctx, _kernel_vjp(y, g, _K.support_mean_backward, 0.0, np.inf))
         sup = ctx.sup
         s = torch.sign(y)
-        gs = sup.take(g) * s
+        gs = sup.take(g.to(y.dtype)) * s
         v = sup.sum(gs) / sup.sum(s).clamp_min(1.0)
-        return sup.dense(gs - sup.bc(v) * s)
+        return _grad_out(ctx, sup.dense(gs - sup.bc(v) * s))
 
 
 def sparsemax(x: Tensor, dim: int = -1) -> Tensor:
     """y = argmin_{y in simplex} ||y - x||^2 = [x - tau]_+  (Martins & Astudillo, 2016)."""
+    _check_scores(x, "sparsemax")
     return _apply_last(_Sparsemax.apply, x, dim)
 
 
@@ -527,30 +620,24 @@ class _Entmax15(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        ctx.kernel = _on_kernels(x)
-        if ctx.kernel:
-            y = _kernel_out(x, _K.quadratic_forward, 0.5, 2)
-            ctx.save_for_backward(y)
-            return y
-        x, m, empty = _rows_and_max(x)
-        tau, R = _quadratic_tau(x, m, 0.5)
+        if _on_kernels(x):
+            return _kernel_forward(ctx, x, _K.quadratic_forward, 0.5, 2)
+        xs, m, empty, nan = _rows_and_max(x)
+        tau, R = _quadratic_tau(xs, m, 0.5)
         sup, r = R.support(tau, empty)
         y = r * r
-        y = (y / sup.bc(sup.sum(y).clamp_min(1e-300))).to(x.dtype)
-        ctx.sup = sup
-        ctx.save_for_backward(y)
-        return sup.dense(y)
+        return _torch_output(ctx, x, sup, y / sup.bc(sup.sum(y).clamp_min(1e-300)), nan)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
         if ctx.kernel:
-            return _kernel_vjp(y, g, _K.entmax15_backward)
+            return _grad_out(ctx, _kernel_vjp(y, g, _K.entmax15_backward))
         sup = ctx.sup
         gp = y.sqrt()
-        dx = sup.take(g) * gp
+        dx = sup.take(g.to(y.dtype)) * gp
         q = sup.sum(dx) / sup.sum(gp).clamp_min(torch.finfo(y.dtype).tiny)
-        return sup.dense(dx - sup.bc(q) * gp)
+        return _grad_out(ctx, sup.dense(dx - sup.bc(q) * gp))
 
 
 def entmax15(x: Tensor, dim: int = -1) -> Tensor:
@@ -558,6 +645,7 @@ def entmax15(x: Tensor, dim: int = -1) -> Tensor:
 
     (Since the block-maxima bound, this sort-free solver is faster than the ``entmax`` package's
     sort-based one also on short rows: bench/bench_maps.py.)"""
+    _check_scores(x, "entmax15")
     return _apply_last(_Entmax15.apply, x, dim)
 
 
@@ -570,53 +658,48 @@ class _EntmaxAlpha(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor) -> Tensor:
-        ctx.kernel = _on_kernels(x)
-        if ctx.kernel:
+        if _on_kernels(x):
             am1 = _np(alpha.double().reshape(-1)) - 1.0
-            y = _kernel_out(x, _K.power_forward, am1, 1.0 / am1, 1.0 / am1)
-            ctx.save_for_backward(y, alpha)
-            return y
-        x, m, empty = _rows_and_max(x)
+            return _kernel_forward(ctx, x, _K.power_forward, am1, 1.0 / am1, 1.0 / am1, extra=(alpha,))
+        xs, m, empty, nan = _rows_and_max(x)
         am1 = alpha.double() - 1.0
-        tau, R = _power_tau(x, m, 1.0 / am1, scale=am1)
+        tau, R = _power_tau(xs, m, 1.0 / am1, scale=am1)
         sup, r = R.support(tau, empty)
         y = r.pow(sup.bc(1.0 / am1))
-        y = (y / sup.bc(sup.sum(y).clamp_min(1e-300))).to(x.dtype)
-        ctx.sup = sup
-        ctx.save_for_backward(y, alpha)
-        return sup.dense(y)
+        return _torch_output(ctx, x, sup, y / sup.bc(sup.sum(y).clamp_min(1e-300)), nan, alpha)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         y, alpha = ctx.saved_tensors
+        need_alpha = ctx.needs_input_grad[1]
         if ctx.kernel:
             d_alpha = np.empty(y.shape[0])
-            dx = _kernel_vjp(y, dy, _K.entmax_backward, _np(alpha.double().reshape(-1)), d_alpha,
-                             ctx.needs_input_grad[1])
-            grad_alpha = torch.from_numpy(d_alpha).to(alpha.dtype).view_as(alpha) if ctx.needs_input_grad[1] else None
-            return dx, grad_alpha
+            dx = _kernel_vjp(y, dy, _K.entmax_backward, _np(alpha.double().reshape(-1)), d_alpha, need_alpha)
+            grad_alpha = torch.from_numpy(d_alpha).to(alpha.dtype).view_as(alpha) if need_alpha else None
+            return _grad_out(ctx, dx), _with_nan(grad_alpha, ctx.nan) if need_alpha else None
         sup = ctx.sup
-        a = sup.bc(alpha)
+        a = sup.bc(alpha.to(y.dtype))
         pos = y > 0
         gp = torch.where(pos, y.pow(2.0 - a), 0.0)
         gsum = sup.sum(gp).clamp_min(torch.finfo(y.dtype).tiny)
-        g = sup.take(dy)
+        g = sup.take(dy.to(y.dtype))
         dx = g * gp
         dx = dx - sup.bc(sup.sum(dx) / gsum) * gp
         d_alpha = None
-        if ctx.needs_input_grad[1]:
+        if need_alpha:
             s = torch.where(pos, y * torch.log(torch.where(pos, y, 1.0)), 0.0)
             ent = sup.bc(sup.sum(s))
             y_skew = gp / sup.bc(gsum)
             am1 = a - 1.0
             d_alpha = sup.sum(g * (y - y_skew) / am1 ** 2 - g * (s - y_skew * ent) / am1)
-        return sup.dense(dx), d_alpha
+            d_alpha = _with_nan(d_alpha, ctx.nan).to(alpha.dtype)
+        return _grad_out(ctx, sup.dense(dx)), d_alpha
 
 
 def _alpha_last(alpha: Tensor, x: Tensor, dim: int) -> Tensor:
     """Bring a per-row alpha (broadcastable against x, size 1 along dim) to shape x.shape[:-1]+(1,)
-    in the layout of x.movedim(dim, -1)."""
-    alpha = alpha.to(dtype=x.dtype, device=x.device)
+    in the layout of x.movedim(dim, -1), in x's work dtype (float32 for 16-bit x)."""
+    alpha = alpha.to(dtype=_work_dtype(x.dtype), device=x.device)
     if alpha.dim() == 0 or alpha.numel() == 1:
         alpha = alpha.reshape([1] * x.dim())
     elif alpha.dim() == x.dim():
@@ -633,25 +716,28 @@ def _alpha_last(alpha: Tensor, x: Tensor, dim: int) -> Tensor:
 def entmax(x: Tensor, alpha: float | Tensor = 1.5, dim: int = -1) -> Tensor:
     """alpha-entmax: y = [(alpha-1) x - tau]_+^{1/(alpha-1)}, Omega = Tsallis alpha-negentropy.
 
-    alpha >= 1: a float, or a tensor broadcastable against x with size 1 along ``dim`` (e.g. one alpha
-    per head) which receives a gradient. alpha = 1 is softmax, 1.5 is entmax15, 2 is sparsemax (the
-    float cases are dispatched to the exact special-purpose maps).
+    alpha: a finite float >= 1, or a tensor of such values broadcastable against x with size 1
+    along ``dim`` (e.g. one alpha per head) which receives a gradient. alpha = 1 is softmax, 1.5 is
+    entmax15, 2 is sparsemax (the float cases are dispatched to the exact special-purpose maps).
     """
+    _check_scores(x, "entmax")
     if not isinstance(alpha, Tensor):
-        alpha = float(alpha)
-        if alpha < 1:
-            raise ValueError(f"alpha must be >= 1, got {alpha}")
+        alpha = _check_alpha(alpha, "entmax", strict=False)
         if alpha == 1.0:
             return softmax(x, dim)
         if alpha == 1.5:
             return entmax15(x, dim)
         if alpha == 2.0:
             return sparsemax(x, dim)
-        alpha = torch.tensor(alpha, dtype=x.dtype, device=x.device)
+        alpha = torch.tensor(alpha, dtype=_work_dtype(x.dtype), device=x.device)
     a = _alpha_last(alpha, x, dim)
-    a_min = float(a.detach().min())  # one host sync for both checks
-    if a_min < 1:
-        raise ValueError(f"alpha must be >= 1, got min {a_min}")
+    if a.numel() == 0:
+        return _apply_last(None, x, dim)
+    a_min, a_max = torch.stack(torch.aminmax(a.detach())).tolist()  # one host sync for every check
+    if not (a_min >= 1 and math.isfinite(a_max)):
+        raise ValueError(f"entmax: alpha must be >= 1 and finite, got values in [{a_min}, {a_max}]")
+    if x.numel() == 0:
+        return _apply_last(None, x, dim)
     xl = x.movedim(dim, -1)
     if a_min > 1:
         return _EntmaxAlpha.apply(xl.reshape(-1, xl.shape[-1]), a.reshape(-1, 1)).reshape(xl.shape).movedim(-1, dim)
@@ -673,37 +759,30 @@ class _Normmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, alpha: float) -> Tensor:
         ctx.alpha = alpha
-        ctx.kernel = _on_kernels(x)
-        if ctx.kernel:
+        if _on_kernels(x):
             if alpha == 2.0:
-                y = _kernel_out(x, _K.quadratic_forward, 1.0, 1)
-            else:
-                rows = np.ones(x.shape[0])
-                y = _kernel_out(x, _K.power_forward, rows, rows * alpha / (alpha - 1.0), rows / (alpha - 1.0))
-            ctx.save_for_backward(y)
-            return y
-        x, m, empty = _rows_and_max(x)
+                return _kernel_forward(ctx, x, _K.quadratic_forward, 1.0, 1)
+            rows = np.ones(x.shape[0])
+            return _kernel_forward(ctx, x, _K.power_forward, rows, rows * alpha / (alpha - 1.0), rows / (alpha - 1.0))
+        xs, m, empty, nan = _rows_and_max(x)
         if alpha == 2.0:
-            tau, R = _quadratic_tau(x, m)
+            tau, R = _quadratic_tau(xs, m)
         else:
-            tau, R = _power_tau(x, m, alpha / (alpha - 1.0))
+            tau, R = _power_tau(xs, m, alpha / (alpha - 1.0))
         sup, y = R.support(tau, empty)
         if alpha != 2.0:
             y = y.pow(1.0 / (alpha - 1.0))
-        y = (y / sup.bc(sup.sum(y).clamp_min(1e-300))).to(x.dtype)
-        ctx.sup = sup
-        ctx.save_for_backward(y)
-        return sup.dense(y)
+        return _torch_output(ctx, x, sup, y / sup.bc(sup.sum(y).clamp_min(1e-300)), nan)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         (y,) = ctx.saved_tensors
         if ctx.kernel:
             if ctx.alpha == 2.0:
-                return _kernel_vjp(y, dy, _K.normmax2_backward), None
-            return _kernel_vjp(y, dy, _K.normmax_backward, ctx.alpha), None
+                return _grad_out(ctx, _kernel_vjp(y, dy, _K.normmax2_backward)), None
+            return _grad_out(ctx, _kernel_vjp(y, dy, _K.normmax_backward, ctx.alpha)), None
         sup, alpha = ctx.sup, ctx.alpha
-        g = sup.take(dy)
+        g = sup.take(dy.to(y.dtype))
         a = y
         b = torch.where(y > 0, y.pow(2.0 - alpha), 0.0) if alpha != 2.0 else torch.sign(y)
         dx = g * b
@@ -711,51 +790,61 @@ class _Normmax(torch.autograd.Function):
         q = sup.sum(g * a)
         dx = dx - sup.bc(q) * (b - sup.bc(sup.sum(b)) * a)
         dx = dx * sup.bc(sup.sum(a.pow(alpha)).pow((alpha - 1.0) / alpha)) / (alpha - 1.0)
-        return sup.dense(dx), None
+        return _grad_out(ctx, sup.dense(dx)), None
 
 
 def normmax(x: Tensor, alpha: float = 2.0, dim: int = -1) -> Tensor:
-    """alpha-normmax (alpha > 1): Omega(y) = ||y||_alpha on the simplex (Santos et al., 2024)."""
-    alpha = float(alpha)
-    if alpha <= 1:
-        raise ValueError(f"normmax needs alpha > 1, got {alpha}")
+    """alpha-normmax (finite alpha > 1): Omega(y) = ||y||_alpha on the simplex (Santos et al., 2024)."""
+    _check_scores(x, "normmax")
+    alpha = _check_alpha(alpha, "normmax", strict=True)
     return _apply_last(lambda z: _Normmax.apply(z, alpha), x, dim)
 
 
 # --------------------------------------------------------------------------------------------------
 # k-subsets SparseMAP = projection onto the capped simplex {0 <= mu <= 1, sum mu = k}
 # --------------------------------------------------------------------------------------------------
-def _budget_tau(x: Tensor, m: Tensor, k: float, dense: bool = False):
-    """tau with F(tau) = sum_i clip(x_i - tau, 0, 1) = k (rows with more than k finite entries).
+def _budget_tau(x: Tensor, m: Tensor, k: float, dense: bool = False, centered: bool = False):
+    """tau with F(tau) = sum_i clip(x_i - m - tau, 0, 1) = k (rows with more than k finite entries):
+    the threshold of the shifted scores x - m, m the row max, or (``centered``, dense only) the
+    ceil(k)-th largest entry x_(ceil k), where tau lies in [-1, 0] (F(-1) >= k > F(0)) and x - m is
+    exact for the entries near the root at any magnitude (see _KSubsets).
 
     F is piecewise linear and decreasing; from any tau the root of its current linear piece is
     tau + (F - k) / |A|, A = {0 < x - tau < 1}. Steps that leave the bracket [lo, hi] (F(lo) >= k >=
     F(hi)) are replaced by bisection; a step that stays on its piece lands exactly on the root.
-    The iteration runs on the entries above lo only: lo = max - 2 where F(max - 2) >= k (checked on
-    those entries), else lo = x_(ceil k) - 1 (the ceil(k)-th largest entry: F(lo) >= ceil(k)).
+    The iteration runs on the entries above lo only: lo = -2 where F(-2) >= k (checked on those
+    entries), else lo = x_(ceil k) - m - 1 (the top ceil(k) entries give F(lo) >= ceil(k)).
     """
     m = m.double()
-    lo = m - 2.0
+    hi = torch.zeros_like(m)  # F(0) = 0 from the max (< k from the centre)
+    if centered:
+        R = _DenseRows(x, 1.0, m)
+        lo = torch.full_like(m, -1.0)
+        return _budget_newton(R, k, lo.clone(), lo, hi), R
+    lo = torch.full_like(m, -2.0)
     lb, bm = (None, None) if dense else _subset_bound(x, lambda s, sm: _budget_tau(s, sm, k, dense=True)[0],
                                                       need=int(np.floor(k)) + 1)
     if lb is not None:
         lo = torch.maximum(lo, lb)
-    R = _DenseRows(x) if dense else _rows_for(x, lo, 1.0, bm)
+    R = _DenseRows(x, 1.0, m) if dense else _rows_for(x, lo, 1.0, m, bm)
     if isinstance(R, _CompactRows):
         fail = R.sum((R.z - R.bc(lo)).clamp_(0.0, 1.0)) < k
         if bool(fail.any()):  # those rows: lo = x_(ceil k) - 1 (the top ceil(k) entries give F >= k)
             idx = fail.reshape(-1).nonzero().squeeze(1)
             xf = x.reshape(-1, x.shape[-1])[idx]
             lo = lo.clone()
-            lo.view(-1)[idx] = xf.topk(int(np.ceil(k)), dim=-1).values[:, -1].double() - 1.0
-            R = _rows_for(x, lo)
+            lo.view(-1)[idx] = xf.topk(int(np.ceil(k)), dim=-1).values[:, -1].double() - m.view(-1)[idx] - 1.0
+            R = _rows_for(x, lo, 1.0, m)
     if isinstance(R, _DenseRows):
-        xmin = torch.where(torch.isfinite(R.z), R.z, m).amin(-1, keepdim=True)
-        lo = xmin - 1.0  # F(lo) = n_finite
-        t = m - k / x.shape[-1]  # F(t) <= k: a close start from above
+        lo = torch.where(torch.isfinite(R.z), R.z, 0.0).amin(-1, keepdim=True) - 1.0  # F(lo) = n_finite
+        t = torch.full_like(m, -k / x.shape[-1])  # F(t) <= k: a close start from above
     else:
         t = lo.clone()
-    hi = m.clone()  # F(hi) = 0
+    return _budget_newton(R, k, t, lo, hi), R
+
+
+def _budget_newton(R, k: float, t: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Safeguarded Newton on F(t) = sum clip(R.z - t, 0, 1) = k from t inside [lo, hi] (see _budget_tau)."""
     tol = 4e-13 * max(k, 1.0)
     done = torch.zeros_like(t, dtype=torch.bool)
     for _ in range(_MAX_NEWTON):
@@ -774,65 +863,71 @@ def _budget_tau(x: Tensor, m: Tensor, k: float, dense: bool = False):
         done = done | (nxt == t)
         t = torch.where(done, t, nxt)
         R.shrink(lo)
-    return t, R
+    return t
 
 
 class _KSubsets(torch.autograd.Function):
     """mu = clip(x - tau, 0, 1) with sum mu = k;  J = diag(a) - a a^T / |a|,  a = 1[0 < mu < 1].
 
     x: (B, n). Rows with at most k finite entries (incl. fully masked rows) get mu = 1 on their
-    finite entries (no choice left) and zero gradient."""
+    finite entries (no choice left) and zero gradient. Torch path: solved on x - max; rows whose
+    root lies more than 2 below the max (entries far above the rest) are solved again centred on
+    their ceil(k)-th largest entry (as the kernel does)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, k: float) -> Tensor:
-        ctx.kernel = _on_kernels(x)
-        if ctx.kernel:
-            mu = _kernel_out(x, _K.k_subsets_forward, k)
-            ctx.save_for_backward(mu)
-            return mu
-        few = finite = None
-        if bool(torch.isneginf(x.amin(-1)).any()):
-            finite = torch.isfinite(x)
-            few = finite.sum(-1, keepdim=True) <= k
-            if not bool(few.any()):
-                few = None
-        if x.shape[-1] <= k:
-            mu = torch.isfinite(x).to(x.dtype)
+        if _on_kernels(x):
+            return _kernel_forward(ctx, x, _K.k_subsets_forward, k)
+        nan = torch.isnan(x.amax(-1, keepdim=True))
+        nan = nan if bool(nan.any()) else None
+        finite = torch.isfinite(x)
+        few = finite.sum(-1, keepdim=True) <= k
+        if bool(few.all()):
             ctx.sup = _DenseSupport()
-            ctx.save_for_backward(torch.zeros_like(mu))
-            return mu
-        xs = x.masked_fill(few, 0.0) if few is not None else x
+            mu = finite.to(_work_dtype(x.dtype))
+            _save(ctx, x, torch.zeros_like(mu), kernel=False, nan=nan)
+            return _with_nan(mu, nan).to(x.dtype)
+        skip = few if nan is None else few | nan
+        xs = x.masked_fill(skip, 0.0) if bool(skip.any()) else x
         tau, R = _budget_tau(xs, xs.amax(-1, keepdim=True), k)
-        sup, r = R.support(tau, few)
-        mu_vals = r.clamp_max_(1.0).to(x.dtype)
-        mu = sup.dense(mu_vals)
-        if few is not None:
-            mu = torch.where(few, finite.to(x.dtype), mu)
-        ctx.sup = sup
-        ctx.save_for_backward(mu_vals)
-        return mu
+        sup, r = R.support(tau, skip)
+        mu = r.clamp_max_(1.0)
+        far = (tau < -2.0) & ~skip
+        if bool(far.any()):  # re-solve centred on x_(ceil k); the outputs then go dense
+            idx = far.reshape(-1).nonzero().squeeze(1)
+            rows = xs[idx]
+            c = rows.topk(int(math.ceil(k)), dim=-1).values[:, -1:]
+            tau_c, Rc = _budget_tau(rows, c, k, centered=True)
+            mu = sup.dense(mu)
+            mu[idx] = (Rc.z - tau_c).clamp_(0.0, 1.0)
+            sup = _DenseSupport()
+        mu = sup.dense(mu)
+        mu = torch.where(few, finite.to(mu.dtype), mu)
+        return _torch_output(ctx, x, _DenseSupport(), mu, nan)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         (mu,) = ctx.saved_tensors
         if ctx.kernel:
-            return _kernel_vjp(mu, g, _K.support_mean_backward, 0.0, 1.0), None
+            return _grad_out(ctx, _kernel_vjp(mu, g, _K.support_mean_backward, 0.0, 1.0)), None
         sup = ctx.sup
         a = torch.sign(mu * (1.0 - mu))
-        ga = sup.take(g) * a
+        ga = sup.take(g.to(mu.dtype)) * a
         v = sup.sum(ga) / sup.sum(a).clamp_min(1.0)
-        return sup.dense(ga - sup.bc(v) * a), None
+        return _grad_out(ctx, sup.dense(ga - sup.bc(v) * a)), None
 
 
 def k_subsets(x: Tensor, k: int = 2, dim: int = -1, normalize: bool = True) -> Tensor:
     """SparseMAP over k-subsets: mu = argmax_{mu in conv{z in {0,1}^n: sum z = k}} <x, mu> - ||mu||^2/2,
     i.e. the Euclidean projection of x onto {0 <= mu <= 1, sum mu = k} (Santos et al., 2024).
 
-    Returns mu / k (sums to 1) when ``normalize`` (default), else the marginals mu (sum k, as in the
-    paper's code). Rows with at most k unmasked entries give marginal 1 to each of them.
+    k: an integer in [1, n]. Returns mu / k (sums to 1) when ``normalize`` (default), else the
+    marginals mu (sum k, as in the paper's code). Rows with at most k unmasked entries give marginal 1
+    to each of them (so their normalized weights sum to #unmasked / k).
     """
-    if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+    _check_scores(x, "k_subsets")
+    k = _check_k(k, "k_subsets", x.shape[dim] if x.dim() else None)
+    normalize = _check_normalize(normalize, "k_subsets")
     mu = _apply_last(lambda z: _KSubsets.apply(z, float(k)), x, dim)
     return mu / k if normalize else mu
 
@@ -841,33 +936,59 @@ def k_subsets(x: Tensor, k: int = 2, dim: int = -1, normalize: bool = True) -> T
 # sequential k-subsets SparseMAP: active set + budgeted Viterbi oracle (numba, on the host)
 # --------------------------------------------------------------------------------------------------
 def _host_rows(x: Tensor) -> np.ndarray:
-    """x (..., n) as a (B, n) host array; sequential k-subsets needs numba (sparsemax_kernels.py)."""
+    """x (..., n) as a (B, n) float64 host array (any float dtype, also bfloat16); sequential
+    k-subsets needs numba (sparsemax_kernels.py)."""
     if _K is None:
         raise ImportError("sequential_k_subsets needs numba (see requirements.txt: pip install -r requirements.txt)")
-    return _np(x.detach().cpu()).reshape(-1, x.shape[-1])
+    return _np(x.detach().to(device="cpu", dtype=torch.float64)).reshape(-1, x.shape[-1])
+
+
+def _host_scores(x: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows - row max, row max, NaN-row mask) of x (..., n) on the host, float64. Every structure
+    scores k * max more on the raw rows, so the solution is that of the shifted rows (shift
+    invariance; exact for the entries near the max at any offset). Fully masked / NaN rows: shift 0,
+    NaN rows solved as zeros (their outputs are set to NaN)."""
+    rows = _host_rows(x)
+    nan = np.isnan(rows).any(1)
+    if nan.any():
+        rows = rows.copy()
+        rows[nan] = 0.0
+    m = rows.max(1, initial=-np.inf) if rows.shape[1] else np.zeros(rows.shape[0])
+    m = np.where(np.isfinite(m), m, 0.0)
+    return rows - m[:, None], m, nan
 
 
 class _SequentialKSubsets(torch.autograd.Function):
-    """SparseMAP marginals for the budgeted chain (``sparsemax_kernels.seq_forward``, float64, exact);
-    backward from the active set (Niculae et al. 2018):
+    """SparseMAP marginals for the budgeted chain (``sparsemax_kernels.seq_forward``, float64, exact,
+    on the max-shifted rows); backward from the active set (Niculae et al. 2018):
 
         J = Z_A^T (M^{-1} - M^{-1} 1 1^T M^{-1} / (1^T M^{-1} 1)) Z_A,   M = Z_A Z_A^T,
 
     with Z_A the structures with positive weight. The solver runs row by row on the host (its oracle
-    is an O(n k) sequential dynamic program); CUDA tensors are copied there and back.
+    is an O(n k) sequential dynamic program); CUDA tensors are copied there and back. Rows with a NaN
+    give NaN (and NaN gradients).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, k: int, eta: float) -> Tensor:
-        rows = _host_rows(x)
+        rows, _, nan = _host_scores(x)
         mu, ctx.pos, ctx.p = _K.seq_forward(rows, k, eta)
-        ctx.dtype = x.dtype
+        mu[nan] = np.nan
+        ctx.dtype, ctx.nan = x.dtype, nan
         return torch.from_numpy(mu).to(device=x.device, dtype=x.dtype).reshape(x.shape)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         dx = _K.seq_backward(ctx.pos, ctx.p, _host_rows(g))
+        dx[ctx.nan] = np.nan
         return torch.from_numpy(dx).to(device=g.device, dtype=ctx.dtype).reshape(g.shape), None, None
+
+
+def _check_transition(transition) -> float:
+    if isinstance(transition, bool) or not isinstance(transition, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(transition)):
+        raise ValueError(f"sequential_k_subsets: transition must be a finite number, got {transition!r}")
+    return float(transition)
 
 
 def sequential_k_subsets(x: Tensor, k: int = 2, dim: int = -1,
@@ -881,15 +1002,17 @@ def sequential_k_subsets(x: Tensor, k: int = 2, dim: int = -1,
         mu = E_p[z],  p = argmax_{p in simplex} sum_z p_z score(z) - 1/2 ||E_p[z]||^2
 
     (only the unary marginals are regularized, as in LP-SparseMAP's SequenceBudget factor used by the
-    paper), solved exactly by the active-set method with a budgeted Viterbi MAP oracle, in float64.
-    Rows with at most k unmasked entries select all of them. ``transition`` defaults to 100, the
-    value in the paper's code (deep-spin/SSHN scripts/utils.py).
-    Returns mu / k when ``normalize`` (default), else mu (sum k, as in the paper's code).
+    paper), solved exactly by the active-set method with a budgeted Viterbi MAP oracle, in float64 on
+    the scores minus their row max (shift invariant). k: an integer in [1, n]. Rows with at most k
+    unmasked entries select all of them. ``transition`` defaults to 100, the value in the paper's code
+    (deep-spin/SSHN scripts/utils.py). Returns mu / k when ``normalize`` (default), else mu (sum k,
+    as in the paper's code).
     """
-    k = int(k)
-    if k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k}")
-    mu = _apply_last(lambda z: _SequentialKSubsets.apply(z, k, float(transition)), x, dim)
+    _check_scores(x, "sequential_k_subsets")
+    k = _check_k(k, "sequential_k_subsets", x.shape[dim] if x.dim() else None)
+    transition = _check_transition(transition)
+    normalize = _check_normalize(normalize, "sequential_k_subsets")
+    mu = _apply_last(lambda z: _SequentialKSubsets.apply(z, k, transition), x, dim)
     return mu / k if normalize else mu
 
 
@@ -900,23 +1023,56 @@ def sequential_k_subsets_value(x: Tensor, k: int = 2,
         Omega*(x) = max_p sum_z p_z score(z) - 1/2 ||E_p[z]||^2,   score(z) = <x, z> + transition * #pairs(z),
 
     a convex function whose gradient is the marginals mu (Danskin). ``layers.energy`` uses it for the
-    Hopfield-Fenchel-Young energy of this mode. No autograd; returns x.shape[:-1] in x's dtype.
+    Hopfield-Fenchel-Young energy of this mode. Solved on x - max (Omega*(x) = Omega*(x - m) + k m).
+    No autograd; returns x.shape[:-1] in x's dtype (NaN for rows with a NaN).
     """
-    rows = _host_rows(x)
-    value = _K.seq_value(rows, int(k), float(transition))
+    _check_scores(x, "sequential_k_subsets_value")
+    k = _check_k(k, "sequential_k_subsets_value", x.shape[-1] if x.dim() else None)
+    transition = _check_transition(transition)
+    if x.numel() == 0:
+        return x.new_zeros(x.shape[:-1])
+    rows, m, nan = _host_scores(x)
+    value = _K.seq_value(rows, k, transition) + k * m
+    value[nan] = np.nan
     return torch.from_numpy(value).to(device=x.device, dtype=x.dtype).reshape(x.shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------------
 # mode names
 # --------------------------------------------------------------------------------------------------
+MODE_PARAMS = {"softmax": (), "sparsemax": (), "entmax": (), "entmax_alpha": ("alpha",), "gsh": ("alpha",),
+               "normmax": ("alpha",), "k_subsets": ("k", "normalize"),
+               "sequential_k_subsets": ("k", "transition", "normalize")}
+
+
+def _check_params(mode: str, params: dict) -> None:
+    """The parameter names a mode takes (a misspelled or foreign one is an error, not ignored)."""
+    if mode not in MODE_PARAMS:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    unknown = sorted(set(params) - set(MODE_PARAMS[mode]))
+    if unknown:
+        allowed = ", ".join(MODE_PARAMS[mode]) or "none"
+        raise TypeError(f"mode {mode!r} got unexpected parameter(s) {', '.join(unknown)}; it takes: {allowed}")
+
+
 def get_map(mode: str, **params) -> Callable[[Tensor], Tensor]:
     """Return ``f(x)`` normalizing over the last dim for a mode name (see ``MODES``).
 
-    params: ``alpha`` (entmax_alpha, gsh: float or tensor; normmax: float), ``k`` (k_subsets,
-    sequential_k_subsets), ``transition`` (sequential_k_subsets), ``normalize`` (SparseMAP maps).
-    ``gsh`` clamps alpha to [1 + 1e-3, 2] (learnable alpha per head kept in (1, 2]).
+    params (``MODE_PARAMS``; any other name is a TypeError, values are checked here): ``alpha``
+    (entmax_alpha, gsh: float or tensor; normmax: float), ``k`` (k_subsets, sequential_k_subsets),
+    ``transition`` (sequential_k_subsets), ``normalize`` (SparseMAP maps). ``gsh`` clamps alpha to
+    [1 + 1e-3, 2] (learnable alpha per head kept in (1, 2]).
     """
+    _check_params(mode, params)
+    if "k" in params:
+        _check_k(params["k"], mode)
+    if "normalize" in params:
+        _check_normalize(params["normalize"], mode)
+    if "transition" in params:
+        _check_transition(params["transition"])
+    alpha = params.get("alpha")
+    if alpha is not None and not isinstance(alpha, Tensor):
+        _check_alpha(alpha, mode, strict=mode == "normmax")
     if mode == "softmax":
         return partial(softmax, dim=-1)
     if mode == "sparsemax":
@@ -933,8 +1089,6 @@ def get_map(mode: str, **params) -> Callable[[Tensor], Tensor]:
         return partial(normmax, alpha=params.get("alpha", 2.0), dim=-1)
     if mode == "k_subsets":
         return partial(k_subsets, k=params.get("k", 2), dim=-1, normalize=params.get("normalize", True))
-    if mode == "sequential_k_subsets":
-        return partial(sequential_k_subsets, k=params.get("k", 2), dim=-1,
-                       transition=params.get("transition", SEQUENTIAL_TRANSITION_DEFAULT),
-                       normalize=params.get("normalize", True))
-    raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    return partial(sequential_k_subsets, k=params.get("k", 2), dim=-1,
+                   transition=params.get("transition", SEQUENTIAL_TRANSITION_DEFAULT),
+                   normalize=params.get("normalize", True))

@@ -19,7 +19,7 @@ when numba is missing; k-subsets brackets its root by its own Newton iterates he
 
 tests/test_sparsemax.py runs every test on both paths and cross-checks them.
 Conventions: inputs are C-contiguous (B, n) float32/float64 arrays, -inf = masked (weight exactly 0),
-a fully masked row gives zeros, no NaN. Kernels are single-threaded (``nogil``): one trial = one core.
+a fully masked row gives zeros, a row holding a NaN gives NaN. Kernels are single-threaded (``nogil``): one trial = one core.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import numpy as np
 _JIT = dict(cache=True, nogil=True)
 # reductions may be reassociated (vectorized sums); no ninf: -inf marks masked entries
 _FAST = dict(cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract", "arcp"})
-_MAX_MATH = dict(cache=True, nogil=True, fastmath={"nnan", "reassoc", "nsz"})  # no NaN inputs by contract
+_MAX_MATH = dict(cache=True, nogil=True, fastmath={"nnan", "reassoc", "nsz"})  # _row_max only: NaN rows are caught by _shift
 _TINY = np.finfo(np.float64).tiny
 _EPS = np.finfo(np.float64).eps
 _EPS32 = float(np.finfo(np.float32).eps)
@@ -67,20 +67,35 @@ def _row_max(x):
 
 
 @nb.njit(**_JIT)
-def _shift(x, c, s, u) -> None:
-    """u = (x - c) s in u's dtype (no fastmath: the subtraction must not be reassociated)."""
+def _shift(x, c, s, u) -> bool:
+    """u = (x - c) s in u's dtype (no fastmath: the subtraction must not be reassociated); returns
+    whether x holds a NaN (such a row's output is NaN)."""
+    nan = False
     for i in range(x.shape[0]):
-        u[i] = (u.dtype.type(x[i]) - c) * s
+        xi = x[i]
+        u[i] = (u.dtype.type(xi) - c) * s
+        nan |= xi != xi
+    return nan
+
+
+@nb.njit(**_JIT)
+def _fill_empty(x, y) -> None:
+    """Output of a row whose max is -inf: zeros (fully masked), or NaN if it holds a NaN."""
+    nan = False
+    for i in range(x.shape[0]):
+        nan |= x[i] != x[i]
+    y[:] = np.nan if nan else 0
 
 
 @nb.njit(**_FAST)
 def _count_finite(x):
-    """#{x_i > -inf} (in x's dtype, vectorized)."""
+    """(#{x_i > -inf}, #{x_i NaN}) (in x's dtype, vectorized)."""
     zero, one = x.dtype.type(0), x.dtype.type(1)
-    cnt = zero
+    cnt, nan = zero, zero
     for i in range(x.shape[0]):
         cnt += one if x[i] > -np.inf else zero
-    return cnt
+        nan += one if x[i] != x[i] else zero
+    return cnt, nan
 
 
 @nb.njit(**_FAST)
@@ -185,9 +200,12 @@ def _quadratic_root(u, t):
 
 @nb.njit(**_JIT)
 def _power_tau(vals, idx, c: int, lo: float, hi: float, p: float):
-    """Root of F(t) = sum [z - t]_+^p = 1 in [lo, hi]: Newton on G = F^(1/p) (convex, decreasing for
-    p >= 1), bisection when a step leaves the bracket; |F - 1| <= 1e-13 or no representable progress.
-    As ``sparsemax._power_tau``. -> (tau, count)."""
+    """Root of F(t) = sum [z - t]_+^p = 1 in [lo, hi] (F(lo) >= 1 >= F(hi)), to the last float:
+    tau = the largest float t with F(t) >= 1 (so an entry exactly at the support boundary gets
+    weight exactly 0, however small 1/(alpha - 1) makes its exponent). Newton on G = F^(1/p)
+    (convex, decreasing for p >= 1: from below the iterates rise to the root), at least one ulp up per
+    step from the lower end, bisection when a step leaves the bracket; ends when F(t) = 1 exactly or
+    the bracket ends are adjacent floats. As ``sparsemax._power_tau``. -> (tau, count)."""
     t = lo
     for _ in range(_MAX_ITER):
         c = _keep_above(vals, idx, c, lo)
@@ -197,25 +215,23 @@ def _power_tau(vals, idx, c: int, lo: float, hi: float, p: float):
             dp = d * d if p == 2.0 else d ** p
             f += dp
             s1 += dp / d if d > 0 else 0.0
-        err = f - 1.0
-        if abs(err) <= 1e-13:
+        if f == 1.0:
+            return t, c
+        if f > 1.0:
+            lo = t
+        else:
+            hi = t
+        up = np.nextafter(lo, np.inf)
+        if hi <= up:
             break
         g = f ** (1.0 / p)
         nxt = t + (g - 1.0) * f / max(g * s1, _TINY)
-        if err >= 0 and t > lo:
-            lo = t
-        if err <= 0 and t < hi:
-            hi = t
-        bad = not (lo < nxt < hi) or not math.isfinite(nxt)
-        ulps = 4 * _EPS * max(abs(hi), abs(lo), 1.0)
-        if (not bad and abs(nxt - t) <= ulps) or hi - lo <= ulps:
-            break
-        if bad:
+        if f > 1.0:
+            nxt = max(nxt, up)
+        if not lo < nxt < hi:  # also NaN
             nxt = 0.5 * (lo + hi)
-        if nxt == t:
-            break
         t = nxt
-    return t, c
+    return lo, c
 
 
 @nb.njit(**_JIT)
@@ -249,9 +265,11 @@ def sparsemax_forward(x, y) -> None:
     for b in range(x.shape[0]):
         m = _row_max(x[b])
         if m == -np.inf:
-            y[b, :] = 0
+            _fill_empty(x[b], y[b])
             continue
-        _shift(x[b], m, one, u)
+        if _shift(x[b], m, one, u):
+            y[b, :] = np.nan
+            continue
         _write_power(u, _sparsemax_root(u, -one), y[b], 1, one)
 
 
@@ -266,9 +284,11 @@ def quadratic_forward(x, y, scale: float, power: int) -> None:
     for b in range(x.shape[0]):
         m = _row_max(x[b])
         if m == -np.inf:
-            y[b, :] = 0
+            _fill_empty(x[b], y[b])
             continue
-        _shift(x[b], m, s, u)
+        if _shift(x[b], m, s, u):
+            y[b, :] = np.nan
+            continue
         tau, r1, r2 = _quadratic_root(u, -one)
         total = r1 if power == 1 else r2
         _write_power(u, tau, y[b], power, one / max(total, x.dtype.type(1e-30)))
@@ -336,9 +356,11 @@ def power_forward(x, y, scale, p, out_power) -> None:
     for b in range(x.shape[0]):
         m = _row_max(x[b])
         if m == -np.inf:
-            y[b, :] = 0
+            _fill_empty(x[b], y[b])
             continue
-        _shift(x[b], np.float64(m), scale[b], u)
+        if _shift(x[b], np.float64(m), scale[b], u):
+            y[b, :] = np.nan
+            continue
         lo, hi = _power_bracket(u, p[b])
         c = _collect_above(u, lo, vals, idx)
         tau, c = _power_tau(vals, idx, c, lo, hi, p[b])
@@ -371,15 +393,17 @@ def _write_clip(u, t, y) -> None:
 
 
 @nb.njit(**_JIT)
-def _budget_root(u, k, t, hi, tol):
+def _budget_root(u, k, t, lo, hi, tol, floor):
     """Root of the piecewise-linear, decreasing F(t) = sum clip(u - t, 0, 1) = k from the start t,
-    F(hi) <= k (u's dtype). Newton, t' = t + (F - k) / |A|, A = {0 < u - t < 1}, inside the bracket
-    [lo, hi] (F(lo) >= k >= F(hi)) the iterates build; with no active entry: bisection, or, while no
-    lower end is known, steps down by 1, 2, 4, ... A Newton step that stays on its linear piece lands
-    on the root: the sweep that finds A and U = {u - t >= 1} unchanged after one (or |F - k| <= tol |A|,
-    the rounding of sum_A) ends it. Needs more than k finite entries (F -> #finite as t -> -inf)."""
+    F(lo) >= k >= F(hi) (lo may be -inf: unknown yet; u's dtype). Newton, t' = t + (F - k) / |A|,
+    A = {0 < u - t < 1}, inside the bracket [lo, hi] the iterates build; with no active entry:
+    bisection, or, while no lower end is known, steps down by 1, 2, 4, ... A Newton step that stays on
+    its linear piece lands on the root: the sweep that finds A and U = {u - t >= 1} unchanged after
+    one (or |F - k| <= tol |A|, the rounding of sum_A) ends it. Needs more than k finite entries
+    (F -> #finite as t -> -inf). Returns (tau, ok); ok is False, as soon as an iterate would go below
+    ``floor``, when the root lies below it (then the caller recenters, see k_subsets_forward)."""
     half, one = u.dtype.type(0.5), u.dtype.type(1)
-    step, lo = one, u.dtype.type(-np.inf)
+    step = one
     newton, na_prev, n1_prev = False, -half, -half
     for _ in range(_MAX_ITER):
         fa, na, n1 = _clip_stats(u, t)
@@ -396,37 +420,50 @@ def _budget_root(u, k, t, hi, tol):
             nxt = half * (lo + hi)
         elif not newton:
             nxt, step = t - step, step + step
+        if nxt < floor:
+            return t, False
         if nxt == t:
             break
         t, na_prev, n1_prev = nxt, na, n1
-    return t
+    return t, True
+
+
+@nb.njit(**_JIT)
+def _kth_largest(x, k: int):
+    """The k-th largest entry of a row (a copy is partitioned)."""
+    n = x.shape[0]
+    return np.partition(x.copy(), n - k)[n - k]
 
 
 @nb.njit(**_JIT)
 def k_subsets_forward(x, mu, k: float) -> None:
     """mu = clip(x - tau, 0, 1) with sum mu = k (rows with more than k finite entries; others get
-    mu = 1 on their finite entries), in x's dtype on u = x - c: first c = max x, start tau = c - 1;
-    a root more than 2 below the max is refined once more on u = x - tau (so that u - tau keeps full
-    precision on the entries that set it, e.g. after a far outlier). ``sparsemax._budget_tau`` (the
-    torch path) solves the same F(t) = k by Newton too, inside a top-k bracket."""
+    mu = 1 on their finite entries; rows with a NaN get NaN), in x's dtype on u = x - c: first
+    c = max x, tau in [-2, 0] (Newton from -1); a root below -2 (entries far above the rest) is solved
+    again on u = x - x_(ceil k), the ceil(k)-th largest entry, where it lies in [-1, 0] (F(-1) >= k > F(0)):
+    the subtraction is exact for the entries near the root, whatever their magnitude.
+    ``sparsemax._budget_tau`` (the torch path) solves the same F(t) = k by Newton too."""
     zero = x.dtype.type(0)
     one = x.dtype.type(1)
     kk = x.dtype.type(k)
+    ninf = x.dtype.type(-np.inf)
     tol = x.dtype.type(4 * (_EPS if x.itemsize == 8 else _EPS32))  # per active entry
     u = np.empty(x.shape[1], x.dtype)
     for b in range(x.shape[0]):
         row, out = x[b], mu[b]
-        m = _row_max(row)
-        if _count_finite(row) <= k:  # at most k finite entries (incl. fully masked rows): all selected
+        cnt, nan = _count_finite(row)
+        if nan > 0:
+            out[:] = np.nan
+            continue
+        if cnt <= k:  # at most k finite entries (incl. fully masked rows): all selected
             for i in range(row.shape[0]):
                 out[i] = one if row[i] > -np.inf else zero
             continue
-        _shift(row, m, one, u)
-        t = _budget_root(u, kk, -one, zero, tol)
-        if t < -2 * one:  # far below the max: recenter on the root and refine
-            c = m + t
-            _shift(row, c, one, u)
-            t = _budget_root(u, kk, zero, m - c, tol)
+        _shift(row, _row_max(row), one, u)
+        t, ok = _budget_root(u, kk, -one, ninf, zero, tol, -2 * one)
+        if not ok:
+            _shift(row, _kth_largest(row, int(math.ceil(k))), one, u)
+            t, ok = _budget_root(u, kk, -one, -one, zero, tol, ninf)
         _write_clip(u, t, out)
 
 

@@ -594,7 +594,7 @@ def test_kernels_equal_torch_path(monkeypatch, n, dtype):
     maps = {"sparsemax": lambda z, a: S.sparsemax(z), "entmax15": lambda z, a: S.entmax15(z),
             "entmax_alpha": lambda z, a: S.entmax(z, a), "normmax2": lambda z, a: S.normmax(z, 2.0),
             "normmax3": lambda z, a: S.normmax(z, 3.0), "normmax1.5": lambda z, a: S.normmax(z, 1.5),
-            "k_subsets3": lambda z, a: S.k_subsets(z, 3), "k_subsets2.5": lambda z, a: S.k_subsets(z, 2.5)}
+            "k_subsets3": lambda z, a: S.k_subsets(z, 3), "k_subsets2.5": lambda z, a: S._KSubsets.apply(z, 2.5)}  # capped simplex, k not an integer
 
     def run(fn, kernels):
         monkeypatch.setattr(S, "CPU_KERNELS", kernels)
@@ -639,7 +639,7 @@ def test_k_subsets_float32_root_far_below_the_max(k):
     x = rand(64, 100, scale=0.3, seed=61)
     x[::2, 7] = 1e4
     x32 = x.float()
-    got = S.k_subsets(x32, k, normalize=False).double()
+    got = S._KSubsets.apply(x32, float(k)).double()  # the capped-simplex solver (k = 3.5: no subsets)
     torch.testing.assert_close(got, torch.from_numpy(ref_budget(x32.double().numpy(), k)), atol=1e-6, rtol=0)
 
 
