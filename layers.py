@@ -168,6 +168,21 @@ def _score_bias(pad: Tensor | None, mask: Tensor | None, shape: tuple[int, int, 
     return F.pad(bias, (0, extra)) if bias is not None and extra else bias
 
 
+MAP_PARAMS = ("alpha", "k", "transition", "normalize")
+_HFLAYERS_NAMES = {"input_size": "d_model", "num_heads": "n_heads", "hidden_size": "head_dim",
+                   "scaling": "scale", "update_steps_max": "update_steps (= update_steps_max + 1)",
+                   "quantity": "num_pattern / num_stored", "association_activation": "(apply it to the output)"}
+
+
+def _check_map_params(map_params: dict) -> None:
+    """Every keyword that is not an option of ``Hopfield`` must be a parameter of the maps."""
+    for name in map_params:
+        if name not in MAP_PARAMS:
+            hint = f" (hflayers' {name} is {_HFLAYERS_NAMES[name]} here)" if name in _HFLAYERS_NAMES else ""
+            raise TypeError(f"unknown argument {name!r}{hint}: Hopfield takes its own options and the map "
+                            f"parameters {', '.join(MAP_PARAMS)}")
+
+
 def _head_width(d_model: int, n_heads: int, head_dim: int | None, stored_size: int, state_static: bool,
                 stored_static: bool) -> int:
     """Key width of a head: head_dim, else a static input's width, else d_model / n_heads."""
@@ -260,6 +275,7 @@ class Hopfield(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        _check_map_params(map_params)
         if update_steps is not None and update_steps < 1:
             raise ValueError("update_steps must be >= 1 or None (fixed point)")
         if update_steps_eps is not None and (update_steps is None or not update_steps_eps > 0):
@@ -500,8 +516,8 @@ class Hopfield(nn.Module):
                                ("pattern projection P", P, self.projection_size)):
             if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != width:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be a 3-d tensor (B, n, {width}) "
-                                 f"{'' if self.batch_first else '(n, B, .) with batch_first=False '}, got {got}")
+                layout = f"(B, n, {width})" if self.batch_first else f"(n, B, {width}) (batch_first=False)"
+                raise ValueError(f"{name} must be a 3-d tensor {layout}, got {got}")
         if not R.shape[0] == Y.shape[0] == P.shape[0] or Y.shape[1] != P.shape[1]:
             raise ValueError(f"R {tuple(R.shape)}, Y {tuple(Y.shape)} and P {tuple(P.shape)} (batch first) must "
                              f"share the batch size, and Y and P the number of stored patterns")

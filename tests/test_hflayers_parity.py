@@ -248,6 +248,13 @@ def test_bad_options_are_rejected_naming_what_is_allowed(kwargs, match):
         Hopfield(8, **{"n_heads": 2, **kwargs})
 
 
+def test_unknown_keywords_are_rejected_not_swallowed_as_map_parameters():
+    with pytest.raises(TypeError, match="hflayers' update_steps_max is update_steps"):
+        HopfieldPooling(8, 2, update_steps_max=0)
+    with pytest.raises(TypeError, match="'alpah'.*alpha, k, transition, normalize"):
+        Hopfield(8, 2, mode="entmax_alpha", alpah=1.2)
+
+
 def test_bad_inputs_are_rejected_before_any_work():
     hop = Hopfield(8, n_heads=2)
     R, Y = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
