@@ -98,26 +98,28 @@ def _scale(text: str) -> float | str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     task = parser.add_argument_group("task")
-    task.add_argument("--bag_size", type=int, default=5, help="instances per MNIST bag (default 5)")
-    task.add_argument("--k_mil", type=int, default=None,
+    task.add_argument("--bag_size", type=training.positive_int, default=5, help="instances per MNIST bag (default 5)")
+    task.add_argument("--k_mil", type=training.positive_int, default=None,
                       help="run K-MIL instead: a bag is positive iff it holds >= K nines (LeNet encoder)")
     task.add_argument("--modes", nargs="+", default=None,
                       help=f"retrieval maps, from {', '.join(sparsemax.MODES)}; 'name:param' sets k or alpha "
                            f"(default: {' '.join(DEFAULT_MODES)}; K-MIL: {' '.join(KMIL_DEFAULT_MODES)})")
-    task.add_argument("--k", type=int, default=2, help="SparseMAP k of k_subsets modes without ':k' (default 2)")
-    task.add_argument("--alpha", type=float, default=None,
+    task.add_argument("--k", type=training.positive_int, default=2, help="SparseMAP k of k_subsets modes without ':k' (default 2)")
+    task.add_argument("--alpha", type=training.positive_float, default=None,
                       help="alpha of entmax_alpha/normmax/gsh modes without ':alpha' (default: the map's)")
     task.add_argument("--seed", type=int, default=0, help="data seed; trial i trains with seed + i")
     task.add_argument("--quick", action="store_true",
                       help=f"smoke setting: {BAG_QUICK} (K-MIL: {KMIL_QUICK}); explicit flags still win")
     task.add_argument("--tune", action="store_true",
                       help=f"hyperparameter search instead of the fixed config: {TUNE_SPACE_DOC}")
-    task.add_argument("--num_samples", type=int, default=8, help="configurations per mode with --tune")
+    task.add_argument("--num_samples", type=training.positive_int, default=8, help="configurations per mode with --tune")
     hyper = parser.add_argument_group("hyperparameters (defaults depend on the task, see BAG_DEFAULTS/KMIL_DEFAULTS)")
-    for name, kind in (("n_train", int), ("n_val", int), ("n_test", int), ("epochs", int), ("trials", int),
-                       ("d_model", int), ("n_heads", int), ("num_pattern", int), ("update_steps", int),
-                       ("dropout", float), ("lr", float), ("weight_decay", float), ("batch_size", int),
-                       ("grad_clip", float)):
+    pos_int, pos_float = training.positive_int, training.positive_float
+    for name, kind in (("n_train", pos_int), ("n_val", pos_int), ("n_test", pos_int), ("epochs", pos_int),
+                       ("trials", pos_int), ("d_model", pos_int), ("n_heads", pos_int), ("num_pattern", pos_int),
+                       ("update_steps", pos_int), ("dropout", training.probability), ("lr", pos_float),
+                       ("weight_decay", training.nonnegative_float), ("batch_size", pos_int),
+                       ("grad_clip", pos_float)):
         hyper.add_argument(f"--{name}", type=kind, default=None)
     hyper.add_argument("--scale", type=_scale, default=None, help="beta; 'auto' = 1/sqrt(d_model/n_heads)")
     run = parser.add_argument_group("computation")
@@ -138,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset hyperparameters from the task's defaults (quick overrides first); expand the modes."""
+    """Fill unset hyperparameters from the task's defaults (quick overrides first); expand and check the
+    modes and the Ray settings (SystemExit naming the flag, before any work)."""
+    training.check_ray_args(args)
     defaults = dict(KMIL_DEFAULTS if args.k_mil else {**BAG_DEFAULTS, **BAG_SIZE_DEFAULTS.get(args.bag_size, {})})
     if args.quick:
         defaults.update(KMIL_QUICK if args.k_mil else BAG_QUICK)
@@ -149,9 +153,16 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.scale = None
     if args.modes is None:
         args.modes = list(KMIL_DEFAULT_MODES if args.k_mil else DEFAULT_MODES)
-    args.modes = [canonical_mode(spec, args.k, args.alpha) for spec in args.modes]
+    try:
+        args.modes = [canonical_mode(spec, args.k, args.alpha) for spec in args.modes]
+        for spec in args.modes:
+            build_model({**defaults_for_check(args), "mode": spec})  # the map accepts its parameters
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"--modes: {error}")
     if len(set(args.modes)) != len(args.modes):
-        raise SystemExit(f"duplicate modes: {args.modes}")
+        raise SystemExit(f"--modes: duplicate modes {args.modes}")
+    if args.d_model % args.n_heads:
+        raise SystemExit(f"--d_model {args.d_model} must be divisible by --n_heads {args.n_heads}")
     if args.tune:
         args.trials = 1
     try:
@@ -167,6 +178,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         task = f"kmil{args.k_mil}" if args.k_mil else f"bag{args.bag_size}"
         args.exp_name = f"mnist_mil_{task}_{args.precision}" + ("_quick" if args.quick else "")
     return args
+
+
+def defaults_for_check(args: argparse.Namespace) -> dict:
+    """A tiny model config with the run's pooling settings, to validate a mode before any work."""
+    return {"encoder": "mlp", "d_model": 2 * args.n_heads, "n_heads": args.n_heads, "num_pattern": 1,
+            "update_steps": args.update_steps, "dropout": 0.0, "scale": None}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -218,7 +235,11 @@ def parse_mode(spec: str) -> tuple[str, dict]:
     if name not in MODE_PARAM:
         raise ValueError(f"mode {name!r} takes no parameter (got {spec!r})")
     key, kind = MODE_PARAM[name]
-    return name, {key: kind(param)}
+    try:
+        return name, {key: kind(param)}
+    except ValueError:
+        raise ValueError(f"mode {spec!r}: {key} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {param!r}") from None
 
 
 def canonical_mode(spec: str, k: int, alpha: float | None) -> str:

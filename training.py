@@ -39,17 +39,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _typed(kind: type, test: Callable[[Any], bool], allowed: str) -> Callable[[str], Any]:
+    """An argparse type: parse with ``kind``, refuse values failing ``test`` (argparse names the flag)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
+        return value
+
+    parse.__name__ = allowed  # argparse shows it in "invalid <name> value"
+    return parse
+
+
+positive_int = _typed(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _typed(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+nonnegative_float = _typed(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+probability = _typed(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+open_fraction = _typed(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
 def add_ray_args(parser: argparse.ArgumentParser, default_exp_name: str) -> argparse.ArgumentParser:
     """Add the Ray flags shared by every experiment script."""
     group = parser.add_argument_group("ray")
     group.add_argument("--ray_address", default=None,
                        help="address of an existing Ray cluster (e.g. 'auto' or 'ray://host:10001'); "
                             "default: start a local Ray")
-    group.add_argument("--cpus_per_trial", type=float, default=1, help="CPUs reserved per trial")
-    group.add_argument("--gpus_per_trial", type=float, default=0, help="GPUs reserved per trial")
+    group.add_argument("--cpus_per_trial", type=positive_float, default=1, help="CPUs reserved per trial")
+    group.add_argument("--gpus_per_trial", type=nonnegative_float, default=0, help="GPUs reserved per trial")
     group.add_argument("--gpus_id", default=None,
                        help="comma-separated GPU ids visible to Ray (sets CUDA_VISIBLE_DEVICES)")
-    group.add_argument("--num_cpus", type=int, default=None,
+    group.add_argument("--num_cpus", type=positive_int, default=None,
                        help="CPUs a local Ray may use (default: all); ignored with --ray_address")
     group.add_argument("--exp_name", default=default_exp_name,
                        help="experiment name; rerunning with the same name resumes it")
@@ -67,6 +90,39 @@ def log_config(args: argparse.Namespace, path: Path | None = None) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     return config
+
+
+def check_ray_args(args: argparse.Namespace) -> None:
+    """Refuse, before any work, Ray settings that would hang or fail later: GPUs asked of a local Ray on
+    a machine without any, more CPUs per trial than a local Ray has, an unreachable ``--ray_address``."""
+    if args.ray_address:
+        _check_reachable(args.ray_address)
+        return
+    if args.gpus_per_trial > 0 and torch.cuda.device_count() == 0:
+        raise SystemExit(f"--gpus_per_trial {args.gpus_per_trial:g}: this machine has no GPU that torch can use "
+                         "(a local Ray would wait forever); use --gpus_per_trial 0 or --ray_address of a GPU cluster")
+    cpus = args.num_cpus or os.cpu_count() or 1
+    if args.cpus_per_trial > cpus:
+        raise SystemExit(f"--cpus_per_trial {args.cpus_per_trial:g} exceeds the {cpus} CPUs of the local Ray "
+                         "(--num_cpus or this machine)")
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """``host:port`` (or ``ray://host:port``) must accept a TCP connection; ``auto`` needs a cluster started
+    on this machine (``ray start --head``)."""
+    import socket
+
+    if address == "auto":
+        if not Path("/tmp/ray/ray_current_cluster").exists() and not os.environ.get("RAY_ADDRESS"):
+            raise SystemExit("--ray_address auto: no Ray cluster was started on this machine (ray start --head)")
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"--ray_address {address!r}: expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise SystemExit(f"--ray_address {address!r} is not reachable ({error}); is the cluster running?") from None
 
 
 def init_ray(args: argparse.Namespace) -> None:
@@ -460,3 +516,39 @@ def draw_mean_std(ax: Any, curves: dict[str, np.ndarray], x: np.ndarray | None =
         mean, std = values.mean(0), values.std(0)
         ax.plot(xs, mean, label=label, linestyle=("-", "--", "-.", ":")[i % 4])
         ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data identity and run provenance (bit_pattern.py, hopfield_deq.py)
+# --------------------------------------------------------------------------------------------------
+def array_digest(tree: Any) -> str:
+    """sha1 over a nested dict/list/tuple of arrays, tensors and JSON scalars (dict keys sorted; each array
+    contributes its dtype, shape and bytes): the identity of a generated data set for trial configs."""
+    digest = hashlib.sha1()
+
+    def feed(node: Any, name: str) -> None:
+        if isinstance(node, dict):
+            for key in sorted(node, key=str):
+                feed(node[key], f"{name}/{key}")
+        elif isinstance(node, (list, tuple)) and not all(isinstance(v, (int, float, str, bool)) for v in node):
+            for i, value in enumerate(node):
+                feed(value, f"{name}/{i}")
+        elif isinstance(node, (Tensor, np.ndarray)):
+            array = np.ascontiguousarray(node.detach().cpu().numpy() if isinstance(node, Tensor) else node)
+            digest.update(f"{name}:{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+        else:
+            digest.update(f"{name}={json.dumps(node, sort_keys=True, default=str)}".encode())
+
+    feed(tree, "")
+    return digest.hexdigest()
+
+
+def trial_provenance(trials: Sequence[dict]) -> dict:
+    """Compute and code behind a set of ``run_trials`` records: trial wall times (their sum = the sweep's
+    compute on one trial slot each), the git commits and precisions that produced them."""
+    walls = [float(t["wall_time_s"]) for t in trials]
+    return {"precision": sorted({str(t["config"].get("precision")) for t in trials}),
+            "trial_wall_time_s": {"sum": float(np.sum(walls)), "mean": float(np.mean(walls)),
+                                  "max": float(np.max(walls))} if walls else {},
+            "git_commits": sorted({t["git_commit"] for t in trials}), "n_trials": len(trials)}

@@ -46,9 +46,14 @@ def test_defaults_quick_and_explicit_flags():
     assert kmil.modes == ["k_subsets:5"] and kmil.scale is None and kmil.tag == "kmil3"
     assert (kmil.n_train, kmil.n_val, kmil.n_test) == (2000, 500, 500)
     assert mm.parse_args(["--k_mil", "5"]).modes == list(mm.KMIL_DEFAULT_MODES)
-    # the automatic experiment name changes with any result-changing flag, not with output dirs
-    assert mm.parse_args(["--lr", "1e-3"]).exp_name != full.exp_name
+    # the automatic experiment name: task and precision; --quick runs write apart from the committed results
+    assert full.exp_name == f"mnist_mil_bag5_{full.precision}" and full.results_dir.endswith("results")
+    assert quick.exp_name.endswith("_quick") and quick.results_dir.endswith("results/quick")
     assert mm.parse_args(["--img_dir", "/elsewhere"]).exp_name == full.exp_name
+    # Hu et al.'s bag-100 run: 4 query patterns, dropout 0.1 (explicit flags still win)
+    big = mm.parse_args(["--bag_size", "100"])
+    assert (big.num_pattern, big.dropout) == (4, 0.1)
+    assert mm.parse_args(["--bag_size", "100", "--dropout", "0.3"]).dropout == 0.3
 
 
 def test_indexed_bags_gather_matches_make_mnist_bags():
@@ -145,30 +150,45 @@ def test_end_to_end_writes_figures_and_csv(tiny_run):
     assert (tmp_path / "results" / "mnist_mil_5_summary.csv").exists()
 
 
-def test_resume_keeps_finished_trials(tiny_run):
-    argv, _, first = tiny_run
-    second = mm.main(argv)
+def test_resume_keeps_finished_trials(tiny_run, tmp_path):
+    """Trial files checkpoint the sweep: a rerun (here from a copy of the results, as in a fresh clone on
+    another machine) trains nothing and returns the stored trials; other settings under the name are refused."""
+    import shutil
 
-    def stamps(out):
-        return sorted((t["metrics"]["trial_id"], t["metrics"]["timestamp"], t["metrics"]["time_total_s"])
-                      for t in out["trials"])
-
-    assert stamps(second) == stamps(first)  # same trials, same results: nothing was retrained
+    argv, run_dir, first = tiny_run
+    trial_files = sorted((run_dir / "results" / "tiny" / "trials").glob("*.json"))
+    assert [p.name.split("_seed")[0] for p in trial_files] == ["softmax", "sparsemax"]
+    record = json.loads(trial_files[0].read_text())
+    assert record["config"]["precision"] == first["args"].precision and record["git_commit"]
+    assert len(record["history"]) == 2 and record["wall_time_s"] > 0
+    clone = tmp_path / "clone"
+    shutil.copytree(run_dir / "results", clone / "results")
+    moved = [a.replace(str(run_dir), str(clone)) for a in argv]
+    second = mm.main(moved)
+    assert [t["finished"] for t in second["trials"]] == [t["finished"] for t in first["trials"]]
+    assert second["summary"] == first["summary"]
+    # one more seed extends the experiment: only the new trials run
+    third = mm.main(moved[:1] + ["2"] + moved[2:])
+    assert [t["finished"] for t in third["trials"] if t["config"]["seed"] == 0] == [t["finished"] for t in first["trials"]]
+    assert len(third["trials"]) == 4
     with pytest.raises(SystemExit, match="other settings"):
-        mm.main(argv[:-6] + ["--lr", "1e-2"] + argv[-6:])  # same exp_name, different config
+        mm.main(moved + ["--lr", "1e-2"])  # same exp_name, different config
 
 
 def test_tune_space_and_selection_on_validation():
-    """--tune: the grid keeps every mode, samples the documented space, and per mode reports the
-    configuration with the best validation accuracy (its test accuracy at its best validation epoch)."""
-    from ray.tune.search.sample import Domain
-
+    """--tune: every mode gets the same --num_samples configurations drawn from the documented space, and
+    per mode the configuration with the best validation accuracy is reported (its test accuracy at its
+    best validation epoch)."""
     args = mm.parse_args(["--tune", "--modes", "softmax", "sparsemax", "--num_samples", "3"])
-    space = mm.param_space(args)
-    assert space["mode"] == {"grid_search": ["softmax", "sparsemax"]} and space["seed"] == {"grid_search": [0]}
-    for name in ("lr", "weight_decay", "dropout", "scale", "d_model", "n_heads", "num_pattern"):
-        assert isinstance(space[name], Domain), name
-    assert all(1e-5 <= space["lr"].sample() <= 1e-3 for _ in range(20))
+    configs = mm.trial_configs(args, digest="d")
+    assert [c["mode"] for c in configs] == ["softmax"] * 3 + ["sparsemax"] * 3 and {c["seed"] for c in configs} == {0}
+    drawn = [{k: c[k] for k in ("lr", "weight_decay", "dropout", "scale", "d_model", "n_heads", "num_pattern")}
+             for c in configs]
+    assert drawn[:3] == drawn[3:] and len({json.dumps(d) for d in drawn[:3]}) == 3
+    rng = np.random.default_rng(0)
+    samples = [mm.sample_tune_space(rng) for _ in range(200)]
+    assert all(1e-5 <= d["lr"] <= 1e-3 and 1e-4 <= d["weight_decay"] <= 1e-2 for d in samples)
+    assert {d["n_heads"] for d in samples} == {1, 2, 4} and {d["dropout"] for d in samples} == {0.0, 0.1, 0.3, 0.5}
     hp = dict(weight_decay=1e-3, dropout=0.0, scale=0.1, d_model=64, n_heads=1, num_pattern=1)
     rows = []
     for trial, (lr, val, test) in enumerate([(1e-4, [0.6, 0.8], [0.6, 0.7]), (3e-4, [0.9, 0.7], [0.85, 0.95]),
