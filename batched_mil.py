@@ -22,6 +22,7 @@ optimizer step == torch.optim.AdamW + clip_grad_norm_ per model.) The normalizat
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -193,6 +194,13 @@ class BatchedBagClassifier(nn.Module):
             alpha0 = float((map_params or {}).get("alpha", 1.5))
             params["alpha_logit"] = torch.full((m, shape.n_heads), math.log((alpha0 - 1) / (2 - alpha0)))
         return cls(params, shape, mode, scale, dropout, map_params)
+
+    def subset(self, keep: Tensor) -> "BatchedBagClassifier":
+        """The models ``keep`` (indices along the model axis) as a new batched model (copied parameters)."""
+        params = {name: self.p(name).detach()[keep].clone() for name in self.names}
+        model = type(self)(params, self.shape, self.mode, self.scale[keep], self.dropout_p[keep], self.map_params)
+        model.generator = self.generator
+        return model.train(self.training)
 
     # ----------------------------------------------------------------------------------------------
     def _linear(self, x: Tensor, name: str) -> Tensor:
@@ -449,6 +457,18 @@ class BatchedAdamW:
         for p in self.params:
             p.grad = None
 
+    def subset(self, params: Sequence[Tensor], keep: Tensor) -> "BatchedAdamW":
+        """This optimizer restricted to the models ``keep``, for ``params`` = those models' parameters
+        (``BatchedBagClassifier.subset``): moments, step counts and learning rates carried over."""
+        new = BatchedAdamW(params, self.lr[keep], self.weight_decay, self.betas, self.eps, self.grad_clip,
+                           fused=self.fused)
+        with torch.no_grad():
+            for dst, src in ((new.exp_avg, self.exp_avg), (new.exp_avg_sq, self.exp_avg_sq)):
+                for d, t in zip(dst, src):
+                    d.copy_(t[keep])
+            new.steps.copy_(self.steps[keep])
+        return new
+
 
 # --------------------------------------------------------------------------------------------------
 # Data and metrics
@@ -507,13 +527,18 @@ class BagGatherer:
         self.flat = None if table is None else table.reshape(-1, *padded.shape[1:])
         self.buffer = torch.empty(0, dtype=padded.dtype if table is None else table.dtype, device=padded.device)
 
-    def __call__(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Bags idx (M, B) -> instances (M, B, N, d), padding mask (M, B, N), N = max length used."""
+    def __call__(self, idx: Tensor, models: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Bags idx (M', B) -> instances (M', B, N, d), padding mask (M', B, N), N = max length used;
+        row j of idx belongs to model ``models[j]`` (default: model j)."""
         if self.flat is None:
-            return gather_bags(self.data, idx, self.standardize)
+            standardize = self.standardize
+            if standardize is not None and models is not None:
+                standardize = tuple(t[models] for t in standardize)
+            return gather_bags(self.data, idx, standardize)
         m, b = idx.shape
         n, d = int(self.lengths[idx].max()), self.flat.shape[-1]
-        rows = idx if self.group is None else self.group[:, None] * self.n_bags + idx
+        group = None if self.group is None else (self.group if models is None else self.group[models])
+        rows = idx if group is None else group[:, None] * self.n_bags + idx
         if self.buffer.numel() < m * b * n * d:
             self.buffer = torch.empty(m * b * self.flat.shape[1] * d, dtype=self.buffer.dtype, device=idx.device)
         x = self.buffer[:m * b * n * d].view(m * b, n, d)
@@ -550,13 +575,14 @@ def _index_table(sets: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def evaluate(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tensor], labels: Tensor,
              sets: Sequence[Sequence[int]], standardize: tuple[Tensor, Tensor] | None = None,
-             chunk: int = 16, gather: BagGatherer | None = None) -> dict[str, Tensor]:
+             chunk: int = 16, gather: Callable | None = None) -> dict[str, Tensor]:
     """Eval-mode loss (mean BCE), accuracy (logit > 0) and AUC of each model on its own bag set
     (``gather``: a ``BagGatherer`` of the same data and standardization, reused across calls)."""
     model.eval()
     gather = gather or BagGatherer(data, standardize)
     table, valid = (t.to(labels.device) for t in _index_table(sets))
-    logits = torch.cat([model(*gather(table[:, s:s + chunk])) for s in range(0, table.shape[1], chunk)], dim=1)
+    logits = torch.cat([_full_precision(model(*gather(table[:, s:s + chunk])))
+                        for s in range(0, table.shape[1], chunk)], dim=1)
     y = labels[table].to(logits.dtype)
     w = valid.to(logits.dtype)
     count = w.sum(1)
@@ -568,60 +594,161 @@ def evaluate(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tensor], l
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stopping:
+    """Early stopping and successive halving on validation metrics only (``train_batched``).
+
+    patience: a model stops when its best validation score (AUC, ties: lower loss) has not improved for
+        this many epochs (None: off; Hu et al.'s code used 5).
+    rungs: epochs after which, within each group of models (``groups``, e.g. one outer fold's configs),
+        only the best ``ceil(keep * n)`` of the group's n models by best validation score so far train on
+        (those that stopped early count with their score). Empty: off.
+    """
+
+    patience: int | None = None
+    rungs: tuple[int, ...] = ()
+    keep: float = 1 / 3
+
+    def __post_init__(self) -> None:
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        if not 0 < self.keep < 1:
+            raise ValueError(f"keep must lie in (0, 1), got {self.keep}")
+        if any(r < 1 for r in self.rungs) or list(self.rungs) != sorted(set(self.rungs)):
+            raise ValueError(f"rungs must be increasing epochs >= 1, got {self.rungs}")
+
+    @property
+    def active(self) -> bool:
+        return self.patience is not None or bool(self.rungs)
+
+
+def _score_key(auc: Tensor, loss: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.nan_to_num(auc, nan=-1.0), torch.nan_to_num(loss, nan=math.inf)
+
+
+def _halving_survivors(score: tuple[Tensor, Tensor], groups: Tensor, keep: float) -> Tensor:
+    """Bool (M,): per group the best ceil(keep * n) models by (AUC desc, loss asc, index asc)."""
+    auc, loss = score
+    survive = torch.zeros_like(groups, dtype=torch.bool)
+    for g in groups.unique():
+        members = (groups == g).nonzero().squeeze(1).tolist()
+        ranked = sorted(members, key=lambda i: (-float(auc[i]), float(loss[i]), i))
+        survive[ranked[:math.ceil(keep * len(members))]] = True
+    return survive
+
+
 def train_batched(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tensor], labels: Tensor,
                   train_sets: Sequence[Sequence[int]], eval_sets: dict[str, Sequence[Sequence[int]]],
                   lr: Tensor, lr_decay: Tensor, epochs: int, batch_size: int = 4,
                   weight_decay: float = 1e-4, grad_clip: float | None = 1.0,
                   generators: Sequence[torch.Generator] | None = None,
                   standardize: tuple[Tensor, Tensor] | None = None,
-                  on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, Tensor]:
+                  on_epoch: Callable[[int, dict], None] | None = None,
+                  stopping: Stopping = Stopping(), groups: Tensor | None = None,
+                  precision: str = "fp32") -> dict[str, Tensor]:
     """Train model m on bags ``train_sets[m]`` (own shuffle from ``generators[m]``) with BCE-with-logits,
     AdamW(lr_m, weight_decay) + clip, lr_m <- lr_m * lr_decay_m after every epoch (Hu et al.); after
     each epoch evaluate every set of ``eval_sets`` (e.g. val, test) in eval mode. ``standardize``:
     per-model feature (mean, std), see ``gather_bags``; dropout draws from ``generators[0]``.
+    ``stopping`` (early stopping, successive halving within ``groups``; it reads the ``val`` set only)
+    removes stopped models from the stacked computation; their later epochs are NaN. ``precision``:
+    autocast of the forward pass (``training.autocast``).
 
     Returns a dict of (epochs, M) tensors ``<set>_<loss|acc|auc>``.
     """
-    m = model.num_models
-    generators = generators or [torch.Generator().manual_seed(i) for i in range(m)]
+    m_total = model.num_models
+    generators = list(generators or [torch.Generator().manual_seed(i) for i in range(m_total)])
     device = next(model.parameters()).device
     labels = labels.to(device)
     model.generator = generators[0]
     if device.type != "cpu":  # dropout masks are drawn on the device
         seed = int(torch.randint(2 ** 62, (1,), generator=generators[0]))
         model.generator = torch.Generator(device=device).manual_seed(seed)
+    if stopping.active and "val" not in eval_sets:
+        raise ValueError("early stopping / halving need a 'val' entry in eval_sets")
+    groups = torch.zeros(m_total, dtype=torch.long) if groups is None else torch.as_tensor(groups)
     optimizer = BatchedAdamW(list(model.parameters()), lr, weight_decay, grad_clip=grad_clip)
     gather = BagGatherer(data, standardize)
     decay = lr_decay.to(optimizer.lr)
-    sizes = torch.tensor([len(s) for s in train_sets])
-    n_steps = int(math.ceil(int(sizes.max()) / batch_size))
     train_table = [torch.as_tensor(list(s), dtype=torch.long) for s in train_sets]
-    history: dict[str, list[Tensor]] = {}
+    eval_sets = {name: list(sets) for name, sets in eval_sets.items()}
+    alive = torch.arange(m_total)  # models still training, in the order of the current model axis
+    best = _score_key(torch.full((m_total,), math.nan), torch.full((m_total,), math.nan))
+    since_best = torch.zeros(m_total, dtype=torch.long)
+    history: dict[str, Tensor] = {}
     for epoch in range(1, epochs + 1):
-        model.train()
-        orders, valid = (t.to(device) for t in _index_table(
-            [t[torch.randperm(len(t), generator=g)].tolist() for t, g in zip(train_table, generators)]))
-        for step in range(n_steps):
-            cols = slice(step * batch_size, (step + 1) * batch_size)
-            idx, ok = orders[:, cols], valid[:, cols]
-            x, pad = gather(idx)
-            logits = model(x, pad)
-            y = labels[idx].to(logits.dtype)
-            w = ok.to(logits.dtype)
-            per_model = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum(1)
-            loss = (per_model / w.sum(1).clamp(min=1)).sum()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step(active=ok.any(1))
-        optimizer.lr = optimizer.lr * decay
+        gather_alive = functools.partial(gather, models=alive)
+        _train_epoch(model, optimizer, gather_alive, labels, [train_table[i] for i in alive.tolist()],
+                     [generators[i] for i in alive.tolist()], batch_size, precision)
+        optimizer.lr = optimizer.lr * decay[:len(alive)]
         metrics = {}
         for name, sets in eval_sets.items():
-            for key, value in evaluate(model, data, labels, sets, standardize, gather=gather).items():
-                metrics[f"{name}_{key}"] = value
-                history.setdefault(f"{name}_{key}", []).append(value)
+            with training.autocast(precision, device):
+                values = evaluate(model, data, labels, [sets[i] for i in alive.tolist()], gather=gather_alive)
+            for key, value in values.items():
+                value = _full_precision(value).cpu()
+                full = history.setdefault(f"{name}_{key}", torch.full((epochs, m_total), math.nan, dtype=value.dtype))
+                full[epoch - 1, alive] = value
+                metrics[f"{name}_{key}"] = full[epoch - 1]
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-    return {k: torch.stack(v) for k, v in history.items()}
+        if not stopping.active:
+            continue
+        keep = _still_training(stopping, epoch, metrics["val_auc"], metrics["val_loss"], alive, best, since_best,
+                               groups)
+        if not bool(keep.all()):
+            alive, decay = alive[keep], decay[:len(keep)][keep]
+            if not len(alive):
+                break
+            model = model.subset(keep.nonzero().squeeze(1))
+            optimizer = optimizer.subset(list(model.parameters()), keep.nonzero().squeeze(1))
+    return history
+
+
+def _still_training(stopping: Stopping, epoch: int, val_auc: Tensor, val_loss: Tensor, alive: Tensor,
+                    best: tuple[Tensor, Tensor], since_best: Tensor, groups: Tensor) -> Tensor:
+    """Update the best validation scores of the ``alive`` models (in place) and return which of them train
+    on: bool over ``alive``, False when patience ran out or a halving rung eliminated the model."""
+    auc, loss = _score_key(val_auc[alive], val_loss[alive])
+    better = (auc > best[0][alive]) | ((auc == best[0][alive]) & (loss < best[1][alive]))
+    best[0][alive] = torch.where(better, auc, best[0][alive])
+    best[1][alive] = torch.where(better, loss, best[1][alive])
+    since_best[alive] = torch.where(better, 0, since_best[alive] + 1)
+    keep = torch.ones(len(alive), dtype=torch.bool)
+    if stopping.patience is not None:
+        keep &= since_best[alive] < stopping.patience
+    if epoch in stopping.rungs:
+        keep &= _halving_survivors(best, groups, stopping.keep)[alive]
+    return keep
+
+
+def _full_precision(t: Tensor) -> Tensor:
+    """float32 for a bf16/fp16 autocast output (losses and metrics), else unchanged (float64 stays)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def _train_epoch(model: BatchedBagClassifier, optimizer: BatchedAdamW, gather: Callable, labels: Tensor,
+                 train_table: Sequence[Tensor], generators: Sequence[torch.Generator], batch_size: int,
+                 precision: str) -> None:
+    """One epoch: model m shuffles its own bags with its generator; models with fewer bags wait."""
+    device = labels.device
+    model.train()
+    n_steps = int(math.ceil(max(len(t) for t in train_table) / batch_size))
+    orders, valid = (t.to(device) for t in _index_table(
+        [t[torch.randperm(len(t), generator=g)].tolist() for t, g in zip(train_table, generators)]))
+    for step in range(n_steps):
+        cols = slice(step * batch_size, (step + 1) * batch_size)
+        idx, ok = orders[:, cols], valid[:, cols]
+        x, pad = gather(idx)
+        with training.autocast(precision, device):
+            logits = _full_precision(model(x, pad))
+        y = labels[idx].to(logits.dtype)
+        w = ok.to(logits.dtype)
+        per_model = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum(1)
+        loss = (per_model / w.sum(1).clamp(min=1)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step(active=ok.any(1))
 
 
 def best_epoch(val_auc: Tensor, val_loss: Tensor) -> Tensor:

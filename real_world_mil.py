@@ -206,11 +206,12 @@ def models_per_chunk(shape: batched_mil.Shape, batch_size: int, max_bag: int, ch
     return max(1, int(min(chunk_params / per_model, chunk_activations / activations)))
 
 
-def train_group(config: dict, report: Any = None) -> list[dict]:
+def train_group(config: dict, report: Any = None, bags: list | None = None) -> list[dict]:
     """Train every (fold, variant) model of a shape group for one repetition; one record per model
-    with its best-validation epoch and the metrics there. ``report`` gets progress dicts."""
+    with its best-validation epoch and the metrics there. ``report`` gets progress dicts; ``bags``: the
+    dataset (default: loaded from the embedded files)."""
     device = training.trial_device(config)  # also caps torch threads to cpus_per_trial
-    bags = training_data(config["dataset"])
+    bags = bags if bags is not None else training_data(config["dataset"])
     padded, lengths, pad = batched_mil.pad_dataset([torch.from_numpy(np.array(x)) for x, _ in bags])
     labels = torch.tensor([y for _, y in bags])
     group, seed = config["group"], config["seed"]
@@ -221,8 +222,9 @@ def train_group(config: dict, report: Any = None) -> list[dict]:
                              config["chunk_activations"])
     stats = [_standardization(padded, lengths, s["train"]) for s in splits]
     records = []
-    n_chunks = math.ceil(len(jobs) / chunk)
-    size = math.ceil(len(jobs) / n_chunks)  # balanced chunks
+    size = chunk_size(len(jobs), len(group["variants"]), chunk)
+    stopping = batched_mil.Stopping(patience=config["patience"], rungs=tuple(config["halving_rungs"]),
+                                    keep=config["halving_keep"])
     for start in range(0, len(jobs), size):
         part = jobs[start:start + size]
         variants = [group["variants"][v] for _, v in part]
@@ -240,12 +242,15 @@ def train_group(config: dict, report: Any = None) -> list[dict]:
             batch_size=group["batch_size"], weight_decay=config["weight_decay"],
             grad_clip=config["grad_clip"], generators=gens,
             standardize=(torch.stack([stats[f][0] for f, _ in part]).to(device),
-                         torch.stack([stats[f][1] for f, _ in part]).to(device)))
+                         torch.stack([stats[f][1] for f, _ in part]).to(device)),
+            stopping=stopping, groups=torch.tensor([f for f, _ in part]), precision=config["precision"])
         history = {k: v.cpu() for k, v in history.items()}
         best = batched_mil.best_epoch(history["val_auc"], history["val_loss"])
+        trained = (~torch.isnan(history["val_loss"])).sum(0)
         for i, (fold, v) in enumerate(part):
             at = {k: float(h[best[i], i]) for k, h in history.items()}
             records.append({"seed": seed, "fold": fold, "variant": v, "best_epoch": int(best[i]) + 1,
+                            "epochs_trained": int(trained[i]),
                             **{k: group[k] for k in SHAPE_KEYS}, **group["variants"][v], "width": shape.width,
                             "head_dim": shape.d_head,
                             **at})
@@ -254,18 +259,53 @@ def train_group(config: dict, report: Any = None) -> list[dict]:
     return records
 
 
-def training_data(name: str) -> list:
+def chunk_size(n_jobs: int, n_variants: int, max_models: int) -> int:
+    """Models per batched chunk: balanced chunks of at most ``max_models``, made of whole folds (all
+    ``n_variants`` configs of a fold train together, so halving ranks a fold's configs against each other)
+    when a fold fits."""
+    if n_variants <= max_models:
+        folds_per_chunk = max_models // n_variants
+        n_chunks = math.ceil(n_jobs / n_variants / folds_per_chunk)
+        return math.ceil(n_jobs / n_variants / n_chunks) * n_variants
+    n_chunks = math.ceil(n_jobs / max_models)
+    return math.ceil(n_jobs / n_chunks)
+
+
+def training_data(name: str, data_dir: str | None = None) -> list:
     import datasets
 
-    return datasets.load_mil_dataset(name)
+    return datasets.load_mil_dataset(name, data_dir)
 
 
-def ray_trainable(config: dict) -> None:
+def ray_trainable(config: dict, bags: list) -> None:
     """Ray Tune entry point: progress reports, then a final one carrying the records as JSON."""
     from ray import tune
 
-    records = train_group(config, report=lambda progress: tune.report({**progress, "records": ""}))
-    tune.report({"models_done": len(records), "models_total": len(records), "records": json.dumps(records)})
+    records = train_group(config, bags=bags, report=lambda progress: tune.report({**progress, "records": ""})
+                          if progress["models_done"] < progress["models_total"] else None)
+    tune.report({"models_done": len(records), "models_total": len(records), "records": encode_records(records)})
+
+
+_RECORD_INTS = ("fold", "variant", "best_epoch", "epochs_trained")
+_RECORD_METRICS = ("val_loss", "val_acc", "val_auc", "test_loss", "test_acc", "test_auc")
+
+
+def encode_records(records: Sequence[dict]) -> str:
+    """A trial's records as compact JSON columns (the trial file is committed): what the trial config does
+    not already fix, metrics as float32 (their precision)."""
+    columns = {k: [int(r[k]) for r in records] for k in _RECORD_INTS}
+    columns.update({k: [float(np.float32(r[k])) for r in records] for k in _RECORD_METRICS})
+    columns["fixed"] = {k: records[0][k] for k in ("seed", "width", "head_dim")} if records else {}
+    return json.dumps(columns, separators=(",", ":"))
+
+
+def decode_records(text: str, config: dict) -> list[dict]:
+    """Inverse of ``encode_records`` with the shape and variant of each record taken from the trial config."""
+    columns = json.loads(text)
+    group = config["group"]
+    n = len(columns["fold"])
+    return [{**columns["fixed"], **{k: columns[k][i] for k in _RECORD_INTS + _RECORD_METRICS},
+             **{k: group[k] for k in SHAPE_KEYS}, **group["variants"][columns["variant"][i]]} for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,33 +450,74 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="fox", help=f"one of {', '.join(DATASETS)}")
     parser.add_argument("--mode", default="sparse",
                         help=f"retrieval map: one of {', '.join(MODES)}, or 'all' ({', '.join(ALL_MODES)})")
-    parser.add_argument("--search", default="hu", choices=("hu", "small", "random", "quick"),
-                        help="hu: the full grid of Hu et al. (864 configs); small: 4 configs (see SMALL_GRID); "
-                             "random: --num_samples configs from the hu grid; quick: a tiny smoke grid")
-    parser.add_argument("--num_samples", type=int, default=32, help="configs for --search random")
+    parser.add_argument("--search", default=None, choices=("hu", "small", "random", "quick"),
+                        help="hu: the full grid of Hu et al. (864 configs; default); small: 4 configs (see "
+                             "SMALL_GRID); random: --num_samples configs from the hu grid; quick: a tiny smoke grid")
+    parser.add_argument("--num_samples", type=training.positive_int, default=32, help="configs for --search random")
     parser.add_argument("--seed", type=int, default=0, help="repetition r uses seed + r (splits and inits)")
-    parser.add_argument("--n_seeds", type=int, default=5, help="repetitions (each a different split)")
-    parser.add_argument("--n_folds", type=int, default=10, help="outer stratified folds")
-    parser.add_argument("--val_fraction", type=float, default=0.2, help="inner validation share of a training part")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--weight_decay", type=float, default=1e-4)
-    parser.add_argument("--grad_clip", type=float, default=1.0)
+    parser.add_argument("--n_seeds", type=training.positive_int, default=None, help="repetitions, each a different "
+                                                                                     "split (default 5)")
+    parser.add_argument("--n_folds", type=_at_least_two, default=None, help="outer stratified folds (default 10)")
+    parser.add_argument("--val_fraction", type=training.open_fraction, default=0.2,
+                        help="inner validation share of a training part, in (0, 1)")
+    parser.add_argument("--epochs", type=training.positive_int, default=None, help="default 50")
+    parser.add_argument("--weight_decay", type=training.nonnegative_float, default=1e-4)
+    parser.add_argument("--grad_clip", type=training.positive_float, default=1.0)
     parser.add_argument("--pool_width", default="per_head", choices=("per_head", "total"),
                         help="per_head: HopfieldPooling(d_model=emb_dims, n_heads, head_dim=hidden_dim) (Hu et al.); "
                              "total: hidden_dim is the total pooling width, rounded up to a multiple of n_heads")
-    parser.add_argument("--alpha", type=float, default=None, help="alpha of entmax_alpha / normmax / gsh (init)")
-    parser.add_argument("--k", type=int, default=None, help="k of k_subsets / sequential_k_subsets")
-    parser.add_argument("--chunk_params", type=float, default=3e6,
+    parser.add_argument("--alpha", type=training.positive_float, default=None,
+                        help="alpha of entmax_alpha / normmax / gsh (init)")
+    parser.add_argument("--k", type=training.positive_int, default=None, help="k of k_subsets / sequential_k_subsets")
+    stop = parser.add_argument_group("early stopping and successive halving (validation data only)")
+    stop.add_argument("--patience", type=training.nonnegative_int, default=5,
+                      help="stop a config when its best validation AUC has not improved for this many epochs "
+                           "(Hu et al.'s code: 5); 0 = off (default 5)")
+    stop.add_argument("--halving_rungs", type=_rungs, default=None,
+                      help="comma-separated epochs after which, per outer fold, only the best --halving_keep share "
+                           "of the configs trained together (one architecture shape, all its lr/decay/beta/dropout "
+                           "variants) by validation AUC train on; 'none' = off (default 5,15)")
+    stop.add_argument("--halving_keep", type=training.open_fraction, default=1 / 3,
+                      help="share of configs kept at each rung, in (0, 1) (default 1/3)")
+    training.add_precision_arg(parser)
+    parser.add_argument("--chunk_params", type=training.positive_float, default=3e6,
                         help="max parameters of one batched model (models per chunk = this / model size); "
                              "~1-3M is fastest on CPU (cache), see bench/bench_real_world.py")
-    parser.add_argument("--chunk_activations", type=float, default=1e8,
+    parser.add_argument("--chunk_activations", type=training.positive_float, default=1e8,
                         help="max activation floats of one training step of a chunk (bounds models per chunk)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: --search quick, 3 folds, 1 seed, 2 epochs")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: {QUICK}, written under results/quick/ (explicit flags win)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from result files")
-    parser.add_argument("--results_dir", default=str(training.REPO_DIR / "results" / "real_world_mil"))
-    parser.add_argument("--img_dir", default=str(training.REPO_DIR / "imgs"))
+    parser.add_argument("--results_dir", default=None,
+                        help="result files and trials/ (default results/real_world_mil; --quick: results/quick/real_world_mil)")
+    parser.add_argument("--img_dir", default=None, help="the AUC figure (default imgs; --quick: results/quick/imgs)")
+    parser.add_argument("--data_dir", default=None, help="directory of the benchmark files (default: datasets/data)")
     training.add_ray_args(parser, "real_world_mil")
     return parser
+
+
+# --quick: a smoke setting; full defaults otherwise. Explicit flags win over both.
+QUICK = dict(search="quick", n_folds=3, n_seeds=1, epochs=2, halving_rungs=(1,))
+FULL = dict(search="hu", n_folds=10, n_seeds=5, epochs=50, halving_rungs=(5, 15))
+
+
+def _at_least_two(text: str) -> int:
+    value = training.positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 2")
+    return value
+
+
+def _rungs(text: str) -> tuple[int, ...]:
+    if text.lower() in ("none", "off", ""):
+        return ()
+    try:
+        rungs = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of epochs (or 'none')") from None
+    if any(r < 1 for r in rungs) or list(rungs) != sorted(set(rungs)):
+        raise argparse.ArgumentTypeError(f"{text!r}: rungs must be increasing epochs >= 1")
+    return rungs
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -447,8 +528,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.dataset = args.dataset.lower()
     if args.mode != "all" and args.mode not in MODES:
         parser.error(f"unknown mode {args.mode!r}; choose one of: {', '.join(MODES)}, all")
-    if args.quick:
-        args.search, args.n_folds, args.n_seeds, args.epochs = "quick", 3, 1, 2
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.halving_rungs and args.halving_rungs[-1] >= args.epochs:
+        parser.error(f"--halving_rungs {','.join(map(str, args.halving_rungs))}: rungs must lie before the last "
+                     f"epoch ({args.epochs})")
+    args.patience = args.patience or None
+    smoke = training.REPO_DIR / "results" / "quick"
+    args.results_dir = args.results_dir or str(smoke / "real_world_mil" if args.quick
+                                               else training.REPO_DIR / "results" / "real_world_mil")
+    args.img_dir = args.img_dir or str(smoke / "imgs" if args.quick else training.REPO_DIR / "imgs")
+    if args.report:
+        return args
+    try:
+        args.precision = training.resolve_precision(args.precision, use_gpu=args.gpus_per_trial > 0)
+    except ValueError as error:
+        parser.error(str(error))
+    training.check_ray_args(args)
+    training_data(args.dataset, args.data_dir)  # a missing or corrupt file fails here, named, before Ray starts
     return args
 
 
@@ -466,50 +564,80 @@ def available_modes(requested: str) -> list[str]:
     return modes
 
 
-def protocol_of(args: argparse.Namespace, mode: str) -> dict:
+def protocol_of(args: argparse.Namespace, mode: str, bags: list) -> dict:
     keys = ("search", "num_samples", "seed", "n_seeds", "n_folds", "val_fraction", "epochs", "weight_decay",
-            "grad_clip", "pool_width", "alpha", "k")
+            "grad_clip", "pool_width", "alpha", "k", "precision", "patience", "halving_keep")
     protocol = {k: getattr(args, k) for k in keys}
-    protocol.update(dataset=args.dataset, mode=mode, pooling=POOLING[args.pool_width])
+    protocol.update(dataset=args.dataset, mode=mode, pooling=POOLING[args.pool_width],
+                    halving_rungs=list(args.halving_rungs), data=dataset_digest(bags))
     return protocol
 
 
-def run_mode(args: argparse.Namespace, mode: str) -> dict:
-    """Run the protocol for one mode through Ray Tune and write the result files."""
-    from ray import tune
+def dataset_digest(bags: list) -> str:
+    """sha1 of the loaded bags (features and labels; the files are sha256-checked on load): a trial file
+    is reused only for the same data."""
+    digest = hashlib.sha1()
+    for x, y in bags:
+        digest.update(np.ascontiguousarray(x).tobytes())
+        digest.update(str(int(y)).encode())
+    return digest.hexdigest()
 
+
+def trial_configs(args: argparse.Namespace, mode: str) -> list[dict]:
+    """One trial per (shape group, repetition): every fold and config of that shape, batched."""
     map_name = MODE_ALIASES.get(mode, mode)
     map_params = {p: getattr(args, p) for p in MAP_PARAMS.get(map_name, ()) if getattr(args, p) is not None}
     groups = group_by_shape(search_configs(args.search, args.num_samples, args.seed))
-    seeds = [args.seed + r for r in range(args.n_seeds)]
-    protocol = protocol_of(args, mode)
+    fixed = {"dataset": args.dataset, "mode": map_name, "map_params": map_params,
+             "n_folds": args.n_folds, "val_fraction": args.val_fraction, "epochs": args.epochs,
+             "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "pool_width": args.pool_width,
+             "chunk_params": args.chunk_params, "chunk_activations": args.chunk_activations,
+             "precision": args.precision, "patience": args.patience, "halving_rungs": list(args.halving_rungs),
+             "halving_keep": args.halving_keep}
+    return [{**fixed, "group": group, "seed": args.seed + r} for r in range(args.n_seeds) for group in groups]
+
+
+def trial_label(config: dict) -> str:
+    g = config["group"]
+    return (f"seed{config['seed']}_e{g['emb_dims']}x{g['emb_layers']}_h{g['hidden_dim']}x{g['n_heads']}"
+            f"_b{g['batch_size']}")
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> dict:
+    """Run the protocol for one mode through Ray Tune (trial files under ``<results_dir>/trials/``,
+    the experiment named by dataset, mode, search and a digest of the protocol) and write the result files."""
+    bags = training_data(args.dataset, args.data_dir)  # sha256-checked: corrupt data fails before any resume
+    protocol = protocol_of(args, mode, bags)
     digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:8]
-    run_args = argparse.Namespace(**{**vars(args), "exp_name": f"{args.exp_name}-{args.dataset}-{mode}-{digest}"})
-    param_space = {"group": tune.grid_search(groups), "seed": tune.grid_search(seeds),
-                   "dataset": args.dataset, "mode": map_name, "map_params": map_params,
-                   "n_folds": args.n_folds, "val_fraction": args.val_fraction, "epochs": args.epochs,
-                   "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
-                   "pool_width": args.pool_width, "chunk_params": args.chunk_params,
-                   "chunk_activations": args.chunk_activations}
-    n_configs = sum(len(g["variants"]) for g in groups)
-    print(f"[{args.dataset}/{mode}] {n_configs} configs in {len(groups)} shapes x {len(seeds)} repetitions "
-          f"x {args.n_folds} folds = {n_configs * len(seeds) * args.n_folds} trainings in "
-          f"{len(groups) * len(seeds)} Ray trials (experiment {run_args.exp_name})")
+    name = f"{args.dataset}_{mode}_{args.search}_{digest}"
+    trial_dir = training.open_experiment(Path(args.results_dir) / "trials" / name, protocol)
+    configs = trial_configs(args, mode)
+    n_configs = sum(len(g["variants"]) for g in group_by_shape(search_configs(args.search, args.num_samples, args.seed)))
+    print(f"[{args.dataset}/{mode}] {n_configs} configs x {args.n_seeds} repetitions x {args.n_folds} folds = "
+          f"{n_configs * args.n_seeds * args.n_folds} trainings in {len(configs)} Ray trials "
+          f"(precision {args.precision}, patience {args.patience}, halving rungs {list(args.halving_rungs)} keep "
+          f"{args.halving_keep:.3g}; {training.repo_relative(trial_dir)})")
     start = time.time()
-    trials = training.run_trials(ray_trainable, param_space, run_args)
-    wall = time.time() - start
-    records = [r for t in trials for r in json.loads(t["metrics"]["records"])]
+    trials = training.run_trials(ray_trainable, configs, args, trial_dir, label=trial_label, params={"bags": bags})
+    elapsed = time.time() - start
+    records = [r for t in trials for r in decode_records(t["metrics"]["records"], t["config"])]
     chosen = select_configs(records)
     summary = summarize(chosen)
-    payload = {"dataset": args.dataset, "mode": mode, "map": map_name, "map_params": map_params,
-               "protocol": protocol, "summary": summary, "published_auc": PUBLISHED_AUC.get(args.dataset),
-               "wall_time_s": wall, "n_trainings": len(records), "folds": chosen}
+    compute = float(sum(t["wall_time_s"] for t in trials))
+    payload = {"dataset": args.dataset, "mode": mode, "map": MODE_ALIASES.get(mode, mode),
+               "map_params": configs[0]["map_params"], "protocol": protocol, "summary": summary,
+               "published_auc": PUBLISHED_AUC.get(args.dataset), "wall_time_s": compute,
+               "wall_time_this_run_s": elapsed, "n_trainings": len(records),
+               "model_epochs": int(sum(r["epochs_trained"] for r in records)),
+               "git_commits": sorted({t["git_commit"] for t in trials}), "experiment": training.repo_relative(trial_dir),
+               "folds": chosen}
     paths = write_results(Path(args.results_dir) / f"{args.dataset}_{mode}", payload)
     ref = PUBLISHED_AUC.get(args.dataset)
     print(f"[{args.dataset}/{mode}] test AUC x100 = {summary['auc_mean']:.2f} ± {summary['auc_std']:.2f}, "
           f"acc = {summary['acc_mean']:.1f} ± {summary['acc_std']:.1f} over {summary['n_seeds']} repetitions "
-          f"({len(records)} trainings, {wall:.0f} s)" + (f"; published {ref[0]} ± {ref[1]}" if ref else ""))
-    print("wrote " + ", ".join(map(str, paths)))
+          f"({len(records)} trainings, {payload['model_epochs']} model-epochs, {compute:.0f} s of trial time)"
+          + (f"; published {ref[0]} ± {ref[1]}" if ref else ""))
+    print("wrote " + ", ".join(training.repo_relative(p) for p in paths))
     return payload
 
 

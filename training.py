@@ -280,7 +280,9 @@ def load_trial(path: Path, config: dict) -> dict | None:
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    return record if record.get("config") == _canonical(config) else None
+    if record.get("config") != _canonical(config):
+        return None
+    return {**record, "metrics": record["history"][-1] if record["history"] else {}}
 
 
 def _trial_file_writer(files: dict[str, tuple[Path, dict]]) -> Any:
@@ -300,8 +302,7 @@ def _trial_file_writer(files: dict[str, tuple[Path, dict]]) -> Any:
             path, config = files[key]
             history = self.history.pop(key, [])
             wall = float((trial.last_result or {}).get("time_total_s", float("nan")))
-            record = {"config": config, "key": key, "history": history, "metrics": history[-1] if history else {},
-                      "wall_time_s": wall, "git_commit": git_commit(), "host_cpus": os.cpu_count(),
+            record = {"config": config, "key": key, "history": history, "wall_time_s": wall, "git_commit": git_commit(), "host_cpus": os.cpu_count(),
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             _write_atomically(path, json.dumps(_canonical(record), indent=1, sort_keys=True))
             print(f"trial finished in {wall:.0f} s: {repo_relative(path)}", flush=True)
@@ -331,7 +332,8 @@ def run_trials(trainable: Callable[..., Any], configs: Sequence[dict], args: arg
                params: dict | None = None) -> list[dict]:
     """Run each config of ``configs`` as a Ray Tune trial ``trainable(config, **params)`` unless its trial
     file already exists, and return one dict per config, in order:
-    ``{"config", "metrics": last report, "history": [reports], "wall_time_s", "git_commit", "key"}``.
+    ``{"config", "metrics": last report, "history": [reports], "wall_time_s", "git_commit", "key"}``
+    (the file stores the history; ``metrics`` is its last entry).
 
     Checkpointing: each finished trial writes ``trial_dir/<label>_<hash of its config>.json`` (atomically,
     from the driver); a rerun, on any machine, skips the trials whose file holds the same config, so

@@ -312,6 +312,40 @@ def test_bad_arguments_list_the_choices(flag, value, listed, capsys):
     assert value in err and listed in err
 
 
+@pytest.mark.parametrize("args,flag", [(["--n_folds", "1"], "--n_folds"), (["--n_folds", "0"], "--n_folds"),
+                                       (["--n_seeds", "0"], "--n_seeds"), (["--val_fraction", "1.5"], "--val_fraction"),
+                                       (["--num_samples", "0"], "--num_samples"), (["--epochs", "0"], "--epochs"),
+                                       (["--patience", "-1"], "--patience"), (["--halving_rungs", "9,3"], "--halving_rungs"),
+                                       (["--halving_rungs", "60", "--epochs", "50"], "--halving_rungs"),
+                                       (["--halving_keep", "1"], "--halving_keep"),
+                                       (["--cpus_per_trial", "0"], "--cpus_per_trial"),
+                                       (["--precision", "fp16"], "fp16"),
+                                       (["--ray_address", "127.0.0.1:1"], "--ray_address")])
+def test_bad_arguments_are_refused_before_ray_starts(args, flag, capsys):
+    import ray
+
+    with pytest.raises(SystemExit) as exit_info:
+        rw.parse_args(args)
+    captured = capsys.readouterr()
+    assert flag in captured.err + captured.out + str(exit_info.value.code)
+    assert exit_info.value.code != 0 and not ray.is_initialized()
+
+
+def test_quick_keeps_explicit_flags_and_writes_apart():
+    args = rw.parse_args(["--quick", "--n_folds", "4"])
+    assert (args.n_folds, args.search, args.epochs) == (4, "quick", 2)
+    assert "results/quick" in args.results_dir and "results/quick" in args.img_dir
+    full = rw.parse_args([])
+    assert (full.search, full.n_folds, full.n_seeds, full.epochs) == ("hu", 10, 5, 50)
+    assert full.results_dir.endswith("results/real_world_mil") and full.patience == 5
+    assert rw.parse_args(["--patience", "0", "--halving_rungs", "none"]).patience is None
+
+
+def test_chunks_hold_whole_folds():
+    assert rw.chunk_size(240, 24, 100) == 96 and rw.chunk_size(240, 24, 24) == 24
+    assert rw.chunk_size(240, 24, 10) == 10 and rw.chunk_size(12, 4, 1000) == 12
+
+
 def test_report_builds_table_from_result_files(tmp_path):
     for dataset, mode, auc in (("fox", "sparse", 66.0), ("fox", "standard", 61.5), ("tiger", "sparse", 88.25)):
         payload = {"dataset": dataset, "mode": mode, "protocol": {"search": "small", "n_folds": 10},
@@ -328,8 +362,8 @@ def test_report_builds_table_from_result_files(tmp_path):
 
 def test_small_real_run_writes_results(local_ray, tmp_path, capsys):
     argv = ["--dataset", "fox", "--mode", "sparse", "--search", "quick", "--n_folds", "3", "--n_seeds", "2",
-            "--epochs", "2", "--results_dir", str(tmp_path / "res"), "--img_dir", str(tmp_path / "img"),
-            "--ray_dir", str(tmp_path / "ray")]
+            "--epochs", "2", "--halving_rungs", "none", "--results_dir", str(tmp_path / "res"),
+            "--img_dir", str(tmp_path / "img"), "--ray_dir", str(tmp_path / "ray")]
     (payload,) = rw.main(argv)
     saved = json.loads((tmp_path / "res" / "fox_sparse.json").read_text())
     assert saved["summary"] == payload["summary"] and saved["n_trainings"] == 3 * 2 * 2
@@ -339,7 +373,84 @@ def test_small_real_run_writes_results(local_ray, tmp_path, capsys):
     csv_lines = (tmp_path / "res" / "fox_sparse.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + 6 and csv_lines[0].startswith("seed,fold,emb_dims")
     assert "64.05" in (tmp_path / "res" / "table.md").read_text()
+    assert saved["protocol"]["precision"] == payload["protocol"]["precision"] and saved["git_commits"]
     capsys.readouterr()
-    (again,) = rw.main(argv)  # rerun with the same --exp_name resumes: finished trials are reused
-    assert "resuming experiment" in capsys.readouterr().out
+    (again,) = rw.main(argv)  # rerun: the trial files are reused, nothing is trained
+    assert "2 of 2 trials already in" in capsys.readouterr().out
     assert again["summary"] == payload["summary"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Early stopping and successive halving
+# --------------------------------------------------------------------------------------------------
+def _stopping_problem(n_models=6, seed=0):
+    """A small MIL problem: 40 bags of 3-6 instances, positive iff an instance has x_0 > 1.5."""
+    g = torch.Generator().manual_seed(seed)
+    bags = [torch.randn(int(torch.randint(3, 7, (1,), generator=g)), 5, generator=g) for _ in range(40)]
+    labels = torch.tensor([int((b[:, 0] > 1.5).any()) for b in bags])
+    data = bm.pad_dataset(bags)
+    shape = bm.Shape(d_in=5, emb_dims=4, emb_layers=1, width=4, n_heads=2)
+    gens = [torch.Generator().manual_seed(i) for i in range(n_models)]
+    model = bm.BatchedBagClassifier.initialized(shape, "sparsemax", torch.full((n_models,), 1.0),
+                                                torch.zeros(n_models), gens)
+    sets = {"train": [list(range(0, 24))] * n_models, "val": [list(range(24, 32))] * n_models,
+            "test": [list(range(32, 40))] * n_models}
+    lr = torch.tensor([1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5][:n_models])
+    return model, data, labels, sets, lr, gens
+
+
+def _train_with(stopping, test_labels=None, groups=None):
+    model, data, labels, sets, lr, gens = _stopping_problem()
+    if test_labels is not None:
+        labels = labels.clone()
+        labels[32:] = test_labels
+    return bm.train_batched(model, data, labels, sets["train"], {"val": sets["val"], "test": sets["test"]},
+                            lr=lr, lr_decay=torch.ones(6), epochs=12, batch_size=4, generators=gens,
+                            stopping=stopping, groups=groups)
+
+
+def test_stopping_off_trains_every_model_every_epoch():
+    history = _train_with(bm.Stopping())
+    assert not torch.isnan(history["val_auc"]).any() and history["val_auc"].shape == (12, 6)
+
+
+def test_early_stopping_and_halving_use_validation_only():
+    """Which models stop, and when, is the same whatever the test labels are; stopped models have no
+    metrics after their stop; each group keeps ceil(keep * n) models past a rung."""
+    stopping = bm.Stopping(patience=3, rungs=(4,), keep=0.5)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    runs = [_train_with(stopping, test_labels=t, groups=groups) for t in (None, torch.ones(8, dtype=torch.long))]
+    trained = [~torch.isnan(h["val_loss"]) for h in runs]
+    assert torch.equal(trained[0], trained[1])
+    assert torch.equal(runs[0]["val_auc"].nan_to_num(-7), runs[1]["val_auc"].nan_to_num(-7))
+    after_rung = trained[0][4]  # epoch 5
+    for g in (0, 1):
+        assert int(after_rung[groups == g].sum()) <= 2  # ceil(0.5 * 3)
+    epochs_trained = trained[0].sum(0)
+    assert (epochs_trained < 12).any()
+    for m in range(6):  # a stopped model never resumes
+        column = trained[0][:, m]
+        assert column[:int(epochs_trained[m])].all() and not column[int(epochs_trained[m]):].any()
+
+
+def test_stopped_models_leave_the_batch_and_survivors_are_unchanged():
+    """Removing stopped models from the stacked computation does not change the models that go on: a
+    survivor's curve equals its curve in the run without stopping (models do not interact)."""
+    full = _train_with(bm.Stopping())
+    stopped = _train_with(bm.Stopping(rungs=(3,), keep=0.5), groups=torch.zeros(6, dtype=torch.long))
+    survivors = ~torch.isnan(stopped["val_loss"][-1])
+    assert int(survivors.sum()) == 3
+    assert torch.allclose(stopped["val_loss"][:, survivors], full["val_loss"][:, survivors], atol=1e-6)
+
+
+def test_trial_records_roundtrip_compactly():
+    group = {"emb_dims": 32, "emb_layers": 1, "hidden_dim": 16, "n_heads": 8, "batch_size": 4,
+             "variants": [{"lr": 1e-3, "lr_decay": 0.98, "scale": 0.1, "dropout": 0.0},
+                          {"lr": 1e-5, "lr_decay": 0.96, "scale": 10.0, "dropout": 0.75}]}
+    records = [{"seed": 3, "fold": f, "variant": v, "best_epoch": 4, "epochs_trained": 9, "width": 32, "head_dim": 16,
+                **{k: group[k] for k in rw.SHAPE_KEYS}, **group["variants"][v],
+                **{k: float(np.float32(0.1 * f + 0.01 * v + 0.3)) for k in rw._RECORD_METRICS}}
+               for f in range(3) for v in range(2)]
+    text = rw.encode_records(records)
+    assert rw.decode_records(text, {"group": group}) == records
+    assert len(text) < 0.4 * len(json.dumps(records))
