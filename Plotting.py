@@ -210,12 +210,13 @@ def repo_relative(path: str | Path) -> str:
 def git_commit() -> dict:
     """HEAD commit of the repository and whether tracked files differ from it."""
     def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=REPO_DIR, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *cmd], cwd=REPO_DIR, capture_output=True, text=True).stdout
     try:
-        return {"git_commit": git("rev-parse", "HEAD") or None,
-                "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+        return {"git_commit": git("rev-parse", "HEAD").strip() or None, "git_dirty": bool(changed),
+                "git_changed_files": [f for f in changed if f.endswith(".py")]}  # code that differed from HEAD
     except OSError:  # no git executable
-        return {"git_commit": None, "git_dirty": None}
+        return {"git_commit": None, "git_dirty": None, "git_changed_files": None}
 
 
 def panel_settings(args: argparse.Namespace) -> list[tuple[str, float | None]]:
@@ -828,6 +829,7 @@ def save(df: pd.DataFrame, out_dir: Path, name: str, written: list[Path]) -> Non
 
 
 def make_figures(args: argparse.Namespace) -> list[Path]:
+    provenance = git_commit()  # the code as the run starts
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -899,7 +901,7 @@ def make_figures(args: argparse.Namespace) -> list[Path]:
     config_path = out_dir / "figures_config.json"  # timings of figures made by earlier runs are kept
     previous = json.loads(config_path.read_text()).get("timings_s", {}) if config_path.exists() else {}
     record = {**run_config(args), "wall_time_s": round(time.perf_counter() - start, 2),
-              "timings_s": {**previous, **timings}, "threads_used": torch.get_num_threads(), **git_commit()}
+              "timings_s": {**previous, **timings}, "threads_used": torch.get_num_threads(), **provenance}
     config_path.write_text(json.dumps(record, indent=2, default=str))
     written.append(config_path)
     return written
@@ -910,12 +912,43 @@ def run_config(args: argparse.Namespace) -> dict:
     return {**vars(args), "out_dir": repo_relative(args.out_dir)}
 
 
+def report_findings(out_dir: Path) -> list[str]:
+    """The README's numbers besides the capacity table, read from the CSV/JSON files in ``out_dir``."""
+    config = json.loads((out_dir / "figures_config.json").read_text())
+    noise = pd.read_csv(out_dir / "fig2_noise.csv")
+    conv = pd.read_csv(out_dir / "fig3_convergence.csv")
+    margin = pd.read_csv(out_dir / "fig4_margin_summary.csv")
+    energy = pd.read_csv(out_dir / "fig6_energy.csv")
+
+    def per_map(values: pd.Series, fmt: str = ".2f") -> str:
+        return ", ".join(f"{MODE_LABELS.get(m, m)} {v:{fmt}}" for m, v in values.items())
+
+    lines = []
+    top_sigma = noise.sigma.max()
+    for setting, d in noise[noise.sigma == top_sigma].groupby("setting", sort=False):
+        lines.append(f"fig2 ({setting}, N = {config['noise_n']}): success at sigma = {top_sigma:g}: "
+                     + per_map(d.groupby("mode", sort=False).success.mean()))
+    step1 = conv[conv.step == 1].set_index("mode")
+    lines.append(f"fig3 (beta = {config['conv_beta']:g}): fraction retrieved exactly after one update: "
+                 + per_map(step1.frac_exact))
+    for m, d in margin.groupby("margin"):
+        lines.append(f"fig4 margin {m:g}: largest beta*Delta not fixed {d.max_beta_delta_not_fixed.max():.4f}, "
+                     f"smallest fixed {d.min_beta_delta_fixed.min():.4f}")
+    increase = max(np.diff(g.sort_values("step").energy.to_numpy()).max() for _, g in energy.groupby(["mode", "query"]))
+    lines.append(f"fig6: largest step-to-step energy change {increase:.2g}")
+    timings = ", ".join(f"fig{k} {v:.0f} s" for k, v in config["timings_s"].items())
+    lines.append(f"wall time {config['wall_time_s'] / 60:.1f} min with {config['threads_used']} threads ({timings}); "
+                 f"commit {str(config['git_commit'])[:7]}{' + uncommitted changes' if config['git_dirty'] else ''}")
+    return lines
+
+
 def print_report(args: argparse.Namespace) -> str:
-    """The README's capacity table, rebuilt from <out_dir>/fig1_capacity_table.csv (no computation)."""
-    path = Path(args.out_dir) / "fig1_capacity_table.csv"
+    """The README's capacity table and numbers, rebuilt from the files in <out_dir> (no computation)."""
+    out_dir = Path(args.out_dir)
+    path = out_dir / "fig1_capacity_table.csv"
     if not path.exists():
-        raise SystemExit(f"{repo_relative(path)} not found: run `python3 Plotting.py --figures 1` first")
-    text = report_table(pd.read_csv(path))
+        raise SystemExit(f"{repo_relative(path)} not found: run `python3 Plotting.py` first")
+    text = report_table(pd.read_csv(path)) + "\n\n" + "\n".join(f"- {line}" for line in report_findings(out_dir))
     print(text)
     return text
 
