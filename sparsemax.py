@@ -489,15 +489,16 @@ def _quadratic_tau(z: Tensor, m: Tensor, scale: float = 1.0, dense: bool = False
 
 
 def _power_tau(z: Tensor, m: Tensor, p: Tensor | float, scale: float | Tensor = 1.0, dense: bool = False):
-    """tau with F(tau) = sum_i [scale (z_i - m) - tau]_+^p = 1, p > 0 (scalar or per row), m the row max,
-    to the last float: tau = the largest float t with F(t) >= 1 (an entry exactly at the support
-    boundary gets weight exactly 0 however large alpha is; ``sparsemax_kernels._power_tau`` alike).
+    """tau with F(tau) = sum_i [scale (z_i - m) - tau]_+^p = 1, p > 0 (scalar or per row), m the row max.
 
     Newton on G(tau) = F(tau)^{1/p} = ||[z - tau]_+||_p, which is convex and decreasing for p >= 1
-    (so the iterates from a lower bound increase monotonically to the root, quadratically near it, and
-    G is exactly linear while only one entry is positive), at least one ulp up per step from the lower
-    end. Steps leaving the bracket [lo, hi] (F(lo) >= 1 >= F(hi), from [-1, -n^{-1/p}]; possible for
-    p < 1) fall back to bisection. A row ends when F(t) = 1 exactly or lo and hi are adjacent floats.
+    (so the iterates from the lower bound -1 increase monotonically to the root, quadratically near
+    it, and G is exactly linear while only one entry is positive). Steps leaving the bracket
+    [-1, -n^{-1/p}] (F >= 1 resp. F <= 1 there; possible for p < 1) fall back to bisection. A row
+    stops at |F - 1| <= 4 |support| eps (the rounding of F itself) or when no representable
+    progress is left. Returns (tau, rows, slack) with slack = 4 ulps + |F - 1| / |F'| (an estimate
+    of |tau - tau*|): entries within slack of tau are on the support boundary to working precision
+    and get weight 0 (as in ``sparsemax_kernels._power_tau``; exact 0 for an entry on the boundary).
     """
     n = z.shape[-1]
     m = m.double()
@@ -510,29 +511,40 @@ def _power_tau(z: Tensor, m: Tensor, p: Tensor | float, scale: float | Tensor = 
     t = lo.clone()
     R = _DenseRows(z, scale, m) if dense else _rows_for(z, lo, scale, m, bm)
     pc = R.bc(p)
-    tiny = torch.finfo(torch.float64).tiny
+    eps, tiny = torch.finfo(torch.float64).eps, torch.finfo(torch.float64).tiny
     done = torch.zeros_like(t, dtype=torch.bool)
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=m.device)
+    slack = torch.zeros_like(t)
     for _ in range(_MAX_NEWTON):
         r = (R.z - R.bc(t)).clamp_min(0.0)
         rp = r.pow(pc)
         f = R.sum(rp)
-        above = f > 1.0
-        lo = torch.where(~done & (f >= 1.0), t, lo)  # t >= lo: the largest point with F >= 1 so far
-        hi = torch.where(~done & ~above, torch.minimum(hi, t), hi)
-        up = torch.nextafter(lo, inf)
-        done = done | (f == 1.0) | (hi <= up)
+        err = f - 1.0
+        s1 = R.sum(torch.where(r > 0, rp / r, 0.0))  # sum r^{p-1} = -F'(tau) / p
+        ulps = 4 * eps * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
+        slack = torch.where(done, slack, ulps + err.abs() / (p * s1).clamp_min(tiny))
+        done = done | (err.abs() <= 4 * eps * R.sum(torch.sign(r)))
         if bool(done.all()):
             break
-        s1 = R.sum(torch.where(r > 0, rp / r, 0.0))  # sum r^{p-1} = -F'(tau) / p
         g = f.pow(1.0 / p)
         nxt = t + (g - 1.0) * f / (g * s1).clamp_min(tiny)
-        nxt = torch.where(above, torch.maximum(nxt, up), nxt)
-        nxt = torch.where((nxt > lo) & (nxt < hi), nxt, 0.5 * (lo + hi))  # NaN -> bisection too
+        lo = torch.where(err >= 0, torch.maximum(lo, t), lo)
+        hi = torch.where(err <= 0, torch.minimum(hi, t), hi)
+        bad = ~((nxt > lo) & (nxt < hi)) | ~torch.isfinite(nxt)
+        # no representable progress left (Newton step or bracket within a few ulps): t is as exact as
+        # the dtype allows
+        done = done | (~bad & ((nxt - t).abs() <= ulps)) | ((hi - lo) <= ulps)
+        nxt = torch.where(bad, 0.5 * (lo + hi), nxt)
+        done = done | (nxt == t)
         t = torch.where(done, t, nxt)
         R.shrink(lo)
         pc = R.bc(p)
-    return lo, R
+    return t, R, slack
+
+
+def _power_support(R, tau: Tensor, slack: Tensor, empty: Tensor | None):
+    """R.support(tau), with r = 0 on the entries within slack of the boundary (see _power_tau)."""
+    sup, r = R.support(tau, empty)
+    return sup, torch.where(r > sup.bc(slack), r, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -663,8 +675,8 @@ class _EntmaxAlpha(torch.autograd.Function):
             return _kernel_forward(ctx, x, _K.power_forward, am1, 1.0 / am1, 1.0 / am1, extra=(alpha,))
         xs, m, empty, nan = _rows_and_max(x)
         am1 = alpha.double() - 1.0
-        tau, R = _power_tau(xs, m, 1.0 / am1, scale=am1)
-        sup, r = R.support(tau, empty)
+        tau, R, slack = _power_tau(xs, m, 1.0 / am1, scale=am1)
+        sup, r = _power_support(R, tau, slack, empty)
         y = r.pow(sup.bc(1.0 / am1))
         return _torch_output(ctx, x, sup, y / sup.bc(sup.sum(y).clamp_min(1e-300)), nan, alpha)
 
@@ -767,9 +779,10 @@ class _Normmax(torch.autograd.Function):
         xs, m, empty, nan = _rows_and_max(x)
         if alpha == 2.0:
             tau, R = _quadratic_tau(xs, m)
+            sup, y = R.support(tau, empty)
         else:
-            tau, R = _power_tau(xs, m, alpha / (alpha - 1.0))
-        sup, y = R.support(tau, empty)
+            tau, R, slack = _power_tau(xs, m, alpha / (alpha - 1.0))
+            sup, y = _power_support(R, tau, slack, empty)
         if alpha != 2.0:
             y = y.pow(1.0 / (alpha - 1.0))
         return _torch_output(ctx, x, sup, y / sup.bc(sup.sum(y).clamp_min(1e-300)), nan)

@@ -200,13 +200,16 @@ def _quadratic_root(u, t):
 
 @nb.njit(**_JIT)
 def _power_tau(vals, idx, c: int, lo: float, hi: float, p: float):
-    """Root of F(t) = sum [z - t]_+^p = 1 in [lo, hi] (F(lo) >= 1 >= F(hi)), to the last float:
-    tau = the largest float t with F(t) >= 1 (so an entry exactly at the support boundary gets
-    weight exactly 0, however small 1/(alpha - 1) makes its exponent). Newton on G = F^(1/p)
-    (convex, decreasing for p >= 1: from below the iterates rise to the root), at least one ulp up per
-    step from the lower end, bisection when a step leaves the bracket; ends when F(t) = 1 exactly or
-    the bracket ends are adjacent floats. As ``sparsemax._power_tau``. -> (tau, count)."""
+    """Root of F(t) = sum [z - t]_+^p = 1 in [lo, hi]: Newton on G = F^(1/p) (convex, decreasing for
+    p >= 1), bisection when a step leaves the bracket; stops at |F - 1| <= 4 c eps (the rounding of
+    F itself) or when no representable progress is left. As ``sparsemax._power_tau``.
+
+    -> (tau, count, slack): slack = 4 ulps + |F - 1| / |F'| estimates |tau - tau*|. An entry within
+    slack above tau sits on the support boundary to working precision; its exact weight could be
+    anything up to slack^(1/(alpha-1)) (1e-4 at alpha 5 for slack 1e-16), so _write_normalized gives
+    it weight 0 (an entry exactly on the boundary then gets exactly 0 at any alpha)."""
     t = lo
+    slack = 0.0
     for _ in range(_MAX_ITER):
         c = _keep_above(vals, idx, c, lo)
         f, s1 = 0.0, 0.0
@@ -215,34 +218,37 @@ def _power_tau(vals, idx, c: int, lo: float, hi: float, p: float):
             dp = d * d if p == 2.0 else d ** p
             f += dp
             s1 += dp / d if d > 0 else 0.0
-        if f == 1.0:
-            return t, c
-        if f > 1.0:
-            lo = t
-        else:
-            hi = t
-        up = np.nextafter(lo, np.inf)
-        if hi <= up:
+        err = f - 1.0
+        ulps = 4 * _EPS * max(abs(hi), abs(lo), 1.0)
+        slack = ulps + abs(err) / max(p * s1, _TINY)
+        if abs(err) <= 4 * c * _EPS:
             break
         g = f ** (1.0 / p)
         nxt = t + (g - 1.0) * f / max(g * s1, _TINY)
-        if f > 1.0:
-            nxt = max(nxt, up)
-        if not lo < nxt < hi:  # also NaN
+        if err >= 0 and t > lo:
+            lo = t
+        if err <= 0 and t < hi:
+            hi = t
+        bad = not (lo < nxt < hi) or not math.isfinite(nxt)
+        if (not bad and abs(nxt - t) <= ulps) or hi - lo <= ulps:
+            break
+        if bad:
             nxt = 0.5 * (lo + hi)
+        if nxt == t:
+            break
         t = nxt
-    return lo, c
+    return t, c, slack
 
 
 @nb.njit(**_JIT)
-def _write_normalized(out, vals, idx, c: int, tau: float, power: float) -> None:
-    """out = 0 except out[idx_j] = r_j^power / sum_j r_j^power, r = [vals - tau]_+ (power 1 and 2
-    without pow)."""
+def _write_normalized(out, vals, idx, c: int, tau: float, power: float, slack: float) -> None:
+    """out = 0 except out[idx_j] = r_j^power / sum_j r_j^power, r = [vals - tau]_+, and r = 0 within
+    ``slack`` of the boundary (see _power_tau; power 1 and 2 without pow)."""
     out[:] = 0
     total = 0.0
     for j in range(c):
         d = vals[j] - tau
-        if d > 0:
+        if d > slack:
             r = d if power == 1.0 else (d * d if power == 2.0 else d ** power)
         else:
             r = 0.0
@@ -363,8 +369,8 @@ def power_forward(x, y, scale, p, out_power) -> None:
             continue
         lo, hi = _power_bracket(u, p[b])
         c = _collect_above(u, lo, vals, idx)
-        tau, c = _power_tau(vals, idx, c, lo, hi, p[b])
-        _write_normalized(y[b], vals, idx, c, tau, out_power[b])
+        tau, c, slack = _power_tau(vals, idx, c, lo, hi, p[b])
+        _write_normalized(y[b], vals, idx, c, tau, out_power[b], slack)
 
 
 @nb.njit(**_FAST)
@@ -400,8 +406,8 @@ def _budget_root(u, k, t, lo, hi, tol, floor):
     bisection, or, while no lower end is known, steps down by 1, 2, 4, ... A Newton step that stays on
     its linear piece lands on the root: the sweep that finds A and U = {u - t >= 1} unchanged after
     one (or |F - k| <= tol |A|, the rounding of sum_A) ends it. Needs more than k finite entries
-    (F -> #finite as t -> -inf). Returns (tau, ok); ok is False, as soon as an iterate would go below
-    ``floor``, when the root lies below it (then the caller recenters, see k_subsets_forward)."""
+    (F -> #finite as t -> -inf). Returns (tau, ok); ok is False when the search for a lower end would
+    step below ``floor`` (the root lies far down: the caller recenters, see k_subsets_forward)."""
     half, one = u.dtype.type(0.5), u.dtype.type(1)
     step = one
     newton, na_prev, n1_prev = False, -half, -half
@@ -419,9 +425,9 @@ def _budget_root(u, k, t, lo, hi, tol, floor):
         if not newton and lo > -np.inf:
             nxt = half * (lo + hi)
         elif not newton:
+            if t - step < floor:  # no entry active and F < k down to the floor: the root is below it
+                return t, False
             nxt, step = t - step, step + step
-        if nxt < floor:
-            return t, False
         if nxt == t:
             break
         t, na_prev, n1_prev = nxt, na, n1
@@ -429,17 +435,27 @@ def _budget_root(u, k, t, lo, hi, tol, floor):
 
 
 @nb.njit(**_JIT)
-def _kth_largest(x, k: int):
-    """The k-th largest entry of a row (a copy is partitioned)."""
-    n = x.shape[0]
-    return np.partition(x.copy(), n - k)[n - k]
+def _kth_largest(x, top):
+    """The k-th largest entry of a row, k = len(top): one sweep keeping the k largest, sorted
+    descending, in the scratch array top (an entry below the current k-th costs one comparison)."""
+    k = top.shape[0]
+    top[:] = -np.inf
+    for i in range(x.shape[0]):
+        v = x[i]
+        if v > top[k - 1]:
+            j = k - 1
+            while j > 0 and top[j - 1] < v:
+                top[j] = top[j - 1]
+                j -= 1
+            top[j] = v
+    return top[k - 1]
 
 
 @nb.njit(**_JIT)
 def k_subsets_forward(x, mu, k: float) -> None:
     """mu = clip(x - tau, 0, 1) with sum mu = k (rows with more than k finite entries; others get
     mu = 1 on their finite entries; rows with a NaN get NaN), in x's dtype on u = x - c: first
-    c = max x, tau in [-2, 0] (Newton from -1); a root below -2 (entries far above the rest) is solved
+    c = max x (Newton from -1); a root below -2 (entries far above the rest) is solved
     again on u = x - x_(ceil k), the ceil(k)-th largest entry, where it lies in [-1, 0] (F(-1) >= k > F(0)):
     the subtraction is exact for the entries near the root, whatever their magnitude.
     ``sparsemax._budget_tau`` (the torch path) solves the same F(t) = k by Newton too."""
@@ -449,6 +465,7 @@ def k_subsets_forward(x, mu, k: float) -> None:
     ninf = x.dtype.type(-np.inf)
     tol = x.dtype.type(4 * (_EPS if x.itemsize == 8 else _EPS32))  # per active entry
     u = np.empty(x.shape[1], x.dtype)
+    top = np.empty(min(int(math.ceil(k)), x.shape[1]), x.dtype)
     for b in range(x.shape[0]):
         row, out = x[b], mu[b]
         cnt, nan = _count_finite(row)
@@ -460,9 +477,9 @@ def k_subsets_forward(x, mu, k: float) -> None:
                 out[i] = one if row[i] > -np.inf else zero
             continue
         _shift(row, _row_max(row), one, u)
-        t, ok = _budget_root(u, kk, -one, ninf, zero, tol, -2 * one)
-        if not ok:
-            _shift(row, _kth_largest(row, int(math.ceil(k))), one, u)
+        t, ok = _budget_root(u, kk, -one, ninf, zero, tol, -4 * one)
+        if not ok or t < -2 * one:
+            _shift(row, _kth_largest(row, top), one, u)
             t, ok = _budget_root(u, kk, -one, -one, zero, tol, ninf)
         _write_clip(u, t, out)
 
@@ -753,15 +770,19 @@ def _chol_solve2(G, idx, m, r1, L, x1, x2):
 # forward: active set over all rows
 # ------------------------------------------------------------------------------------------------
 @nb.njit(cache=True, inline="always")
-def _kkt_solve(H, idx, m, S, x1, x2):
-    """x1 = M^-1 S_A, x2 = M^-1 1 on the active slots idx[:m], H = M^-1 (slot-indexed)."""
+def _kkt_solve(H, idx, m, S, s0, x1, x2):
+    """x1 = M^-1 (S_A - s0), x2 = M^-1 1 on the active slots idx[:m], H = M^-1 (slot-indexed).
+
+    The scores enter relative to s0 (one of them): p = M^-1 (S - s0) - tau' M^-1 1 with
+    tau = tau' + s0 (sum p = 1 absorbs the constant), so weights of order 1 are not lost in the
+    rounding of scores of order 1e16 and beyond."""
     for a in range(m):
         ia = idx[a]
         s1 = 0.0
         s2 = 0.0
         for c in range(m):
             h = H[ia, idx[c]]
-            s1 += h * S[idx[c]]
+            s1 += h * (S[idx[c]] - s0)
             s2 += h
         x1[a] = s1
         x2[a] = s2
@@ -910,7 +931,8 @@ def _forward_core(theta, k, eta, max_iter):
                 if act[c]:
                     idx[m] = c
                     m += 1
-            _kkt_solve(H, idx, m, S, x1, x2)
+            s0 = S[idx[0]]
+            _kkt_solve(H, idx, m, S, s0, x1, x2)
             sa = 0.0
             sb = 0.0
             for a in range(m):
@@ -982,7 +1004,7 @@ def _forward_core(theta, k, eta, max_iter):
                 zmu += mu[q]
                 if t > 0 and q == newpos[0, t - 1] + 1:
                     s_new += eta
-            if not (s_new - zmu > tau + _TOL * scale):
+            if not ((s_new - s0) - zmu > tau + _TOL * scale):  # tau relative to s0
                 st = STATUS_OK
                 break
             slot = -1

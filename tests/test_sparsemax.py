@@ -697,3 +697,267 @@ def test_sequential_optimal_on_degenerate_rows(map_path):
     for i in range(len(rows)):
         assert_sparsemap_optimal(mu[i], rows[i], Z, 0.5 * chain_pairs(Z))
     np.testing.assert_allclose(mu.sum(1), 3.0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 16: exact answers at the support boundary, at any offset and magnitude, in every dtype
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [3.0, 5.0, 9.0, 10.0])
+def test_power_maps_exact_at_the_support_boundary(alpha):
+    """An entry exactly at the boundary gets weight exactly 0, however small 1/(alpha - 1) makes the
+    output exponent (a root a few ulps low would give it (ulps)^(1/(alpha-1)) ~ 1e-4 at alpha 5)."""
+    e1 = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    for c in (0.0, 1e8, -(2.0 ** 40)):  # x + c exact
+        # normmax: F(t) = sum [x - t]_+^(alpha/(alpha-1)) = 1 at t = max - 1, the second entry there
+        torch.testing.assert_close(S.normmax(torch.tensor([[c + 1.0, c, c - 0.5]], dtype=torch.float64), alpha),
+                                   e1, atol=0, rtol=0)
+        # entmax: (alpha - 1) (x_1 - x_2) = 1 puts x_2 on the boundary
+        if math.log2(alpha - 1.0).is_integer():  # d exact (else the input itself is off the boundary)
+            d = 1.0 / (alpha - 1.0)
+            row = torch.tensor([[c + d, c, c - 4.0]], dtype=torch.float64)
+            torch.testing.assert_close(S.entmax(row, alpha), e1, atol=0, rtol=0)
+            torch.testing.assert_close(S.entmax(row, torch.tensor([[alpha]], dtype=torch.float64)), e1,
+                                       atol=0, rtol=0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        torch.testing.assert_close(S.normmax(torch.tensor([[1.0, 0.0]], dtype=dtype), 5.0),
+                                   torch.tensor([[1.0, 0.0]], dtype=dtype), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("alpha,atol", [(2.5, 1e-6), (4.0, 1e-6), (5.0, 2e-4)])
+def test_power_maps_float32_match_float64_solution(alpha, atol):
+    """float32 rows (scales 0.1..30): alpha-entmax and normmax equal the float64 solution of the same
+    float32 scores (the float64 root is found to the last bit; before, alpha 4 was off by 1.8e-5).
+    At alpha 5 an entry within a few float64 ulps of the boundary moves by (ulps)^(1/4) ~ 1e-4 in
+    any float64 solver (the map is only Hoelder-continuous there): atol 2e-4."""
+    spread = torch.logspace(-1, 1.5, 120, dtype=torch.float64).view(120, 1)
+    x32 = (rand(120, 40, seed=80) * spread).to(torch.float32)
+    x64 = x32.double()
+    torch.testing.assert_close(S.entmax(x32, alpha).double(), torch.from_numpy(ref_entmax(x64.numpy(), alpha)),
+                               atol=atol, rtol=0)
+    torch.testing.assert_close(S.normmax(x32, alpha).double(), torch.from_numpy(ref_normmax(x64.numpy(), alpha)),
+                               atol=1e-6, rtol=0)
+
+
+OFFSET_MAPS = {"sparsemax": (S.sparsemax, ref_sparsemax), "entmax15": (S.entmax15, lambda z: ref_entmax(z, 1.5)),
+               "entmax_1.3": (lambda z: S.entmax(z, 1.3), lambda z: ref_entmax(z, 1.3)),
+               "normmax_2": (lambda z: S.normmax(z, 2.0), lambda z: ref_normmax(z, 2.0)),
+               "normmax_4": (lambda z: S.normmax(z, 4.0), lambda z: ref_normmax(z, 4.0)),
+               "k_subsets_3": (lambda z: S.k_subsets(z, 3, normalize=False), lambda z: ref_budget(z, 3))}
+
+
+@pytest.mark.parametrize("offset", [1e8, 1e12, 1e16, -1e20])
+@pytest.mark.parametrize("name", list(OFFSET_MAPS))
+def test_maps_shift_invariant_at_large_offsets(name, offset):
+    """y(z) = y(z - max z) for z = fl(x + offset): the subtraction is exact for the entries near the
+    max (Sterbenz), so the answer equals the reference on the shifted rows to float64 precision
+    (unshifted, the torch path was off by 6e-5 at 1e12 and gave zeros at 1e20)."""
+    f, ref = OFFSET_MAPS[name]
+    x = rand(30, 12, scale=2.0, seed=81) * torch.logspace(-1, 1, 30, dtype=torch.float64).view(30, 1)
+    z = x * max(1.0, abs(offset) * 2 ** -50) + offset  # spread kept above the offset's ulp
+    expect = torch.from_numpy(ref((z - z.amax(-1, keepdim=True)).numpy()))
+    torch.testing.assert_close(f(z), expect, atol=1e-9, rtol=0)
+
+
+def test_issue_rows_at_huge_offsets():
+    half = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(S.sparsemax(torch.tensor([[1e16 + 2, 1e16, 0.0]], dtype=torch.float64)),
+                               torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64), atol=0, rtol=0)
+    for f in (S.sparsemax, S.entmax15, S.normmax, lambda z: S.entmax(z, 1.7), lambda z: S.k_subsets(z, 1)):
+        torch.testing.assert_close(f(torch.tensor([[1e20, 1e20, 0.0]], dtype=torch.float64)), half, atol=0, rtol=0)
+
+
+def test_k_subsets_at_1e30_magnitudes():
+    """The root sits among entries of size 1e30 (ulp 1e14): solved on x - x_(k), exact there."""
+    cases = [([[1e30, 0.0, -1e30, 5.0]], [[1.0, 0.0, 0.0, 1.0]]),
+             ([[3e30, 1e30, -2e30, 1e30]], [[1.0, 0.5, 0.0, 0.5]]),
+             ([[1e30, 1e29, 1e29 + 2 ** 50, -1e30, 7.0]], [[1.0, 0.0, 1.0, 0.0, 0.0]])]
+    for dtype in (torch.float64, torch.float32):
+        for row, want in cases[: 3 if dtype == torch.float64 else 2]:
+            got = S.k_subsets(torch.tensor(row, dtype=dtype), 2, normalize=False)
+            torch.testing.assert_close(got, torch.tensor(want, dtype=dtype), atol=0, rtol=0)
+
+
+def test_k_subsets_far_root_matches_reference():
+    """Rows whose root lies far below the max (outliers 1e6 above the rest; long rows take the
+    compact path on the torch side) against bisection on the same rows shifted by x_(k)."""
+    x = rand(40, 300, scale=0.5, seed=82)
+    x[::2, 3] = 1e6
+    x[1::4, [5, 9]] = 1e6 + 0.25
+    for k in (2, 3):
+        mu = S.k_subsets(x, k, normalize=False)
+        xs = x - x.topk(k, dim=-1).values[:, -1:]
+        torch.testing.assert_close(mu, torch.from_numpy(ref_budget(xs.numpy(), k)), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,offset", [(torch.bfloat16, 0.0), (torch.bfloat16, 300.0), (torch.bfloat16, -3e4),
+                                          (torch.float16, 0.0), (torch.float16, 2e3), (torch.float16, -3e4)])
+def test_half_precision_with_offsets(dtype, offset):
+    """float16 / bfloat16 scores (the CUDA path's low-precision case; solved in float64 on the torch
+    path, in float32 by the kernels): the output equals the float64 solution for the same scores
+    rounded to the dtype, at offsets where the dtype's ulp exceeds 1."""
+    f = [S.sparsemax, S.entmax15, lambda z: S.entmax(z, 1.3), lambda z: S.normmax(z, 3.0),
+         lambda z: S.k_subsets(z, 2)]
+    x = (offset + 4.0 * rand(20, 16, seed=83)).to(dtype)
+    eps = torch.finfo(dtype).eps
+    for fn in f:
+        y = fn(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.double(), fn(x.double()), atol=2 * eps, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# sequential k-subsets: shift invariance, dtypes
+# --------------------------------------------------------------------------------------------------
+def test_sequential_k_subsets_shift_invariant(map_path):
+    """Every structure scores k c more on x + c: the marginals do not move (x dyadic, so x + c is exact)."""
+    if map_path != "kernels":
+        pytest.skip("one implementation (numba); run once")
+    x = torch.round(8 * rand(20, 9, scale=2.0, seed=84)) / 8
+    for transition, k in [(S.SEQUENTIAL_TRANSITION_DEFAULT, 3), (1.0, 2), (0.5, 3)]:
+        base = S.sequential_k_subsets(x, k, transition=transition)
+        for c in (2.0 ** 30, -(2.0 ** 33), 1e10):
+            torch.testing.assert_close(S.sequential_k_subsets(x + c, k, transition=transition), base,
+                                       atol=1e-12, rtol=0)
+    torch.testing.assert_close(S.sequential_k_subsets(torch.tensor([[1e16, 1e16, 0.0, -1e16]], dtype=torch.float64), 2),
+                               torch.tensor([[0.5, 0.5, 0.0, 0.0]], dtype=torch.float64), atol=0, rtol=0)
+    # the value shifts by k c exactly (energy of this mode)
+    v = S.sequential_k_subsets_value(x, 3, 0.5)
+    torch.testing.assert_close(S.sequential_k_subsets_value(x + 2.0 ** 30, 3, 0.5) - 3 * 2.0 ** 30, v, atol=1e-6, rtol=0)
+
+
+def test_sequential_k_subsets_any_float_dtype_and_autocast(map_path):
+    if map_path != "kernels":
+        pytest.skip("one implementation (numba); run once")
+    x = rand(6, 8, scale=2.0, seed=85)
+    ref = S.sequential_k_subsets(x, 2, transition=0.5)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        xd = x.to(dtype).requires_grad_(True)
+        y = S.sequential_k_subsets(xd, 2, transition=0.5)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.double(), S.sequential_k_subsets(xd.detach().double(), 2, transition=0.5),
+                                   atol=torch.finfo(dtype).eps, rtol=0)
+        y.float().pow(2).sum().backward()
+        assert xd.grad.dtype == dtype and torch.isfinite(xd.grad).all()
+    w = torch.eye(8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = S.sequential_k_subsets(x.float() @ w, 2, transition=0.5)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, atol=1e-2, rtol=0)
+    y.float().sum().backward()
+    assert torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("name", list(ALL_MAPS))
+def test_bfloat16_autocast_every_map(name):
+    """Under torch.autocast('cpu', bfloat16) (the training scripts' bf16 mode) scores arrive in bf16:
+    every map returns bf16 weights on the simplex and a finite gradient for the float32 weights."""
+    f = ALL_MAPS[name]
+    x = rand(5, 9, scale=2.0, seed=86, dtype=torch.float32)
+    w = torch.eye(9, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = f(x @ w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), f(x.bfloat16().double()), atol=8e-3, rtol=0)
+    (y.float() * rand(5, 9, seed=87, dtype=torch.float32)).sum().backward()
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# empty inputs, NaN, misuse
+# --------------------------------------------------------------------------------------------------
+EMPTY_MAPS = dict(ALL_MAPS, entmax_tensor_alpha=lambda x: S.entmax(x, torch.tensor(1.3, dtype=x.dtype)),
+                  k_subsets_2=lambda x: S.k_subsets(x, 2))
+
+
+@pytest.mark.parametrize("name", list(EMPTY_MAPS))
+def test_empty_in_empty_out(name):
+    f = EMPTY_MAPS[name]
+    for shape, dim in [((3, 0), -1), ((0, 5), -1), ((2, 0, 4), 1), ((0,), 0)]:
+        x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+        y = f(x) if dim == -1 else f(x.movedim(dim, -1)).movedim(-1, dim)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+def test_hopfield_pooling_on_zero_bags():
+    import layers
+    for mode, params in [("softmax", {}), ("sparsemax", {}), ("gsh", {}), ("entmax_alpha", {"alpha": 1.3}),
+                         ("k_subsets", {"k": 2}), ("sequential_k_subsets", {"k": 2})]:
+        for steps in (1, 2, None):
+            pool = layers.HopfieldPooling(8, n_heads=2, mode=mode, update_steps=steps, **params)
+            out = pool(torch.randn(0, 5, 8))
+            assert out.shape == (0, 1, 8)
+            out.sum().backward()
+
+
+NAN_MAPS = dict(ALL_MAPS, entmax_tensor_alpha=lambda x: S.entmax(x, torch.full((5, 1), 1.3, dtype=x.dtype)),
+                normmax_10=lambda x: S.normmax(x, 10.0), k_subsets_2=lambda x: S.k_subsets(x, 2))
+
+
+@pytest.mark.parametrize("name", list(NAN_MAPS))
+def test_nan_in_nan_out(name):
+    """One documented behaviour on every map: a row holding a NaN gives NaN weights and NaN gradients;
+    the other rows (masked entries included) are unaffected."""
+    f = NAN_MAPS[name]
+    x = rand(5, 9, scale=2.0, seed=88)
+    x[0, 3] = float("nan")
+    x[1, :] = float("nan")
+    x[2, [0, 4]] = float("-inf")
+    x[3, 0] = float("nan")
+    x[3, 1:] = float("-inf")  # NaN in an otherwise masked row
+    xx = x.clone().requires_grad_(True)
+    y = f(xx)
+    assert torch.isnan(y[[0, 1, 3]]).all()
+    torch.testing.assert_close(y[[2, 4]], f(torch.cat([x[2:3], x[4:5], x[2:3], x[4:5], x[4:5]]))[:2])
+    (y * rand(5, 9, seed=89)).sum().backward()
+    assert torch.isnan(xx.grad[[0, 1, 3]]).all() and torch.isfinite(xx.grad[[2, 4]]).all()
+
+
+def test_misuse_gives_clear_errors():
+    import layers
+    x = rand(3, 4)
+    with pytest.raises(TypeError, match="alpah"):
+        S.get_map("entmax_alpha", alpah=1.2)
+    with pytest.raises(TypeError, match="takes: none"):
+        S.get_map("softmax", alpha=1.2)
+    with pytest.raises(TypeError, match="alpah"):
+        layers.HopfieldPooling(8, mode="entmax_alpha", alpah=1.2)
+    with pytest.raises(ValueError, match="k=5 exceeds the 3 entries"):
+        S.k_subsets(rand(2, 3), 5)
+    with pytest.raises(ValueError, match="k=5 exceeds"):
+        S.sequential_k_subsets(rand(2, 3), 5)
+    for bad_k in (2.5, True, "2"):
+        with pytest.raises(TypeError, match="k must be a positive integer"):
+            S.k_subsets(x, bad_k)
+        with pytest.raises(TypeError, match="k must be a positive integer"):
+            S.get_map("k_subsets", k=bad_k)
+    with pytest.raises(ValueError, match="positive"):
+        S.sequential_k_subsets(x, 0)
+    for f in (S.softmax, S.sparsemax, S.entmax15, S.normmax, S.k_subsets, S.sequential_k_subsets,
+              lambda z: S.entmax(z, 1.3)):
+        for bad in (torch.arange(4).view(1, 4), torch.ones(1, 4, dtype=torch.bool)):
+            with pytest.raises(TypeError, match="floating-point"):
+                f(bad)
+    for alpha in (float("nan"), float("inf"), 0.5):
+        with pytest.raises(ValueError, match="alpha must be >= 1 and finite"):
+            S.entmax(x, alpha)
+        with pytest.raises(ValueError, match="alpha must be >= 1 and finite"):
+            S.entmax(x, torch.tensor([[1.5], [alpha], [1.2]], dtype=torch.float64))
+        with pytest.raises(ValueError, match="alpha must be > 1 and finite"):
+            S.normmax(x, alpha)
+    with pytest.raises(ValueError, match="alpha must be > 1"):
+        S.get_map("normmax", alpha=1.0)
+    with pytest.raises(ValueError, match="transition"):
+        S.sequential_k_subsets(x, 2, transition=float("nan"))
+    with pytest.raises(TypeError, match="normalize"):
+        S.k_subsets(x, 2, normalize="yes")
+    with pytest.raises(ValueError, match="steps must be an integer >= 0"):
+        layers.retrieve(rand(2, 4), rand(5, 4), 1.0, steps=-1)
+    torch.testing.assert_close(layers.retrieve(rand(2, 4), rand(5, 4), 1.0, steps=0), rand(2, 4))
+    with pytest.raises(ValueError, match="n_heads must be >= 1"):
+        layers.HopfieldPooling(8, n_heads=0)
+    with pytest.raises(ValueError, match="num_pattern must be >= 1"):
+        layers.HopfieldPooling(8, num_pattern=0)
+    with pytest.raises(ValueError, match="num_stored must be >= 1"):
+        layers.HopfieldLayer(8, num_stored=0)
