@@ -5,14 +5,24 @@ simplex (sum 1), so any of them can replace ``torch.softmax`` in an attention / 
 
 Conventions shared by all maps
   * Masked entries (``-inf``) get weight exactly 0; a row that is entirely masked returns zeros (never
-    NaN) and zero gradient. ``+inf`` and NaN inputs are not supported.
-  * float32 and float64, CPU and CUDA. On CPU the threshold maps run compiled numba kernels
+    NaN) and zero gradient. A row holding a NaN returns NaN (every entry) and NaN gradients, on every
+    map and path; ``+inf`` is not supported. Empty inputs give empty outputs.
+  * Bad arguments fail before any work: non-float scores (int / bool), alpha not finite or out of
+    range, k not an integer in [1, n], a parameter name a mode does not take (``get_map``).
+  * Shift invariant: every solver works on the scores minus their row max (exact for the entries that
+    set the threshold), so offsets of 1e20 cost no precision; k-subsets re-centres on its
+    ceil(k)-th largest entry when its root lies far below the max (exact at 1e30 magnitudes).
+  * float16, bfloat16, float32 and float64 (e.g. under ``torch.autocast``), CPU and CUDA; outputs
+    and gradients in the input's dtype, 16-bit rows solved in float32 (kernels) or float64 (torch
+    solvers). On CPU the threshold maps run compiled numba kernels
     (sparsemax_kernels.py: the same exact solvers, row by row, one loop instead of a dozen eager ops
     per iteration; float32 rows in float32 on max-shifted scores there, and k-subsets brackets its
     root by its own Newton iterates; ``CPU_KERNELS = False`` switches them off); CUDA tensors (and CPU
     without numba) run the torch solvers described next. Sequential k-subsets always runs its numba
     solver on the host (its oracle is a sequential dynamic program; CUDA tensors are copied).
-  * Exact solutions; the torch solvers compute in float64 internally (also for float32 inputs). Each
+  * Exact solutions; the torch solvers compute in float64 internally (also for float32 inputs); the
+    pow-based maps give weight 0 to an entry within the rounding of the root of the boundary (its exact
+    weight, up to slack^(1/(alpha-1)), is not determined in float64). Each
     map is a 1-d problem in a threshold tau (or, for sequential k-subsets, a small QP), solved
     without sorting:
       - sparsemax, k-subsets: Newton steps that land on the root of the current linear piece
@@ -20,7 +30,7 @@ Conventions shared by all maps
       - 1.5-entmax, 2-normmax: support-based closed form (a quadratic; Newton on F^(1/2) where it has
         no real root), stopped when a closed-form point keeps the support it came from (exact);
       - alpha-entmax, alpha-normmax: safeguarded Newton on ||[z - tau]_+||_p (convex for p >= 1),
-        stopped at |F(tau) - 1| <= 1e-13 or when no representable progress is left.
+        stopped at |F(tau) - 1| <= 4 |support| eps or when no representable progress is left.
     Every tau iterate stays above a lower bound: max - 1 for the simplex maps, raised (rows >= 64) to
     the root of the same equation over the maxima of 16 column blocks (a subset of the entries, so
     its root is <= tau). The entries below the bound are dropped once: the candidates are packed
