@@ -9,13 +9,17 @@ of 255 codes as signals and 16 instances that is 1 - (1 - 8/255)^16 = 40 % of th
 
 Model: ``training.BagClassifier`` with ``training.mlp_encoder`` (bits -> Linear -> LayerNorm ->
 HopfieldPooling -> GELU -> LayerNorm -> Linear -> logit), trained by ``training.train_bag_classifier``
-(AdamW + cosine schedule, BCE). Every (mode, seed[, lr, scale, label_noise]) is a Ray Tune trial
-(``training.run_trials``; rerun with the same ``--exp_name`` to resume).
+(AdamW + cosine schedule, BCE) under ``--precision`` (``training.autocast``; auto = bf16 where the CPU
+or GPU has it). Every (mode, seed[, lr, scale, label_noise, normalize_patterns]) is a Ray Tune trial
+(``training.run_trials``): each finished trial writes ``<results_dir>/<exp_name>/trials/<mode>_seed<k>_<hash>.json``
+(hash of its full config, the data's digest included) and a rerun skips it; an experiment reopened with
+other settings is refused. The data are generated from ``--seed`` (no files are read, so there is no
+``--data_dir``).
 
 Reported per mode (and setting): final test accuracy mean +- std over seeds, and the fraction of seeds
 that diverge (a non-finite loss) or stay at chance (final test accuracy < 0.5 + ``--chance_margin``).
 
-    python3 bit_pattern.py --quick
+    python3 bit_pattern.py --quick                          # writes results/quick/ (git-ignored)
     python3 bit_pattern.py                                  # 5 modes x 5 seeds
     python3 bit_pattern.py --lr 1e-3 1e-2 --scale auto 1    # instability study: grid over settings
 """
@@ -41,7 +45,8 @@ REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODES = ("softmax", "sparsemax", "entmax", "normmax", "k_subsets")
 MODE_PARAMS = {"k_subsets": {"k": 2}, "sequential_k_subsets": {"k": 2}}
 SETTING_KEYS = ("lr", "scale", "label_noise", "normalize_patterns")
-QUICK = dict(n_train=256, n_test=256, epochs=8, trials=2)
+DEFAULTS = dict(n_train=2048, n_test=512, epochs=30, trials=5)
+QUICK = dict(n_train=256, n_test=256, epochs=8, trials=2)  # --quick: explicit flags still win
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,10 +108,11 @@ def signal_rate(bags: Tensor, signals: np.ndarray, n_bits: int) -> Tensor:
 
 
 def build_data(args: argparse.Namespace) -> dict:
-    """Train/test splits for each label-noise setting requested (same signals, disjoint data seeds)."""
+    """Train/test splits for both label-noise settings (same signals, disjoint data seeds; both are built
+    whichever ``--label_noise`` runs, so the data's digest names one data set per task flags)."""
     signals = make_signals(args.n_signals, args.n_bits, args.seed)
     data = {"signals": signals.tolist()}
-    for noise in sorted(set(args.label_noise)):
+    for noise in (0, 1):
         splits = {}
         for split, n, stream in (("train", args.n_train, 0), ("test", args.n_test, 1)):
             bags, labels = make_bit_pattern_bags(n, args.bag_size, args.n_bits, signals, args.signals_per_bag,
@@ -150,7 +156,7 @@ def run_trial(config: dict, data: dict, report: Callable[[dict], None] | None = 
     def report_epoch(metrics: dict) -> None:
         metrics["grad_norm_max"] = max(grad_norms) if grad_norms else float("nan")
         grad_norms.clear()
-        metrics.update(signal_recall(model, splits["test"], data["signals"], config["n_bits"]))
+        metrics.update(signal_recall(model, splits["test"], data["signals"], config["n_bits"], config["precision"]))
         if report is not None:
             report(metrics)
 
@@ -160,12 +166,13 @@ def run_trial(config: dict, data: dict, report: Callable[[dict], None] | None = 
             model, (splits["train"]["bags"], None, splits["train"]["labels"]),
             (splits["test"]["bags"], None, splits["test"]["labels"]), epochs=config["epochs"], lr=config["lr"],
             weight_decay=config["weight_decay"], batch_size=config["batch_size"], grad_clip=config["grad_clip"],
-            seed=config["seed"], report=report_epoch, device=device)
+            seed=config["seed"], report=report_epoch, device=device, precision=config["precision"])
     finally:
         hook.remove()
 
 
-def signal_recall(model: torch.nn.Module, split: dict, signals: Sequence[int], n_bits: int) -> dict:
+def signal_recall(model: torch.nn.Module, split: dict, signals: Sequence[int], n_bits: int,
+                  precision: str = "fp32") -> dict:
     """Recall of the positive test bags grouped by the signal they hold (first one): a classifier stuck
     below 100 % typically misses whole signals. Returns min_signal_recall and signals_missed (recall < 0.5)."""
     bags, labels = split["bags"], split["labels"]
@@ -174,8 +181,8 @@ def signal_recall(model: torch.nn.Module, split: dict, signals: Sequence[int], n
     positive = labels == 1
     device = next(model.parameters()).device
     model.eval()
-    with torch.no_grad():
-        predicted = torch.cat([model(bags[i:i + 256].to(device)).cpu() > 0 for i in range(0, len(bags), 256)])
+    with torch.no_grad(), training.autocast(precision, device):
+        predicted = torch.cat([model(bags[i:i + 256].to(device)).float().cpu() > 0 for i in range(0, len(bags), 256)])
     recalls = []
     for code in signals:
         holds = positive & (codes == code).any(-1)
@@ -197,77 +204,135 @@ def train_trial(config: dict, data: dict) -> None:
 # Command line
 # --------------------------------------------------------------------------------------------------
 def _scale(text: str) -> float | None:
-    return None if text.lower() in ("auto", "none") else float(text)
+    """--scale value: 'auto'/'none' (1/sqrt(head dim)) or a finite beta > 0."""
+    if text.lower() in ("auto", "none"):
+        return None
+    return training.positive_float(text)
+
+
+_scale.__name__ = "'auto' or a finite number > 0"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    pint, nnint, pfloat = training.positive_int, training.nonnegative_int, training.positive_float
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    task = parser.add_argument_group("task")
-    task.add_argument("--bag_size", type=int, default=16, help="instances per bag")
-    task.add_argument("--n_bits", type=int, default=8, help="bits per instance")
-    task.add_argument("--n_signals", type=int, default=8, help="number of distinct signal patterns")
-    task.add_argument("--signals_per_bag", type=int, default=1, help="signals implanted in a positive bag")
-    task.add_argument("--n_train", type=int, default=2048, help="training bags")
-    task.add_argument("--n_test", type=int, default=512, help="test bags")
+    task = parser.add_argument_group("task (the bags are generated from --seed: no data files, no --data_dir)")
+    task.add_argument("--bag_size", type=pint, default=16, help="instances per bag")
+    task.add_argument("--n_bits", type=pint, default=8, help="bits per instance (1..62)")
+    task.add_argument("--n_signals", type=pint, default=8,
+                      help="number of distinct signal patterns (< 2**n_bits - 1)")
+    task.add_argument("--signals_per_bag", type=pint, default=1, help="signals implanted in a positive bag (<= bag_size)")
+    task.add_argument("--n_train", type=pint, default=None, help=f"training bags (default {DEFAULTS['n_train']})")
+    task.add_argument("--n_test", type=pint, default=None, help=f"test bags (default {DEFAULTS['n_test']})")
     task.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=sparsemax.MODES)
     task.add_argument("--seed", type=int, default=0, help="data seed; trial i trains with seed + i")
-    task.add_argument("--trials", type=int, default=5, help="seeds per mode and setting")
-    task.add_argument("--quick", action="store_true", help=f"smoke setting {QUICK}; explicit flags still win")
-    task.add_argument("--chance_margin", type=float, default=0.1,
-                      help="a seed 'stays at chance' if its final test accuracy < 0.5 + this")
+    task.add_argument("--trials", type=pint, default=None,
+                      help=f"seeds per mode and setting (default {DEFAULTS['trials']})")
+    task.add_argument("--quick", action="store_true",
+                      help=f"smoke setting {QUICK} written to results/quick/ (git-ignored); explicit flags win")
+    task.add_argument("--chance_margin", type=training.probability, default=0.1,
+                      help="a seed 'stays at chance' if its final test accuracy < 0.5 + this (in [0, 0.5))")
     hyper = parser.add_argument_group("model and training (several values of lr/scale/label_noise/"
                                       "normalize_patterns: a grid, one summary row per setting)")
-    hyper.add_argument("--epochs", type=int, default=30)
-    hyper.add_argument("--d_model", type=int, default=32)
-    hyper.add_argument("--n_heads", type=int, default=4)
-    hyper.add_argument("--num_pattern", type=int, default=2)
-    hyper.add_argument("--update_steps", type=int, default=1)
-    hyper.add_argument("--dropout", type=float, default=0.0)
-    hyper.add_argument("--lr", type=float, nargs="+", default=[1e-2])
+    hyper.add_argument("--epochs", type=pint, default=None, help=f"default {DEFAULTS['epochs']}")
+    hyper.add_argument("--d_model", type=pint, default=32)
+    hyper.add_argument("--n_heads", type=pint, default=4, help="must divide d_model")
+    hyper.add_argument("--num_pattern", type=pint, default=2)
+    hyper.add_argument("--update_steps", type=nnint, default=1)
+    hyper.add_argument("--dropout", type=training.probability, default=0.0)
+    hyper.add_argument("--lr", type=pfloat, nargs="+", default=[1e-2])
     hyper.add_argument("--scale", type=_scale, nargs="+", default=[None],
                        help="beta; 'auto' = 1/sqrt(d_model/n_heads)")
     hyper.add_argument("--label_noise", type=int, nargs="+", default=[0], choices=(0, 1),
                        help="1: naive sampler whose negative bags may hold signals")
     hyper.add_argument("--normalize_patterns", type=int, nargs="+", default=[0], choices=(0, 1),
                        help="1: LayerNorm on state and stored patterns inside the Hopfield layer")
-    hyper.add_argument("--weight_decay", type=float, default=1e-4)
-    hyper.add_argument("--batch_size", type=int, default=64)
-    hyper.add_argument("--grad_clip", type=float, default=None)
+    hyper.add_argument("--weight_decay", type=training.nonnegative_float, default=1e-4)
+    hyper.add_argument("--batch_size", type=pint, default=64)
+    hyper.add_argument("--grad_clip", type=pfloat, default=None)
+    training.add_precision_arg(hyper)
     out = parser.add_argument_group("outputs")
-    out.add_argument("--img_dir", default=str(REPO_DIR / "imgs"), help="curves and per-epoch CSV")
-    out.add_argument("--results_dir", default=str(REPO_DIR / "results"), help="summary CSV/JSON and config")
+    out.add_argument("--img_dir", default=None,
+                     help="curves and per-epoch CSV (default imgs/; --quick: results/quick/imgs/)")
+    out.add_argument("--results_dir", default=None,
+                     help="summary CSV/JSON, config, and the experiment's trial files under <exp_name>/trials/ "
+                          "(default results/; --quick: results/quick/)")
     training.add_ray_args(parser, default_exp_name="auto")
     return parser
 
 
+# Flags that do not change any trial's result (so they may differ on resume).
 _NON_RESULT_FLAGS = {"ray_address", "cpus_per_trial", "gpus_per_trial", "gpus_id", "num_cpus", "exp_name",
                      "ray_dir", "img_dir", "results_dir", "quick", "chance_margin"}
+# Flags that only choose which trials run (each trial file has its own identity): an experiment may grow.
+_TRIAL_SELECTION_FLAGS = {"modes", "trials"} | set(SETTING_KEYS)
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2, naming the flags) combinations that a single flag's type cannot check."""
+    if args.n_bits > 62:
+        parser.error(f"--n_bits {args.n_bits}: allowed 1..62 (codes are int64)")
+    if args.n_signals >= 2 ** args.n_bits - 1:
+        parser.error(f"--n_signals {args.n_signals}: allowed 1..{2 ** args.n_bits - 2} with --n_bits {args.n_bits} "
+                     "(some non-zero code must remain a non-signal)")
+    if args.signals_per_bag > args.bag_size:
+        parser.error(f"--signals_per_bag {args.signals_per_bag}: allowed 1..{args.bag_size} (--bag_size)")
+    if args.d_model % args.n_heads:
+        parser.error(f"--n_heads {args.n_heads} does not divide --d_model {args.d_model}")
+    if args.chance_margin >= 0.5:
+        parser.error(f"--chance_margin {args.chance_margin:g}: allowed [0, 0.5)")
+    if len(set(args.modes)) != len(args.modes):
+        parser.error(f"--modes {' '.join(args.modes)}: a mode is repeated")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check every flag before any work (data, Ray); --quick fills only the flags not given."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quick:  # quick values replace the defaults, not explicitly given values
-        for name, value in QUICK.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
-    if args.exp_name == "auto":
-        fingerprint = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in _NON_RESULT_FLAGS},
-                                 default=str)
+    for name, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    check_args(parser, args)
+    training.check_ray_args(args)
+    try:
+        args.precision = training.resolve_precision(args.precision, use_gpu=args.gpus_per_trial > 0)
+    except ValueError as error:
+        parser.error(str(error))
+    smoke = REPO_DIR / "results" / "quick"
+    args.results_dir = args.results_dir or str(smoke if args.quick else REPO_DIR / "results")
+    args.img_dir = args.img_dir or str(smoke / "imgs" if args.quick else REPO_DIR / "imgs")
+    if args.exp_name == "auto":  # named after the shared settings, so other settings get their own experiment
+        fingerprint = json.dumps(shared_flags(args), sort_keys=True, default=str)
         args.exp_name = f"bit_pattern_{hashlib.sha1(fingerprint.encode()).hexdigest()[:8]}"
     return args
 
 
-def param_space(args: argparse.Namespace) -> dict:
-    from ray import tune
+def shared_flags(args: argparse.Namespace) -> dict:
+    """The flags every trial of an experiment shares (those that determine results, minus trial selection)."""
+    return {k: v for k, v in sorted(vars(args).items())
+            if k not in _NON_RESULT_FLAGS and k not in _TRIAL_SELECTION_FLAGS}
 
+
+def experiment_settings(args: argparse.Namespace, digest: str) -> dict:
+    """What every trial of the experiment shares, the data's digest included: reopening it with other
+    values is refused."""
+    return {**shared_flags(args), "data": digest}
+
+
+def trial_configs(args: argparse.Namespace, digest: str) -> list[dict]:
+    """mode x seed x the grid of SETTING_KEYS; each config holds everything its result depends on (the
+    data's digest and the precision included): its trial file's identity."""
     fixed = {name: getattr(args, name) for name in ("epochs", "d_model", "n_heads", "num_pattern", "update_steps",
-                                                     "dropout", "weight_decay", "batch_size", "grad_clip", "n_bits")}
-    return {**fixed, "mode": tune.grid_search(list(args.modes)),
-            "seed": tune.grid_search([args.seed + i for i in range(args.trials)]),
-            "lr": tune.grid_search(list(args.lr)), "scale": tune.grid_search(list(args.scale)),
-            "label_noise": tune.grid_search(list(args.label_noise)),
-            "normalize_patterns": tune.grid_search(list(args.normalize_patterns))}
+                                                     "dropout", "weight_decay", "batch_size", "grad_clip", "n_bits",
+                                                     "precision")}
+    grid = {"mode": list(args.modes), "seed": [args.seed + i for i in range(args.trials)],
+            **{key: list(getattr(args, key)) for key in SETTING_KEYS}}
+    return training.expand_grid({**fixed, "data": digest, **{k: {"grid_search": v} for k, v in grid.items()}})
+
+
+def trial_label(config: dict) -> str:
+    """Readable part of a trial file's name."""
+    return f"{config['mode']}_seed{config['seed']}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +429,7 @@ def plot_curves(records: list[dict], args: argparse.Namespace) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0, 0].set_ylabel(f"{ylabel} (mean +- std over seeds)")
         axes[0, -1].legend(fontsize=8)
-        fig.suptitle(f"bit-pattern MIL: bag size {args.bag_size}, {args.n_bits} bits, {args.n_signals} signals",
+        fig.suptitle(f"bit-pattern MIL ({args.precision}): bag size {args.bag_size}, {args.n_bits} bits, {args.n_signals} signals",
                      fontsize=10)
         fig.tight_layout()
         path = Path(args.img_dir) / f"bit_pattern_{metric}.png"
@@ -375,7 +440,10 @@ def plot_curves(records: list[dict], args: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def write_outputs(records: list[dict], summary: list[dict], args: argparse.Namespace, data: dict) -> dict[str, Path]:
+def write_outputs(records: list[dict], summary: list[dict], args: argparse.Namespace, data: dict,
+                  trials: list[dict], config: dict) -> dict[str, Path]:
+    """Per-epoch CSV and curves under --img_dir; summary CSV and JSON (config, precision, data digest,
+    provenance: trial wall times and git commits) under --results_dir."""
     import pandas as pd
 
     img_dir, results_dir = Path(args.img_dir), Path(args.results_dir)
@@ -387,29 +455,34 @@ def write_outputs(records: list[dict], summary: list[dict], args: argparse.Names
     pd.DataFrame(records).to_csv(files["metrics_csv"], index=False)
     flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in s.items()} for s in summary]
     pd.DataFrame(flat).to_csv(files["summary_csv"], index=False)
-    files["summary_json"].write_text(json.dumps({"config": vars(args), "signals": data["signals"],
-                                                 "summary": summary}, indent=2, default=str))
+    payload = {"config": config, "exp_name": args.exp_name, "precision": args.precision,
+               "data": trials[0]["config"]["data"] if trials else None, "signals": data["signals"],
+               "summary": summary, "provenance": training.trial_provenance(trials)}
+    files["summary_json"].write_text(json.dumps(payload, indent=2, default=str))
     for i, path in enumerate(plot_curves(records, args)):
         files[f"plot_{i}"] = path
     return files
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Run every trial through Ray Tune, write curves/CSV/JSON, print the table."""
-    from ray import tune
-
+    """Check the flags, open the experiment (refused if it was started with other settings), run the trials
+    without a trial file, write curves/CSV/JSON, print the table and where it wrote them."""
     args = parse_args(argv)
-    training.log_config(args, Path(args.results_dir) / "bit_pattern_config.json")
     training.seed_everything(args.seed)
     data = build_data(args)
-    trainable = tune.with_parameters(train_trial, data=data)
-    trials = training.run_trials(trainable, param_space(args), args)
+    digest = training.array_digest(data)
+    trial_dir = training.open_experiment(Path(args.results_dir) / args.exp_name, experiment_settings(args, digest))
+    config = training.log_config(args, Path(args.results_dir) / "bit_pattern_config.json")
+    print(f"precision {args.precision}; data {digest[:12]}; experiment {training.repo_relative(trial_dir)}")
+    trials = training.run_trials(train_trial, trial_configs(args, digest), args, trial_dir, label=trial_label,
+                                 params={"data": data})
     records = epoch_records(trials)
     summary = summarize(records, args)
-    files = write_outputs(records, summary, args, data)
-    print("\nbit-pattern MIL, final-epoch test accuracy (mean +- std over seeds)\n" + format_table(summary))
-    print("\nwrote:\n" + "\n".join(f"  {path}" for path in files.values()))
-    return {"summary": summary, "files": files, "trials": trials, "args": args}
+    files = write_outputs(records, summary, args, data, trials, config)
+    print(f"\nbit-pattern MIL, final-epoch test accuracy ({args.precision}, mean +- std over seeds)\n"
+          + format_table(summary))
+    print("\nwrote:\n" + "\n".join(f"  {training.repo_relative(path)}" for path in files.values()))
+    return {"summary": summary, "files": files, "trials": trials, "args": args, "config": config}
 
 
 if __name__ == "__main__":

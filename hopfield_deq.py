@@ -35,11 +35,21 @@ the batch, Madam (p_scale 1024, g_bound 3) with a linear lr decay to lr / 10, re
 ``backward_iter`` map applications from the fixed point. Iteration budgets are hopdeq's: forward_iter
 and backward_iter times int((n_layers // 2) / (1 - damping)).
 
-Run ``python3 hopfield_deq.py --help``; ``--quick`` is a seconds-long smoke run.
+Precision: float32 throughout (no --precision choice but fp32). Convergence is a relative residual
+< 1e-4, below the rounding of bf16 (2^-8) and fp16 (2^-11), so autocast would stall the solvers.
+
+Every (model, variant, seed) run is a Ray Tune trial (``training.run_trials``); each finished run writes
+``<results_dir>/<exp_name>/trials/<model>_<variant>_seed<k>_<hash>.json`` and a rerun skips those (commit
+them to checkpoint a long sweep). Reopening an experiment with other settings is refused.
+
+    python3 hopfield_deq.py --quick      # seconds; writes results/quick/ (git-ignored)
+    python3 hopfield_deq.py              # reduced budget: CHN, 1 epoch on 10,000 images, 5 runs
+    python3 hopfield_deq.py --full       # the paper's budget: CHN + HAM, 10 epochs on 60,000, 3 runs
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -52,6 +62,8 @@ from torch import Tensor, nn
 
 from deq import DEQ
 from madam import Madam
+
+REPO_DIR = Path(__file__).resolve().parent
 
 VARIANTS = ("sync", "deq", "eo", "eo_deq")
 MODELS = ("chn", "ham")
@@ -75,61 +87,88 @@ def rho_prime(v: Tensor) -> Tensor:
     return 4.0 * r * (1.0 - r)
 
 
-_TABLE_RANGE, _TABLE_SIZE = 32.0, 6401
+_TABLE_RANGE, _TABLE_STEP = 32.0, 1.0 / 2048.0
+_TABLE_SIZE = int(_TABLE_RANGE / _TABLE_STEP) + 1  # grid points per sign
 _SIG_M2 = 1.0 / (1.0 + math.exp(2.0))  # rho(0) = sigmoid(-2)
 _RHO_PRIME_0 = 4.0 * _SIG_M2 * (1.0 - _SIG_M2)
-_RHO_SECOND_0 = 4.0 * _RHO_PRIME_0 * (1.0 - 2.0 * _SIG_M2)
 _TABLES: dict = {}
 
 
 def _initial_guess_table(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """h(c) on a uniform grid of c in [-32, 32] (step 0.01), solved once in float64 and cached."""
+    """g(c) = h(c) / c (h(c) the root of s = rho'(s) c; g(0) = rho'(0)) at c = +x and then c = -x for
+    x = 0, 1/2048, ..., 32: solved once in float64 (seeded from a coarse grid) and cached per dtype/device.
+    g is smooth and positive, so linear interpolation of g in |c| is accurate to ~6e-7 relative (tested):
+    below the solver's float32 tolerance, so a float32 solve usually ends at its first check."""
     key = (dtype, device)
     if key not in _TABLES:
-        grid = torch.linspace(-_TABLE_RANGE, _TABLE_RANGE, _TABLE_SIZE, dtype=torch.float64)
-        t0 = 0.42 * grid.abs()
-        _TABLES[key] = _solve_chn_block(grid, 1e-13, 100, t0).to(dtype=dtype, device=device)
+        coarse = torch.linspace(0.0, _TABLE_RANGE, 1025, dtype=torch.float64)
+        fine = torch.arange(_TABLE_SIZE, dtype=torch.float64) * _TABLE_STEP
+        halves = []
+        for sign in (1.0, -1.0):
+            t_coarse = _solve_chn_block(sign * coarse, 1e-13, 200, 0.42 * coarse).abs()
+            t0 = torch.from_numpy(np.interp(fine.numpy(), coarse.numpy(), t_coarse.numpy()))
+            ratio = _solve_chn_block(sign * fine, 1e-13, 100, t0).abs() / fine
+            ratio[0] = _RHO_PRIME_0
+            halves.append(ratio)
+        _TABLES[key] = torch.cat(halves).to(dtype=dtype, device=device)
     return _TABLES[key]
 
 
+def _indicator(compare, x: Tensor, y: Tensor | float) -> Tensor:
+    """1.0 where ``compare(x, y)`` holds, else 0.0, as a float tensor of x's dtype (a comparison written
+    straight into a float output: on the CPU a bool mask plus ``torch.where`` costs ~10x more)."""
+    return compare(x, y, out=torch.empty_like(x))
+
+
+def _select(weight: Tensor, if_one: Tensor, if_zero: Tensor) -> Tensor:
+    """``if_one`` where weight == 1, ``if_zero`` where weight == 0, exactly (lerp returns its end points
+    bit for bit at weights 0 and 1 when both are finite); the float form of ``torch.where``."""
+    return torch.lerp(if_zero, if_one, weight)
+
+
 def _table_guess(c: Tensor) -> Tensor:
-    """|h(c)| by linear interpolation in the cached table (|c| > 32: the table's end value); for
-    |c| < 0.05 the series h(c) = rho'(0) c + rho'(0) rho''(0) c^2 + O(c^3) (the grid index of a tiny c
-    is not accurate enough in float32)."""
+    """|h(c)| ~ |c| g(|c|) with g linearly interpolated in the cached table of c's sign (|c| > 32: the
+    table's end value |h(+-32)|, which the bracketed Newton iteration then corrects). |c| / step is exact
+    in floating point (the step is a power of two), so the guess is accurate for tiny |c| too."""
     table = _initial_guess_table(c.dtype, c.device)
-    pos = (c.clamp(-_TABLE_RANGE, _TABLE_RANGE) + _TABLE_RANGE) * ((_TABLE_SIZE - 1) / (2 * _TABLE_RANGE))
+    x = c.abs()
+    pos = (x * (1.0 / _TABLE_STEP)).clamp(max=_TABLE_SIZE - 1)
     idx = pos.floor().clamp(max=_TABLE_SIZE - 2)
     frac = pos - idx
-    idx = idx.long()
-    guess = torch.lerp(table[idx], table[idx + 1], frac).abs()
-    series = (_RHO_PRIME_0 * c + _RHO_PRIME_0 * _RHO_SECOND_0 * c * c).abs()
-    return torch.where(c.abs() < 0.05, series, guess)
+    flat = (idx + _TABLE_SIZE * _indicator(torch.lt, c, 0.0)).long().view(-1)
+    left, right = table.index_select(0, flat).view_as(c), table[1:].index_select(0, flat).view_as(c)
+    return x.clamp(max=_TABLE_RANGE) * torch.lerp(left, right, frac)
 
 
 def _solve_chn_block(c: Tensor, tol: float, max_iter: int, t0: Tensor | None = None) -> Tensor:
     """Root of s = rho'(s) c per entry. s has the sign of c and |s| <= |c| (rho' <= 1); with t = |s|,
     u(t) = log(t / (|c| rho'(sign(c) t))) is strictly increasing in t, and Newton steps on u are kept
     inside a shrinking bracket [lo, hi] (falling back to bisection). Started from an interpolated
-    table of h (``t0`` overrides), Newton typically needs 1-2 steps."""
+    table of h (``t0`` overrides), Newton typically needs 1-2 steps. Every selection is done in float
+    arithmetic (``_indicator`` / ``_select``), which gives the same iterates as boolean masks with
+    ``torch.where`` (bit for bit, tested) at a fraction of the cost."""
     tiny = torch.finfo(c.dtype).tiny
     sign = torch.sign(c)
     abs_c = c.abs().clamp_min(tiny)
+    nonzero = _indicator(torch.ne, c, 0.0)
     lo, hi = torch.zeros_like(c), abs_c.clone()
     t = _table_guess(c) if t0 is None else t0
     t = torch.minimum(t.clamp_min(tiny), abs_c)
     for _ in range(max_iter):
         a = 4.0 * (sign * t - 0.5)
         r_pos, r_neg = torch.sigmoid(a), torch.sigmoid(-a)  # rho and 1 - rho, both accurate
-        u = torch.log(t / (4.0 * abs_c * r_pos * r_neg).clamp_min(tiny)).masked_fill(c == 0, 0.0)
-        if bool((u.abs() < tol).all()):
+        u = torch.log(t / (4.0 * abs_c * r_pos * r_neg).clamp_min(tiny)) * nonzero  # c = 0: u = 0 (finite there)
+        if float(u.abs().amax()) < tol:  # every |u| < tol (a NaN keeps iterating, as .all() would)
             break
-        lo = torch.where(u < 0, t, lo)
-        hi = torch.where(u >= 0, t, hi)
+        below = _indicator(torch.lt, u, 0.0)  # the root lies above t
+        lo, hi = _select(below, t, lo), _select(below, hi, t)
         t_newton = t - u / (1.0 / t + 4.0 * sign * (r_pos - r_neg))  # u'(t) = 1/t + 4 sign (2 rho - 1)
         cand = torch.minimum(torch.maximum(t_newton, lo), hi)
-        stuck = (cand != t_newton) & ((cand == t) | (cand <= 0))
-        t = torch.where(stuck, 0.5 * (lo + hi), cand)
-    return torch.where(c == 0, torch.zeros_like(c), sign * t)
+        # Newton left the bracket and its clamp makes no progress: bisect
+        stuck = torch.minimum(_indicator(torch.ne, cand, t_newton),
+                              _indicator(torch.eq, cand, t) + _indicator(torch.le, cand, 0.0))
+        t = _select(stuck, 0.5 * (lo + hi), cand)
+    return sign * t  # 0 where c = 0
 
 
 class _CHNBlock(torch.autograd.Function):
@@ -401,11 +440,14 @@ def residual_curve(model: HopfieldClassifier, images: Tensor) -> list[float]:
     return (10 ** per_sample.log10().mean(1)).tolist()
 
 
-def load_split(split: str, size: int | None, data_dir: str | None, seed: int) -> tuple[Tensor, Tensor]:
-    """MNIST split as (N, 784) float32 / int64 tensors; a seeded random subset if ``size`` is given."""
-    from datasets import load_mnist
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+MNIST_SIZES = {"train": 60_000, "test": 10_000}
 
-    images, labels = load_mnist(split, data_dir)
+
+def subset(images: np.ndarray, labels: np.ndarray, size: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """(N, 784) float32 / int64 tensors of a seeded random subset of ``size`` images (None: all)."""
     images, labels = torch.tensor(images).reshape(len(images), -1), torch.tensor(labels)
     if size is not None and size < len(labels):
         idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:size]
@@ -413,16 +455,49 @@ def load_split(split: str, size: int | None, data_dir: str | None, seed: int) ->
     return images, labels
 
 
-def train_and_evaluate(config: dict, report=None) -> dict:
+def load_split(split: str, size: int | None, data_dir: str | None, seed: int) -> tuple[Tensor, Tensor]:
+    """MNIST split as (N, 784) float32 / int64 tensors; a seeded random subset if ``size`` is given."""
+    from datasets import load_mnist
+
+    return subset(*load_mnist(split, data_dir), size, seed)
+
+
+def load_data(data_dir: str | None) -> dict:
+    """Both MNIST splits as read-only numpy arrays (every file checked against its SHA-256 first)."""
+    from datasets import load_mnist
+
+    return {split: load_mnist(split, data_dir) for split in MNIST_SIZES}
+
+
+def data_digest() -> str:
+    """Identity of the data: sha1 of the manifest SHA-256 of the four MNIST files (every load verifies the
+    files against them, so a trial can only ever see exactly these bytes)."""
+    import hashlib
+
+    from datasets import MANIFEST
+    from datasets.mnist import MNIST_FILES
+
+    names = sorted(name for pair in MNIST_FILES.values() for name in pair)
+    return hashlib.sha1("".join(MANIFEST[name].sha256 for name in names).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Trial
+# --------------------------------------------------------------------------------------------------
+def train_and_evaluate(config: dict, data: dict, report=None) -> dict:
     """One run: train a HopfieldClassifier (config: model, variant, layers, lr, epochs, batch_size,
-    forward_iter, backward_iter, seed, train_size, test_size, data_dir, conv_tol) and evaluate it.
-    The training forward solves stop early once every sample of a batch has residual < conv_tol (hopdeq
-    always runs the full budget; the fixed point, hence the gradient, is the same to that tolerance)."""
+    forward_iter, backward_iter, seed, train_size, test_size, conv_tol; precision must be fp32) on
+    ``data`` (``load_data``) and evaluate it. The training subset is drawn with the run's seed, the test
+    subset with seed 0 (the same for every run). The training forward solves stop early once every sample
+    of a batch has residual < conv_tol (hopdeq always runs the full budget; the fixed point, hence the
+    gradient, is the same to that tolerance)."""
     from training import seed_everything
 
+    if config.get("precision", "fp32") != "fp32":
+        raise ValueError(f"hopfield_deq runs in float32 only, got precision {config['precision']!r}")
     seed_everything(config["seed"])
-    train_x, train_y = load_split("train", config["train_size"], config["data_dir"], config["seed"])
-    test_x, test_y = load_split("test", config["test_size"], config["data_dir"], 0)
+    train_x, train_y = subset(*data["train"], config["train_size"], config["seed"])
+    test_x, test_y = subset(*data["test"], config["test_size"], 0)
     model = HopfieldClassifier(config["layers"], config["model"], config["variant"],
                                config["forward_iter"], config["backward_iter"], tol=config["conv_tol"])
     optimizer = Madam(model.parameters(), lr=config["lr"], p_scale=1024.0, g_bound=3.0)
@@ -434,7 +509,7 @@ def train_and_evaluate(config: dict, report=None) -> dict:
         train_loss = train_epoch(model, optimizer, train_x, train_y, config["batch_size"], generator)
         scheduler.step()
         if report is not None and epoch < epochs:
-            report({"epoch": epoch, "train_loss": train_loss})
+            report({"epoch": epoch, "train_loss": train_loss, "train_seconds": time.perf_counter() - start})
     train_seconds = time.perf_counter() - start
     metrics = evaluate(model, test_x, test_y, config["batch_size"], config["conv_tol"])
     metrics.update(epoch=epochs, train_loss=train_loss, train_seconds=train_seconds,
@@ -444,68 +519,181 @@ def train_and_evaluate(config: dict, report=None) -> dict:
     return metrics
 
 
-def ray_trainable(config: dict) -> None:
+def ray_trainable(config: dict, data: dict) -> None:
     """Ray Tune trial: one (model, variant, seed) run, reporting per epoch and the final metrics."""
     from ray import tune
 
     from training import trial_device
 
     trial_device(config)
-    train_and_evaluate(config, report=tune.report)
+    train_and_evaluate(config, data, report=tune.report)
+
+
+def run_locally(configs: list[dict], data: dict) -> list[dict]:
+    """``--no_ray``: every trial in this process, one after another (records shaped as ``run_trials``'s;
+    no trial files, nothing resumed)."""
+    from training import git_commit
+
+    trials = []
+    for config in configs:
+        print("trial", trial_label(config), flush=True)
+        start = time.perf_counter()
+        metrics = train_and_evaluate(config, data)
+        trials.append({"config": config, "metrics": metrics, "history": [metrics],
+                       "wall_time_s": time.perf_counter() - start, "git_commit": git_commit()})
+    return trials
 
 
 # --------------------------------------------------------------------------------------------------
 # Experiment CLI
 # --------------------------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from training import add_ray_args
+# Budgets: the default (a reduced budget: 1 epoch on 10,000 images), --quick (a seconds-long smoke run)
+# and --full (the paper's: 10 epochs on all 60,000 training images). Explicit flags win over all three.
+DEFAULTS = dict(model="chn", variant="all", runs=5, epochs=1, train_size=10_000, test_size=0, batch_size=64,
+                forward_iter=40, backward_iter=8)
+QUICK = dict(runs=1, epochs=1, train_size=256, test_size=128, forward_iter=20, backward_iter=4)
+FULL = dict(model="both", variant="all", runs=3, epochs=10, train_size=0, test_size=0)
+# Where each budget writes (results, figure) by default: smoke runs never touch the committed results.
+OUTPUT_DIRS = {"default": ("results/hopfield_deq", "imgs"), "quick": ("results/quick/hopfield_deq", "results/quick/imgs"),
+               "full": ("results/hopfield_deq_full", "results/hopfield_deq_full")}
+PRECISION_NOTE = ("float32 only: convergence is measured as a relative residual < 1e-4, below bf16's "
+                  "rounding (2^-8 = 4e-3) and fp16's (2^-11 = 5e-4), so autocast would stall the solvers")
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="chn", choices=MODELS + ("both",))
-    parser.add_argument("--variant", default="all", choices=VARIANTS + ("all",))
-    parser.add_argument("--layers", default="784,1990,10",
-                        help="comma-separated layer sizes; the paper's: 784,1990,10 / 784,1280,510,200,10 / "
-                             "784,1024,512,256,128,70,10")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="Madam learning rate (default: the paper's, 0.01 for 3 layers, else 0.005)")
-    parser.add_argument("--runs", type=int, default=5, help="independent runs (seeds seed..seed+runs-1)")
-    parser.add_argument("--epochs", type=int, default=1, help="training epochs (the paper used 10)")
-    parser.add_argument("--train_size", type=int, default=10000,
-                        help="random training subset per run (0 = all 60000)")
-    parser.add_argument("--test_size", type=int, default=0, help="test subset (0 = all 10000)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--forward_iter", type=int, default=40, help="base forward budget (hopdeq-scaled)")
-    parser.add_argument("--backward_iter", type=int, default=8, help="base backprop steps (hopdeq-scaled)")
-    parser.add_argument("--conv_tol", type=float, default=1e-4, help="relative residual counted as converged")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data_dir", default=None, help="MNIST directory (default: datasets/data)")
-    parser.add_argument("--results_dir", default="results/hopfield_deq")
-    parser.add_argument("--imgs_dir", default="imgs")
-    parser.add_argument("--no_ray", action="store_true",
-                        help="run the trials one after another in this process instead of as Ray Tune "
-                             "trials (no resume; for tests and debugging)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 run, 256 train / 128 test images, 1 epoch, small budgets")
-    add_ray_args(parser, default_exp_name="hopfield_deq")
+
+def _by_budget(which: int) -> str:
+    names = {"default": "plain run", "quick": "--quick", "full": "--full"}
+    return ", ".join(f"{names[k]} {v[which]}" for k, v in OUTPUT_DIRS.items())
+
+
+def layer_sizes(text: str) -> list[int]:
+    """argparse type of --layers: comma-separated positive sizes, 784 first (MNIST), 10 last, >= 3 layers."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if len(sizes) < 3 or sizes[0] != 784 or sizes[-1] != 10 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need >= 3 positive sizes, 784 first (the MNIST input) and "
+                                         "10 last (the classes), e.g. 784,1990,10")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training import add_ray_args, nonnegative_int, open_fraction, positive_float, positive_int
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    budget = "default %s; --quick %s; --full %s"
+    task = parser.add_argument_group("task and budget (explicit flags win over --quick / --full)")
+    task.add_argument("--model", default=None, choices=MODELS + ("both",), help="default chn; --full both")
+    task.add_argument("--variant", default=None, choices=VARIANTS + ("all",), help="default all")
+    task.add_argument("--layers", type=layer_sizes, default=[784, 1990, 10],
+                      help="comma-separated layer sizes (default 784,1990,10); the paper's: 784,1990,10 / "
+                           "784,1280,510,200,10 / 784,1024,512,256,128,70,10")
+    task.add_argument("--lr", type=positive_float, default=None,
+                      help="Madam learning rate (default: the paper's, 0.01 for 3 layers, else 0.005)")
+    task.add_argument("--runs", type=positive_int, default=None,
+                      help="independent runs, seeds seed..seed+runs-1 (" + budget % (5, 1, 3) + ")")
+    task.add_argument("--epochs", type=positive_int, default=None,
+                      help="training epochs (" + budget % (1, 1, "10, the paper's") + ")")
+    task.add_argument("--train_size", type=nonnegative_int, default=None,
+                      help="random training subset per run, 0 = all 60000 (" + budget % ("10000", 256, "0") + ")")
+    task.add_argument("--test_size", type=nonnegative_int, default=None,
+                      help="test subset, 0 = all 10000 (" + budget % (0, 128, 0) + ")")
+    task.add_argument("--batch_size", type=positive_int, default=None, help="default 64 (the paper's)")
+    task.add_argument("--forward_iter", type=positive_int, default=None,
+                      help="base forward budget, scaled as in hopdeq (" + budget % (40, 20, 40) + ")")
+    task.add_argument("--backward_iter", type=positive_int, default=None,
+                      help="base backprop steps, scaled as in hopdeq (" + budget % (8, 4, 8) + ")")
+    task.add_argument("--conv_tol", type=open_fraction, default=1e-4,
+                      help="relative residual counted as converged (default 1e-4)")
+    task.add_argument("--seed", type=int, default=0, help="runs use seeds seed, seed+1, ... (default 0)")
+    preset = task.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help=f"seconds-long smoke run {QUICK}, written to "
+                        f"{OUTPUT_DIRS['quick'][0]}/ (git-ignored)")
+    preset.add_argument("--full", action="store_true", help=f"the paper's budget {FULL} (batch 64, Madam, 40/8 "
+                        f"iterations), written to {OUTPUT_DIRS['full'][0]}/")
+    task.add_argument("--precision", default="fp32", choices=("fp32",), help=PRECISION_NOTE)
+    out = parser.add_argument_group("data and outputs")
+    out.add_argument("--data_dir", default=None, help="MNIST directory (default: datasets/data)")
+    out.add_argument("--results_dir", default=None,
+                     help="CSV/JSON/markdown results and the trial files under <exp_name>/trials/ (default: "
+                          + _by_budget(0) + ")")
+    out.add_argument("--imgs_dir", default=None, help="residual plot (default: " + _by_budget(1) + ")")
+    out.add_argument("--no_ray", action="store_true",
+                     help="run the trials one after another in this process instead of as Ray Tune trials "
+                          "(no trial files, no resume; for tests and debugging)")
+    add_ray_args(parser, default_exp_name="auto")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check every flag (before any data is read or Ray started); fill the budget's defaults."""
+    from training import check_ray_args
+
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quick:
-        args.runs, args.epochs, args.train_size, args.test_size = 1, 1, 256, 128
-        args.forward_iter, args.backward_iter = min(args.forward_iter, 20), min(args.backward_iter, 4)
-        if args.exp_name == "hopfield_deq":
-            args.exp_name = "hopfield_deq_quick"
+    budget = "quick" if args.quick else "full" if args.full else "default"
+    for name, value in {**DEFAULTS, **{"quick": QUICK, "full": FULL}.get(budget, {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.lr is None:
+        args.lr = 0.01 if len(args.layers) == 3 else 0.005
+    if args.variant in ("eo", "eo_deq", "all") and len(args.layers) % 2 == 0:
+        parser.error(f"--layers {','.join(map(str, args.layers))}: the even/odd variants need an odd number of "
+                     "layers (input and output even); use --variant sync or deq, or an odd count")
+    for split in MNIST_SIZES:
+        value = getattr(args, f"{split}_size")
+        if value > MNIST_SIZES[split]:
+            parser.error(f"--{split}_size {value}: MNIST has {MNIST_SIZES[split]} {split} images (allowed: 0 = all, "
+                         f"or 1..{MNIST_SIZES[split]})")
+    if 0 < args.train_size < args.batch_size:
+        parser.error(f"--train_size {args.train_size} is below --batch_size {args.batch_size}: no full batch to "
+                     "train on (the last partial batch is dropped)")
+    results_dir, imgs_dir = OUTPUT_DIRS[budget]
+    args.results_dir = args.results_dir or str(REPO_DIR / results_dir)
+    args.imgs_dir = args.imgs_dir or str(REPO_DIR / imgs_dir)
+    if args.exp_name == "auto":  # named after the budget; other settings under a reused name are refused
+        train = args.train_size or MNIST_SIZES["train"]
+        args.exp_name = f"layers{'-'.join(map(str, args.layers))}_epochs{args.epochs}_train{train}"
+    check_ray_args(args)
     return args
 
 
+def experiment_settings(args: argparse.Namespace, digest: str) -> dict:
+    """What every trial of the experiment shares (reopening it with other values is refused); model,
+    variant and seed pick its trials, so an experiment may grow by them."""
+    def size(value: int, split: str) -> int | None:
+        return None if value in (0, MNIST_SIZES[split]) else value
+
+    return {"layers": list(args.layers), "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
+            "forward_iter": args.forward_iter, "backward_iter": args.backward_iter,
+            "train_size": size(args.train_size, "train"), "test_size": size(args.test_size, "test"),
+            "conv_tol": args.conv_tol, "precision": args.precision, "data": digest}
+
+
+def trial_configs(args: argparse.Namespace, digest: str) -> list[dict]:
+    """model x variant x seed; each config holds everything its result depends on (its trial file's identity)."""
+    models = list(MODELS) if args.model == "both" else [args.model]
+    variants = list(VARIANTS) if args.variant == "all" else [args.variant]
+    common = experiment_settings(args, digest)
+    return [{**common, "model": model, "variant": variant, "seed": args.seed + i}
+            for model in models for variant in variants for i in range(args.runs)]
+
+
+def trial_label(config: dict) -> str:
+    """Readable part of a trial file's name."""
+    return f"{config['model']}_{config['variant']}_seed{config['seed']}"
+
+
 def aggregate(trials: list[dict]) -> list[dict]:
-    """Mean and std over runs per (model, variant)."""
+    """Mean and std (ddof 1) over runs per (model, variant), beside hopdeq's CHN iteration means."""
     groups: dict[tuple, list[dict]] = {}
     for t in trials:
-        groups.setdefault((t["config"]["model"], t["config"]["variant"]), []).append(t["metrics"])
+        groups.setdefault((t["config"]["model"], t["config"]["variant"]), []).append(
+            {**t["metrics"], "wall_time_s": t["wall_time_s"]})
     rows = []
     for (model, variant), ms in sorted(groups.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
-        row = {"model": model, "variant": variant, "runs": len(ms)}
-        for key in ("acc", "iters", "t2c", "not_converged_pct", "ms_per_batch", "train_seconds"):
+        row = {"model": model, "variant": variant, "runs": len(ms), "precision": "fp32"}
+        for key in ("acc", "iters", "t2c", "not_converged_pct", "ms_per_batch", "train_seconds", "wall_time_s"):
             vals = np.array([m[key] for m in ms], dtype=float)
             row[f"{key}_mean"], row[f"{key}_std"] = float(vals.mean()), float(vals.std(ddof=1) if len(vals) > 1 else 0.0)
         row["paper_t2c"] = PAPER_T2C[variant] if model == "chn" else float("nan")
@@ -513,19 +701,27 @@ def aggregate(trials: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown_table(rows: list[dict], layers: Sequence[int]) -> str:
-    lines = [f"Hopfield DEQ variants on MNIST, layers {list(layers)} (mean ± std over runs)", "",
-             "| model | variant | test acc % | iterations to res<tol | forward-Euler time (t2c) "
-             "| paper t2c (CHN) | not converged % | ms / batch |",
-             "|---|---|---|---|---|---|---|---|"]
+def budget_label(settings: dict) -> str:
+    """E.g. 'layers [784, 1990, 10], 1 epoch(s) on 10000 training images, batch 64, 40/8 iterations, fp32'."""
+    train = settings["train_size"] or MNIST_SIZES["train"]
+    test = settings["test_size"] or MNIST_SIZES["test"]
+    return (f"layers {settings['layers']}, {settings['epochs']} epoch(s) on {train} training images, "
+            f"{test} test images, batch {settings['batch_size']}, lr {settings['lr']:g}, "
+            f"{settings['forward_iter']}/{settings['backward_iter']} base iterations, {settings['precision']}")
+
+
+def markdown_table(rows: list[dict], settings: dict) -> str:
+    lines = [f"Hopfield DEQ variants on MNIST: {budget_label(settings)} (mean ± std over runs)", "",
+             "| model | variant | runs | test acc % | iterations to res<tol | forward-Euler time (t2c) "
+             "| paper t2c (CHN) | not converged % | ms / batch | train s / run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paper = "" if math.isnan(r["paper_t2c"]) else f"{r['paper_t2c']:.1f}"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
+        lines.append(f"| {r['model']} | {r['variant']} | {r['runs']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
                      f"| {r['iters_mean']:.1f} ± {r['iters_std']:.1f} | {r['t2c_mean']:.1f} ± {r['t2c_std']:.1f} "
-                     f"| {paper} | {r['not_converged_pct_mean']:.1f} | {r['ms_per_batch_mean']:.1f} |")
+                     f"| {paper} | {r['not_converged_pct_mean']:.1f} | {r['ms_per_batch_mean']:.1f} "
+                     f"| {r['train_seconds_mean']:.0f} |")
     return "\n".join(lines) + "\n"
-
-
 def plot_residuals(trials: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -552,57 +748,56 @@ def plot_residuals(trials: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_locally(param_space: dict) -> list[dict]:
-    """Expand the grid of ``param_space`` and run every trial in this process (``--no_ray``)."""
-    import itertools
-
-    grid_keys = [k for k, v in param_space.items() if isinstance(v, dict) and "grid_search" in v]
-    fixed = {k: v for k, v in param_space.items() if k not in grid_keys}
-    trials = []
-    for values in itertools.product(*(param_space[k]["grid_search"] for k in grid_keys)):
-        config = {**fixed, **dict(zip(grid_keys, values))}
-        print("trial", {k: config[k] for k in grid_keys}, flush=True)
-        trials.append({"config": config, "metrics": train_and_evaluate(config)})
-    return trials
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    from training import log_config, run_trials
+def write_outputs(rows: list[dict], trials: list[dict], args: argparse.Namespace, config: dict,
+                  settings: dict) -> dict[str, Path]:
+    """runs.csv (one row per run), summary.{csv,md,json} (json: config, budget, precision, provenance)
+    under --results_dir and the residual plot under --imgs_dir."""
+    import pandas as pd
 
-    args = parse_args(argv)
-    layers = [int(v) for v in args.layers.split(",")]
-    lr = args.lr if args.lr is not None else (0.01 if len(layers) == 3 else 0.005)
+    from training import trial_provenance
+
     results_dir, imgs_dir = Path(args.results_dir), Path(args.imgs_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     imgs_dir.mkdir(parents=True, exist_ok=True)
-    log_config(args, results_dir / "config.json")
-    from ray import tune
+    files = {name: results_dir / name for name in ("runs.csv", "summary.csv", "summary.md", "summary.json")}
+    files["residuals.png"] = imgs_dir / "hopfield_deq_residuals.png"
+    pd.DataFrame([{**t["config"], "wall_time_s": t["wall_time_s"], "git_commit": t["git_commit"],
+                   **{k: v for k, v in t["metrics"].items() if not isinstance(v, list)}}
+                  for t in trials]).to_csv(files["runs.csv"], index=False)
+    pd.DataFrame(rows).to_csv(files["summary.csv"], index=False)
+    files["summary.md"].write_text(markdown_table(rows, settings))
+    payload = {"config": config, "exp_name": args.exp_name, "budget": budget_label(settings),
+               "precision": "fp32", "precision_note": PRECISION_NOTE, "summary": rows,
+               "provenance": trial_provenance(trials)}
+    files["summary.json"].write_text(json.dumps(payload, indent=2, default=str))
+    plot_residuals(trials, files["residuals.png"])
+    return files
 
-    models = list(MODELS) if args.model == "both" else [args.model]
-    variants = list(VARIANTS) if args.variant == "all" else [args.variant]
-    param_space = {"model": tune.grid_search(models), "variant": tune.grid_search(variants),
-                   "seed": tune.grid_search(list(range(args.seed, args.seed + args.runs))),
-                   "layers": layers, "lr": lr, "epochs": args.epochs, "batch_size": args.batch_size,
-                   "forward_iter": args.forward_iter, "backward_iter": args.backward_iter,
-                   "train_size": args.train_size or None, "test_size": args.test_size or None,
-                   "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
-                   "conv_tol": args.conv_tol}
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Check the flags, open the experiment (refused if it was started with other settings), run the trials
+    that have no trial file yet, write the results and print the table and where it wrote them."""
+    import training
+
+    args = parse_args(argv)
+    digest = data_digest()
+    settings = experiment_settings(args, digest)
+    if not args.no_ray:
+        trial_dir = training.open_experiment(Path(args.results_dir) / args.exp_name, settings)
+    config = training.log_config(args, Path(args.results_dir) / "config.json")
+    data = load_data(args.data_dir)
+    configs = trial_configs(args, digest)
     if args.no_ray:
-        trials = run_locally(param_space)
+        trials = run_locally(configs, data)
     else:
-        trials = run_trials(ray_trainable, param_space, args, metric="acc", mode="max")
+        trials = training.run_trials(ray_trainable, configs, args, trial_dir, label=trial_label,
+                                     params={"data": data})
     rows = aggregate(trials)
-    import pandas as pd
-
-    pd.DataFrame([{**t["config"], **{k: v for k, v in t["metrics"].items() if not isinstance(v, list)}}
-                  for t in trials]).to_csv(results_dir / "runs.csv", index=False)
-    pd.DataFrame(rows).to_csv(results_dir / "summary.csv", index=False)
-    table = markdown_table(rows, layers)
-    (results_dir / "summary.md").write_text(table)
-    plot_residuals(trials, imgs_dir / "hopfield_deq_residuals.png")
-    print(table)
-    print(f"wrote {results_dir / 'runs.csv'}, {results_dir / 'summary.csv'}, {results_dir / 'summary.md'}, "
-          f"{imgs_dir / 'hopfield_deq_residuals.png'}")
+    files = write_outputs(rows, trials, args, config, settings)
+    print(markdown_table(rows, settings))
+    print("wrote:\n" + "\n".join(f"  {training.repo_relative(path)}" for path in files.values()))
     return rows
 
 

@@ -6,13 +6,23 @@ same relative residual, all in one process; prints ratios against the Picard / s
    ``--train_variant`` dynamics, then solved with each variant (sync, deq, eo, eo_deq) on the same test
    images; all reach the same fixed point, so only the cost differs.
 
-    python3 bench/bench_deq.py            # ~1-2 minutes on one core
-    python3 bench/bench_deq.py --quick    # seconds
+3. Where the CHN's even/odd step spends its time (``--eo_cost``): one map evaluation of sync vs EO and
+   EO's parts (the two drives, the exact block solves of the wide odd layer and the output layer) on a
+   batch of 64 test images.
+4. The paper-budget estimate (``--estimate_full``): the training step (forward solve + recurrent
+   backprop + Madam) of every model x variant on the briefly trained weights, measured over
+   ``--train_timing_batches`` batches, and the test pass, extrapolated to ``hopfield_deq.py --full``
+   (10 epochs x 937 batches of 64, 3 runs, 8 model x variant, 2 trials at a time on 2 cores).
+
+    python3 bench/bench_deq.py                                 # ~1-2 minutes on one core
+    python3 bench/bench_deq.py --eo_cost --estimate_full       # + the EO breakdown and the estimate
+    python3 bench/bench_deq.py --quick                         # seconds; writes results/quick/
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deq import fixed_point  # noqa: E402
-from hopfield_deq import VARIANTS, HopfieldClassifier, convergence_iterations, load_split, train_epoch  # noqa: E402
+from hopfield_deq import (VARIANTS, HopfieldClassifier, chn_block_solve, convergence_iterations,  # noqa: E402
+                          load_split, train_epoch)
 from madam import Madam  # noqa: E402
 import training  # noqa: E402
 
@@ -46,19 +57,14 @@ def synthetic_rows(dim: int, batch: int, norm: float, tol: float, repeats: int, 
     return rows
 
 
-def hopfield_rows(model: str, layers: list[int], train_variant: str, train_batches: int, n_test: int,
-                  tol: float, repeats: int, seed: int) -> list[dict]:
-    torch.manual_seed(seed)
-    train_x, train_y = load_split("train", 64 * train_batches, None, seed) if train_batches else (None, None)
+def hopfield_rows(model: str, layers: list[int], state: dict, train_batches: int, n_test: int,
+                  tol: float, repeats: int) -> list[dict]:
+    """Every variant solving the same ``n_test`` test images with the same (briefly trained) weights."""
     test_x, _ = load_split("test", n_test, None, 0)
-    trained = HopfieldClassifier(layers, model, train_variant, tol=tol)
-    if train_batches:
-        train_epoch(trained, Madam(trained.parameters(), lr=0.01), train_x, train_y, 64,
-                    torch.Generator().manual_seed(seed))
     rows = []
     for variant in VARIANTS:
         clf = HopfieldClassifier(layers, model, variant, forward_iter=200, tol=tol)
-        clf.load_state_dict(trained.state_dict())
+        clf.load_state_dict(state)
         clf.eval()
         best = float("inf")
         with torch.no_grad():
@@ -72,6 +78,98 @@ def hopfield_rows(model: str, layers: list[int], train_variant: str, train_batch
                      "t2c": float(per_sample.float().mean()) * (1 - clf.settings["damping"]),
                      "seconds": best, "converged": stats["converged"]})
     return rows
+
+
+def best_ms(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls (after one warm-up), in milliseconds."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return 1000.0 * best
+
+
+def trained_state(model: str, layers: list[int], train_variant: str, train_batches: int, seed: int) -> dict:
+    """Weights after ``train_batches`` Madam steps of the ``train_variant`` dynamics (batch 64)."""
+    torch.manual_seed(seed)
+    trained = HopfieldClassifier(layers, model, train_variant, tol=1e-4)
+    if train_batches:
+        train_x, train_y = load_split("train", 64 * train_batches, None, seed)
+        train_epoch(trained, Madam(trained.parameters(), lr=0.01), train_x, train_y, 64,
+                    torch.Generator().manual_seed(seed))
+    return trained.state_dict()
+
+
+def eo_cost_rows(layers: list[int], state: dict, repeats: int) -> list[dict]:
+    """ms per call of the CHN's sync map, its even/odd map and the EO map's parts, on 64 test images at
+    the state reached after 10 EO steps from zero (a mid-solve state)."""
+    clf = HopfieldClassifier(layers, "chn", "eo")
+    clf.load_state_dict(state)
+    net = clf.net
+    x, _ = load_split("test", 64, None, 0)
+    with torch.no_grad():
+        ux = net.preprocess_inputs(x)
+        even = clf.initial_state(x)
+        for _ in range(10):
+            even = net.eo_map(ux, even)
+        states = net.odd_from_even(ux, even)
+        drives = {i: net.drive(ux, states, i) for i in range(net.n_states)}
+        parts = {"sync map (all layers, one step)": lambda: net.sync_map(ux, states),
+                 "even/odd map (one step)": lambda: net.eo_map(ux, even)}
+        for i in range(net.n_states):
+            kind = "odd" if i in net.odd else "even"
+            parts[f"  drive of layer {i + 1} ({kind}, width {layers[i + 1]})"] = lambda i=i: net.drive(ux, states, i)
+            parts[f"  exact block solve of layer {i + 1} (width {layers[i + 1]})"] = \
+                lambda i=i: chn_block_solve(drives[i])
+        times = {name: best_ms(fn, repeats) for name, fn in parts.items()}
+    sync = times["sync map (all layers, one step)"]
+    return [{"bench": "CHN step cost (64 images)", "part": name, "ms": ms, "x_sync_step": ms / sync}
+            for name, ms in times.items()]
+
+
+def training_cost_rows(layers: list[int], states: dict[str, dict], batches: int, seed: int) -> list[dict]:
+    """ms per training batch (forward solve to 1e-4 + recurrent backprop + Madam step, batch 64) and per
+    test batch (solve to 1e-4, no grad) of every model x variant, from the same briefly trained weights."""
+    train_x, train_y = load_split("train", 64 * (batches + 1), None, seed + 1)
+    test_x, _ = load_split("test", 512, None, 0)
+    rows = []
+    for model, state in states.items():
+        for variant in VARIANTS:
+            clf = HopfieldClassifier(layers, model, variant, tol=1e-4)
+            clf.load_state_dict(state)
+            optimizer = Madam(clf.parameters(), lr=0.01 / 10, p_scale=1024.0, g_bound=3.0)
+            train_epoch(clf, optimizer, train_x[:64], train_y[:64], 64, torch.Generator().manual_seed(0))  # warm-up
+            start = time.perf_counter()
+            train_epoch(clf, optimizer, train_x[64:], train_y[64:], 64, torch.Generator().manual_seed(seed))
+            train_ms = 1000.0 * (time.perf_counter() - start) / batches
+            clf.eval()
+            with torch.no_grad():
+                start = time.perf_counter()
+                for i in range(0, len(test_x), 64):
+                    clf(test_x[i:i + 64])
+                test_ms = 1000.0 * (time.perf_counter() - start) / (len(test_x) // 64)
+            rows.append({"model": model, "variant": variant, "train_ms_per_batch": train_ms,
+                         "test_ms_per_batch": test_ms})
+    return rows
+
+
+def full_budget_estimate(rows: list[dict], runs: int = 3, epochs: int = 10, n_train: int = 60_000,
+                         n_test: int = 10_000, batch: int = 64, slots: int = 2) -> dict:
+    """Wall time of ``hopfield_deq.py --full`` from measured per-batch costs: per run
+    T = epochs * floor(n_train / batch) * t_train + ceil(n_test / batch) * t_test; the sweep runs
+    runs x (model, variant) trials on ``slots`` parallel trial slots, so wall ~ sum(T) / slots
+    (an upper bound on the makespan's balance loss is one longest trial)."""
+    per_run = {f"{r['model']}/{r['variant']}": (epochs * (n_train // batch) * r["train_ms_per_batch"]
+                                                + -(-n_test // batch) * r["test_ms_per_batch"]) / 1000.0
+               for r in rows}
+    total = runs * sum(per_run.values())
+    return {"protocol": f"{epochs} epochs x {n_train // batch} batches of {batch}, {runs} runs, {len(per_run)} "
+                        f"model x variant, {slots} trials at a time",
+            "hours_per_run": {k: v / 3600 for k, v in per_run.items()},
+            "compute_hours": total / 3600, "wall_hours_on_slots": total / slots / 3600,
+            "wall_hours_upper": (total / slots + max(per_run.values())) / 3600}
 
 
 def print_with_ratios(rows: list[dict]) -> None:
@@ -92,42 +190,69 @@ def print_with_ratios(rows: list[dict]) -> None:
               f"| {r['iter_ratio']:.2f} | {r['time_ratio']:.2f} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dim", type=int, default=500)
-    parser.add_argument("--norm", type=float, default=0.95, help="spectral norm of W (synthetic bench)")
+    parser.add_argument("--dim", type=training.positive_int, default=500)
+    parser.add_argument("--norm", type=training.open_fraction, default=0.95, help="spectral norm of W (synthetic bench)")
     parser.add_argument("--skip_hopfield", action="store_true", help="only the synthetic benchmark")
-    parser.add_argument("--tol", type=float, default=1e-4, help="relative residual to reach")
+    parser.add_argument("--tol", type=training.open_fraction, default=1e-4, help="relative residual to reach")
     parser.add_argument("--layers", default="784,1990,10")
     parser.add_argument("--models", default="ham,chn")
     parser.add_argument("--train_variant", default="eo_deq", choices=VARIANTS)
-    parser.add_argument("--train_batches", type=int, default=150, help="Madam steps before benchmarking")
-    parser.add_argument("--n_test", type=int, default=512, help="test images solved at once")
-    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="results/bench_deq.csv", help="CSV output path")
+    parser.add_argument("--train_batches", type=training.nonnegative_int, default=150,
+                        help="Madam steps before benchmarking")
+    parser.add_argument("--n_test", type=training.positive_int, default=512, help="test images solved at once")
+    parser.add_argument("--repeats", type=training.positive_int, default=3, help="timing repeats (best of)")
+    parser.add_argument("--threads", type=training.positive_int, default=1)
+    parser.add_argument("--eo_cost", action="store_true", help="part 3: where the CHN even/odd step's time goes")
+    parser.add_argument("--estimate_full", action="store_true",
+                        help="part 4: training/test cost per batch and the --full wall-time estimate")
+    parser.add_argument("--train_timing_batches", type=training.positive_int, default=10,
+                        help="training batches timed per model x variant for --estimate_full")
+    parser.add_argument("--out", default=None,
+                        help="CSV output (default results/bench/bench_deq.csv; --quick: results/quick/bench_deq.csv); "
+                             "the EO breakdown and the estimate go to the .json beside it")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
-        args.dim, args.train_batches, args.n_test, args.repeats = 100, 5, 64, 1
+        args.dim, args.train_batches, args.n_test, args.repeats, args.train_timing_batches = 100, 5, 64, 1, 2
+    repo = Path(__file__).resolve().parents[1]
+    out = Path(args.out or repo / "results" / ("quick" if args.quick else "bench") / "bench_deq.csv")
     torch.set_num_threads(args.threads)
-    training.log_config(args)
+    config = training.log_config(args)
     layers = [int(v) for v in args.layers.split(",")]
+    models = [] if args.skip_hopfield else args.models.split(",")
     rows = synthetic_rows(args.dim, 64, args.norm, args.tol, args.repeats, args.seed)
-    for model in [] if args.skip_hopfield else args.models.split(","):
-        rows += hopfield_rows(model, layers, args.train_variant, args.train_batches, args.n_test, args.tol,
-                              args.repeats, args.seed)
+    states = {m: trained_state(m, layers, args.train_variant, args.train_batches, args.seed) for m in models}
+    for model in models:
+        rows += hopfield_rows(model, layers, states[model], args.train_batches, args.n_test, args.tol,
+                              args.repeats)
     print_with_ratios(rows)
-    out = Path(args.out)
+    extra: dict = {"config": config, "git_commit": training.git_commit(), "threads": args.threads}
+    if args.eo_cost and "chn" in states:
+        extra["eo_cost"] = eo_cost_rows(layers, states["chn"], max(args.repeats, 5))
+        print("\n| CHN step part (64 images) | ms | x sync step |\n|---|---|---|")
+        for r in extra["eo_cost"]:
+            print(f"| {r['part']} | {r['ms']:.2f} | {r['x_sync_step']:.2f} |")
+    if args.estimate_full and states:
+        extra["training_cost"] = training_cost_rows(layers, states, args.train_timing_batches, args.seed)
+        extra["full_budget_estimate"] = full_budget_estimate(extra["training_cost"])
+        print("\n| model | variant | ms / training batch | ms / test batch |\n|---|---|---|---|")
+        for r in extra["training_cost"]:
+            print(f"| {r['model']} | {r['variant']} | {r['train_ms_per_batch']:.0f} | {r['test_ms_per_batch']:.0f} |")
+        est = extra["full_budget_estimate"]
+        print(f"\nhopfield_deq.py --full ({est['protocol']}): {est['compute_hours']:.1f} compute hours, "
+              f"~{est['wall_hours_on_slots']:.1f} h wall on 2 cores (<= {est['wall_hours_upper']:.1f} h)")
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for r in rows for k in r})
     with open(out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {out}")
+    out.with_suffix(".json").write_text(json.dumps({**extra, "rows": rows}, indent=2, default=str))
+    print(f"wrote {training.repo_relative(out)}, {training.repo_relative(out.with_suffix('.json'))}")
+    return {"rows": rows, **extra}
 
 
 if __name__ == "__main__":

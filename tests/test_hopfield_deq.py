@@ -3,10 +3,13 @@ variants, Madam, the experiment CLI end to end and a short MNIST training."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
 
+import hopfield_deq as hd
+import training
 from hopfield_deq import (VARIANTS, HopfieldClassifier, HopfieldNet, chn_block_solve, hopfield_loss, load_split,
                           main, rho, rho_prime, train_epoch, evaluate)
 from madam import Madam
@@ -164,19 +167,6 @@ def test_madam_multiplicative_update_matches_equations():
     assert p[2] == 0 and p[1] == -w_max  # zero stays zero, large weight clipped, signs kept
 
 
-def test_quick_cli_writes_csv_markdown_png(tmp_path):
-    rows = main(["--quick", "--no_ray", "--model", "ham", "--results_dir", str(tmp_path / "res"), "--imgs_dir",
-                 str(tmp_path / "imgs"), "--ray_dir", str(tmp_path / "ray"), "--num_cpus", "2"])
-    assert {r["variant"] for r in rows} == set(VARIANTS)
-    with open(tmp_path / "res" / "summary.csv") as handle:
-        table = list(csv.DictReader(handle))
-    assert len(table) == len(VARIANTS) and all(0 <= float(r["acc_mean"]) <= 100 for r in table)
-    assert (tmp_path / "res" / "runs.csv").exists()
-    assert "| ham | eo_deq |" in (tmp_path / "res" / "summary.md").read_text()
-    png = (tmp_path / "imgs" / "hopfield_deq_residuals.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_short_mnist_training_beats_chance():
     torch.manual_seed(0)
     train_x, train_y = load_split("train", 4000, None, 0)
@@ -188,3 +178,148 @@ def test_short_mnist_training_beats_chance():
     metrics = evaluate(clf, test_x, test_y, 250)
     assert metrics["acc"] > 50.0, metrics  # chance: 10 %
     assert hopfield_loss(clf(test_x[:200]), test_y[:200]).item() < before
+
+
+def bisect_block(c: torch.Tensor) -> torch.Tensor:
+    """Reference root of s = rho'(s) c in float64 by 200 bisections on the monotone s / rho'(s) (|s| <= |c|)."""
+    c = c.double()
+    lo, hi = torch.minimum(c, torch.zeros_like(c)), torch.maximum(c, torch.zeros_like(c))
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        too_big = mid - rho_prime(mid) * c > 0
+        lo, hi = torch.where(too_big, lo, mid), torch.where(too_big, mid, hi)
+    return 0.5 * (lo + hi)
+
+
+def test_float32_block_solve_accurate_over_all_scales():
+    """The float selections (_indicator/_select) and the g = h(c)/c table: float32 roots within 2e-6
+    relative of the float64 root, for tiny, ordinary, beyond-table (|c| > 32) and huge drives, and zeros."""
+    gen = torch.Generator().manual_seed(0)
+    c = torch.cat([torch.randn(4000, generator=gen) * scale for scale in (1e-3, 0.05, 0.5, 3, 30, 300)]
+                  + [torch.tensor([0.0, -0.0, 0.05, -0.05, 32.0, -32.0, 31.9999, 1e-30, -1e-30, 1e6, -1e6])])
+    s = chn_block_solve(c)
+    want = bisect_block(c)
+    rel = (s.double() - want).abs() / want.abs().clamp_min(1e-300)
+    assert rel.max() < 2e-6, (rel.max(), c[rel.argmax()])
+    assert torch.equal(s[c == 0], torch.zeros_like(s[c == 0]))
+    huge = torch.tensor([1e30, -1e30], dtype=torch.float64)  # bisect_block's 4 rho (1 - rho) underflows here
+    s_huge = chn_block_solve(huge)
+    a = 4.0 * (s_huge - 0.5)
+    assert torch.allclose(s_huge, 4.0 * torch.sigmoid(a) * torch.sigmoid(-a) * huge, rtol=1e-10)
+    assert torch.allclose(chn_block_solve(huge.float()).double(), s_huge, rtol=2e-6)
+    # the table guess alone is within the solver's tolerance inside the table: one check, no Newton step
+    inside = c[(c.abs() < 32) & (c.abs() > 1e-30)]
+    guess = hd._table_guess(inside)
+    assert ((guess.double() - want[(c.abs() < 32) & (c.abs() > 1e-30)].abs()).abs()
+            / want[(c.abs() < 32) & (c.abs() > 1e-30)].abs()).max() < 1e-6
+
+
+def test_float_selection_equals_where():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen) * 1e30
+    x[::7] = 0.0
+    for compare, op in ((torch.lt, x < 0), (torch.le, x <= 0), (torch.eq, x == 0), (torch.ne, x != 0)):
+        weight = hd._indicator(compare, x, 0.0)
+        assert weight.dtype == x.dtype and torch.equal(weight, op.to(x.dtype))
+        assert torch.equal(hd._select(weight, x, y), torch.where(op, x, y))  # bit for bit
+
+
+BAD_ARGS = [  # (argv, the flag the message must name)
+    (["--runs", "0"], "--runs"), (["--epochs", "0"], "--epochs"), (["--batch_size", "0"], "--batch_size"),
+    (["--forward_iter", "0"], "--forward_iter"), (["--backward_iter", "0"], "--backward_iter"),
+    (["--layers", "783,100,10"], "--layers"), (["--layers", "784,100,9"], "--layers"), (["--layers", "784,10"], "--layers"),
+    (["--layers", "784,0,10"], "--layers"), (["--layers", "784,a,10"], "--layers"),
+    (["--layers", "784,100,100,10"], "--layers"),  # even/odd variants need an odd layer count
+    (["--train_size=-5"], "--train_size"), (["--test_size=-5"], "--test_size"), (["--train_size", "60001"], "--train_size"),
+    (["--test_size", "10001"], "--test_size"), (["--train_size", "10"], "--train_size"), (["--lr", "0"], "--lr"),
+    (["--conv_tol", "0"], "--conv_tol"), (["--conv_tol", "1"], "--conv_tol"), (["--precision", "bf16"], "--precision"),
+    (["--quick", "--full"], "--full"), (["--model", "xyz"], "--model"), (["--cpus_per_trial", "0"], "--cpus_per_trial"),
+    (["--cpus_per_trial", "999"], "--cpus_per_trial"), (["--ray_address", "127.0.0.1:1"], "--ray_address"),
+    (["--ray_address", "nonsense"], "--ray_address"),
+]
+if torch.cuda.device_count() == 0:
+    BAD_ARGS.append((["--gpus_per_trial", "1"], "--gpus_per_trial"))
+
+
+@pytest.mark.parametrize("argv, flag", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_arguments_refused_before_any_work(argv, flag, capsys, monkeypatch, tmp_path):
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started for arguments that should have been refused")
+
+    for target, name in ((training, "init_ray"), (ray, "init"), (hd, "load_data"), (hd, "data_digest")):
+        monkeypatch.setattr(target, name, refuse)
+    was_up = ray.is_initialized()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--results_dir", str(tmp_path)])
+    message = str(exit_info.value.code) + capsys.readouterr().err
+    assert exit_info.value.code != 0 and flag in message, message
+    assert ray.is_initialized() == was_up and not list(tmp_path.iterdir())
+
+
+def test_explicit_flags_win_over_quick_and_full():
+    args = hd.parse_args(["--quick", "--runs", "3", "--epochs", "2", "--train_size", "1000", "--forward_iter", "40"])
+    assert (args.runs, args.epochs, args.train_size, args.forward_iter) == (3, 2, 1000, 40)
+    assert (args.test_size, args.backward_iter) == (hd.QUICK["test_size"], hd.QUICK["backward_iter"])
+    assert training.repo_relative(args.results_dir) == "results/quick/hopfield_deq"
+    assert training.repo_relative(args.imgs_dir) == "results/quick/imgs"
+    full = hd.parse_args(["--full"])
+    assert (full.model, full.variant, full.runs, full.epochs, full.train_size, full.batch_size) == \
+        ("both", "all", 3, 10, 0, 64)
+    assert (full.forward_iter, full.backward_iter, full.lr, full.layers) == (40, 8, 0.01, [784, 1990, 10])
+    assert training.repo_relative(full.results_dir) == "results/hopfield_deq_full"
+    assert hd.parse_args(["--full", "--runs", "5", "--model", "chn"]).runs == 5
+    plain = hd.parse_args([])
+    assert training.repo_relative(plain.results_dir) == "results/hopfield_deq" and plain.epochs == 1
+    assert "float32" in hd.build_parser().format_help()
+
+
+def test_trial_identity_separates_models_variants_and_budgets():
+    """--model ham --variant sync after a CHN run: other trial files (never the CHN results)."""
+    chn = hd.trial_configs(hd.parse_args(["--quick"]), "d")
+    ham = hd.trial_configs(hd.parse_args(["--quick", "--model", "ham", "--variant", "sync"]), "d")
+    assert [(c["model"], c["variant"]) for c in chn] == [("chn", v) for v in VARIANTS]
+    assert [(c["model"], c["variant"], c["precision"]) for c in ham] == [("ham", "sync", "fp32")]
+    keys = {training.trial_key(c) for c in chn}
+    assert training.trial_key(ham[0]) not in keys
+    assert training.trial_key(hd.trial_configs(hd.parse_args(["--quick", "--variant", "sync"]), "other")[0]) not in keys
+    assert hd.experiment_settings(hd.parse_args(["--quick"]), "d") == \
+        hd.experiment_settings(hd.parse_args(["--quick", "--model", "ham", "--runs", "4"]), "d")
+
+
+def test_ray_run_trial_files_resume_and_refusal(local_ray, tmp_path, monkeypatch):
+    common = ["--quick", "--variant", "sync", "--train_size", "64", "--test_size", "64", "--forward_iter", "5",
+              "--backward_iter", "2", "--results_dir", str(tmp_path / "res"), "--imgs_dir", str(tmp_path / "imgs"),
+              "--ray_dir", str(tmp_path / "ray"), "--exp_name", "tiny"]
+    rows = main(common + ["--model", "both"])
+    assert [(r["model"], r["variant"], r["runs"], r["precision"]) for r in rows] == \
+        [("chn", "sync", 1, "fp32"), ("ham", "sync", 1, "fp32")]
+    files = sorted((tmp_path / "res" / "tiny" / "trials").glob("*.json"))
+    assert [f.name.split("_seed")[0] for f in files] == ["chn_sync", "ham_sync"]
+    record = json.loads(files[1].read_text())
+    assert record["config"]["precision"] == "fp32" and record["config"]["data"] == hd.data_digest()
+    assert 0 <= record["history"][-1]["acc"] <= 100 and record["wall_time_s"] > 0
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert summary["precision"] == "fp32" and summary["provenance"]["n_trials"] == 2
+    with open(tmp_path / "res" / "summary.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+    assert "| ham | sync |" in (tmp_path / "res" / "summary.md").read_text()
+    assert (tmp_path / "imgs" / "hopfield_deq_residuals.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # HAM alone under the same experiment: served from its trial file, without the CHN row, nothing rerun
+    monkeypatch.setattr(training, "_fit", lambda *a, **k: pytest.fail("a finished trial was run again"))
+    again = main(common + ["--model", "ham"])
+    assert [(r["model"], r["acc_mean"]) for r in again] == [("ham", rows[1]["acc_mean"])]
+    for changed, setting in ((["--epochs", "2"], "epochs"), (["--train_size", "128"], "train_size"),
+                             (["--forward_iter", "6"], "forward_iter")):
+        with pytest.raises(SystemExit, match=setting):
+            main(common + ["--model", "ham"] + changed)
+
+
+def test_no_ray_run_writes_outputs(tmp_path):
+    rows = main(["--quick", "--no_ray", "--model", "ham", "--variant", "eo_deq", "--train_size", "64", "--test_size",
+                 "64", "--forward_iter", "5", "--backward_iter", "2", "--results_dir", str(tmp_path / "res"),
+                 "--imgs_dir", str(tmp_path / "imgs")])
+    assert [(r["model"], r["variant"]) for r in rows] == [("ham", "eo_deq")]
+    assert not (tmp_path / "res" / hd.parse_args(["--quick"]).exp_name).exists()  # no trial files
+    assert json.loads((tmp_path / "res" / "config.json").read_text())["precision"] == "fp32"
