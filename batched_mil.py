@@ -57,12 +57,15 @@ class Shape:
     n_heads: int
     head_dim: int | None = None  # width per head (None: width // n_heads); q/k/v map w -> n_heads * head_dim
     emb_proj: bool = True  # end the embedding with Linear(emb_dims -> width); False: width = emb_dims
+    lenet: bool = False  # instances are 28 x 28 images, first through LeNet's convolutions (d_in = 800)
 
     def __post_init__(self) -> None:
         if self.head_dim is None and self.width % self.n_heads:
             raise ValueError(f"width {self.width} must be divisible by n_heads {self.n_heads} (or give head_dim)")
         if not self.emb_proj and (self.emb_layers < 1 or self.width != self.emb_dims):
             raise ValueError("emb_proj=False needs emb_layers >= 1 and width == emb_dims")
+        if self.lenet and self.d_in != LENET_FEATURES:
+            raise ValueError(f"lenet=True needs d_in={LENET_FEATURES} (the convolutions' output)")
 
     @property
     def d_head(self) -> int:
@@ -72,6 +75,11 @@ class Shape:
     def inner(self) -> int:
         """Width of the heads' association space, n_heads * d_head."""
         return self.n_heads * self.d_head
+
+
+# LeNet convolutions (Ilse et al. 2018; ``mnist_mil_main.lenet_encoder``): (out, in, kernel) per layer
+LENET_CONVS = ((20, 1, 5), (50, 20, 5))
+LENET_FEATURES = 50 * 4 * 4
 
 
 def instance_encoder(d_in: int, emb_dims: int, emb_layers: int, width: int, emb_proj: bool = True) -> nn.Sequential:
@@ -110,6 +118,9 @@ def _reference_tensors(model: training.BagClassifier) -> dict[str, Tensor]:
     for name, lin in zip(names, linears):
         tensors[f"{name}.w"] = lin.weight.detach().t()
         tensors[f"{name}.b"] = lin.bias.detach()
+    convs = [m for m in model.encoder if isinstance(m, nn.Conv2d)]
+    for i, conv in enumerate(convs):
+        tensors[f"conv{i}.w"], tensors[f"conv{i}.b"] = conv.weight.detach(), conv.bias.detach()
     tensors["query"] = model.pooling.query.detach()[0, 0]
     for ln in ("norm_in", "norm_out"):
         tensors[f"{ln}.w"] = getattr(model, ln).weight.detach()
@@ -184,6 +195,10 @@ class BatchedBagClassifier(nn.Module):
                 tensors[f"{name}.w"] = (torch.rand(d_in, d_out, generator=gen) * 2 - 1) * bound
                 tensors[f"{name}.b"] = (torch.rand(d_out, generator=gen) * 2 - 1) * bound
             tensors["query"] = 0.02 * torch.randn(shape.width, generator=gen)
+            for i, (c_out, c_in, kernel) in enumerate(LENET_CONVS if shape.lenet else ()):
+                bound = 1.0 / math.sqrt(c_in * kernel * kernel)
+                tensors[f"conv{i}.w"] = (torch.rand(c_out, c_in, kernel, kernel, generator=gen) * 2 - 1) * bound
+                tensors[f"conv{i}.b"] = (torch.rand(c_out, generator=gen) * 2 - 1) * bound
             per_model.append(tensors)
         params = {k: torch.stack([t[k] for t in per_model]) for k in per_model[0]}
         m = len(generators)
@@ -254,9 +269,21 @@ class BatchedBagClassifier(nn.Module):
         z = z + weights.sum(-1, keepdim=True) * self.p("v.b").view(m, 1, h, d)
         return self._linear(z.reshape(m, b, h * d), "o")
 
+    def _lenet(self, x: Tensor) -> Tensor:
+        """LeNet convolutions of every model as grouped convolutions: x (M, B, N, 28, 28) -> (M, B, N, 800),
+        model m's images on input channel m (conv - ReLU - maxpool 2, twice; flattened channel-major)."""
+        m, b, n = x.shape[:3]
+        h = x.reshape(m, b * n, 28, 28).transpose(0, 1)  # (B N, M, 28, 28): one channel per model
+        for i in range(len(LENET_CONVS)):
+            w = self.p(f"conv{i}.w")
+            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), self.p(f"conv{i}.b").reshape(-1), groups=m)
+            h = F.max_pool2d(torch.relu(h), 2)
+        return h.reshape(b * n, m, -1).transpose(0, 1).reshape(m, b, n, -1)
+
     def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:
-        """x (M, B, N, d_in) instances, pad (M, B, N) True = padding -> logits (M, B)."""
-        h = x
+        """x (M, B, N, d_in) instances (``lenet``: (M, B, N, 28, 28) images), pad (M, B, N) True = padding
+        -> logits (M, B). Padded instances are encoded too; their pooling weight is exactly 0."""
+        h = self._lenet(x) if self.shape.lenet else x
         for i in range(self.shape.emb_layers):
             h = torch.relu(self._linear(h, f"enc{i}"))
         if self.shape.emb_proj:
@@ -581,7 +608,7 @@ def evaluate(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tensor], l
     model.eval()
     gather = gather or BagGatherer(data, standardize)
     table, valid = (t.to(labels.device) for t in _index_table(sets))
-    logits = torch.cat([_full_precision(model(*gather(table[:, s:s + chunk])))
+    logits = torch.cat([training.full_precision(model(*gather(table[:, s:s + chunk])))
                         for s in range(0, table.shape[1], chunk)], dim=1)
     y = labels[table].to(logits.dtype)
     w = valid.to(logits.dtype)
@@ -686,7 +713,7 @@ def train_batched(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tenso
             with training.autocast(precision, device):
                 values = evaluate(model, data, labels, [sets[i] for i in alive.tolist()], gather=gather_alive)
             for key, value in values.items():
-                value = _full_precision(value).cpu()
+                value = training.full_precision(value).cpu()
                 full = history.setdefault(f"{name}_{key}", torch.full((epochs, m_total), math.nan, dtype=value.dtype))
                 full[epoch - 1, alive] = value
                 metrics[f"{name}_{key}"] = full[epoch - 1]
@@ -722,11 +749,6 @@ def _still_training(stopping: Stopping, epoch: int, val_auc: Tensor, val_loss: T
     return keep
 
 
-def _full_precision(t: Tensor) -> Tensor:
-    """float32 for a bf16/fp16 autocast output (losses and metrics), else unchanged (float64 stays)."""
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
-
-
 def _train_epoch(model: BatchedBagClassifier, optimizer: BatchedAdamW, gather: Callable, labels: Tensor,
                  train_table: Sequence[Tensor], generators: Sequence[torch.Generator], batch_size: int,
                  precision: str) -> None:
@@ -741,7 +763,7 @@ def _train_epoch(model: BatchedBagClassifier, optimizer: BatchedAdamW, gather: C
         idx, ok = orders[:, cols], valid[:, cols]
         x, pad = gather(idx)
         with training.autocast(precision, device):
-            logits = _full_precision(model(x, pad))
+            logits = training.full_precision(model(x, pad))
         y = labels[idx].to(logits.dtype)
         w = ok.to(logits.dtype)
         per_model = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum(1)
@@ -764,3 +786,93 @@ def best_epoch(val_auc: Tensor, val_loss: Tensor) -> Tensor:
         best_auc = torch.where(better, auc[e], best_auc)
         best_loss = torch.where(better, loss[e], best_loss)
     return best
+
+
+# --------------------------------------------------------------------------------------------------
+# Stacked seeds: one model per seed of a fixed configuration (K-MIL)
+# --------------------------------------------------------------------------------------------------
+def cosine_lrs(lr: float, total_steps: int) -> list[float]:
+    """The learning rate before each of ``total_steps`` steps under ``CosineAnnealingLR(T_max=total_steps)``
+    (read off torch's own recursive schedule, so that it matches ``training.train_bag_classifier`` exactly)."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(probe, T_max=max(1, total_steps))
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(probe.param_groups[0]["lr"])
+        probe.step()
+        schedule.step()
+    return lrs
+
+
+def _bag_batch(bags: Tensor, mask: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Bags idx (M, B) -> instances (M, B, N, ...) and padding (M, B, N), trimmed to the longest bag used."""
+    n = int((~mask[idx]).sum(-1).max())
+    return bags[idx][:, :, :n], mask[idx][:, :, :n]
+
+
+@torch.no_grad()
+def evaluate_stacked(model: BatchedBagClassifier, bags: Tensor, mask: Tensor, labels: Tensor,
+                     batch_size: int, precision: str = "fp32") -> dict[str, Tensor]:
+    """Eval-mode loss (mean BCE) and accuracy (logit > 0) of every model on the same bag set, (M,) each."""
+    model.eval()
+    m, logits = model.num_models, []
+    for start in range(0, len(labels), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(labels))).expand(m, -1)
+        with training.autocast(precision, bags.device):
+            logits.append(training.full_precision(model(*_bag_batch(bags, mask, idx))))
+    logits = torch.cat(logits, 1)
+    y = labels.to(logits.dtype).expand_as(logits)
+    return {"loss": F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1),
+            "acc": ((logits > 0).to(y.dtype) == y).to(y.dtype).mean(1)}
+
+
+def train_stacked(model: BatchedBagClassifier, train: tuple[Tensor, Tensor, Tensor],
+                  evals: dict[str, tuple[Tensor, Tensor, Tensor]], seeds: Sequence[int], epochs: int, lr: float,
+                  weight_decay: float, batch_size: int, grad_clip: float | None, precision: str = "fp32",
+                  report: Callable[[dict], None] | None = None) -> list[list[dict]]:
+    """Train the M = len(seeds) models of ``model`` (one per seed, same configuration) together; model m
+    follows ``training.train_bag_classifier(..., seed=seeds[m], train_metrics="running")`` step for step:
+    its own shuffle (torch.Generator seeded with its seed), AdamW + per-model gradient clipping
+    (``BatchedAdamW``), the same cosine schedule, BCE-with-logits; after each epoch every set of ``evals``
+    in eval mode. With dropout > 0 the dropout masks differ from the separate runs (same distribution).
+    ``train``/``evals``: (bags (n, N, ...), padding mask (n, N), labels (n,)). ``report`` gets, per epoch,
+    ``{"epoch", "epoch_s", "per_seed": [metrics of model m]}``. Returns the per-seed histories."""
+    import time
+
+    bags, mask, labels = train
+    m, n_bags = model.num_models, len(labels)
+    steps = math.ceil(n_bags / batch_size)
+    schedule = cosine_lrs(lr, epochs * steps)
+    optimizer = BatchedAdamW(list(model.parameters()), torch.full((m,), schedule[0]), weight_decay,
+                             grad_clip=grad_clip)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    model.generator = generators[0]
+    histories: list[list[dict]] = [[] for _ in range(m)]
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        loss_sum, correct = torch.zeros(m, dtype=torch.float64), torch.zeros(m, dtype=torch.float64)
+        model.train()
+        orders = torch.stack([torch.randperm(n_bags, generator=g) for g in generators])
+        for step in range(steps):
+            idx = orders[:, step * batch_size:(step + 1) * batch_size]
+            optimizer.lr.fill_(schedule[(epoch - 1) * steps + step])
+            with training.autocast(precision, bags.device):
+                logits = training.full_precision(model(*_bag_batch(bags, mask, idx)))
+            y = labels[idx].to(logits.dtype)
+            per_model = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)
+            optimizer.zero_grad()
+            per_model.sum().backward()
+            optimizer.step()
+            loss_sum += per_model.detach() * idx.shape[1]
+            correct += ((logits.detach() > 0).to(y.dtype) == y).sum(1)
+        scores = {name: evaluate_stacked(model, *split, batch_size=batch_size, precision=precision)
+                  for name, split in evals.items()}
+        epoch_s = time.perf_counter() - start
+        for i in range(m):
+            metrics = {"epoch": epoch, "train_loss": float(loss_sum[i] / n_bags), "train_acc": float(correct[i] / n_bags),
+                       **{f"{name}_{k}": float(v[i]) for name, s in scores.items() for k, v in s.items()},
+                       "epoch_s": epoch_s}
+            histories[i].append(metrics)
+        if report is not None:
+            report({"epoch": epoch, "epoch_s": epoch_s, "per_seed": [h[-1] for h in histories]})
+    return histories

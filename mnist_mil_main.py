@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     hyper.add_argument("--scale", type=_scale, default=None, help="beta; 'auto' = 1/sqrt(d_model/n_heads)")
     run = parser.add_argument_group("computation")
     training.add_precision_arg(run)
+    run.add_argument("--stack_seeds", default="auto", choices=("auto", "on", "off"),
+                     help="train the --trials seeds of a mode as one stacked model (batched_mil.train_stacked; each "
+                          "seed's run equals its separate run); auto = on for K-MIL, whose steps are too small to "
+                          "fill the cores (default auto)")
     run.add_argument("--train_metrics", default="running", choices=training.TRAIN_METRICS,
                      help="train loss/accuracy per epoch: 'running' = mean over the epoch's mini-batches in train "
                           "mode (free), 'eval' = an extra eval-mode pass over the training bags (default running)")
@@ -163,6 +167,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--modes: duplicate modes {args.modes}")
     if args.d_model % args.n_heads:
         raise SystemExit(f"--d_model {args.d_model} must be divisible by --n_heads {args.n_heads}")
+    args.stack_seeds = {"auto": bool(args.k_mil), "on": True, "off": False}[args.stack_seeds]
+    if args.stack_seeds and (args.num_pattern != 1 or args.update_steps != 1 or args.tune):
+        raise SystemExit("--stack_seeds on needs --num_pattern 1 and --update_steps 1 without --tune (the batched "
+                         "pooling of batched_mil); use --stack_seeds off")
     if args.tune:
         args.trials = 1
     try:
@@ -371,10 +379,39 @@ def run_trial(config: dict, data: dict, report) -> list[dict]:
         train_metrics=config["train_metrics"])
 
 
+def run_stacked_trial(config: dict, data: dict, report) -> list[list[dict]]:
+    """Train the seeds ``config["seeds"]`` of one mode as one stacked model (``batched_mil.train_stacked``):
+    model m is initialized as ``build_model`` after ``seed_everything(seeds[m])``."""
+    import batched_mil
+
+    device = training.trial_device(config)
+    models = []
+    for seed in config["seeds"]:
+        training.seed_everything(seed)
+        models.append(build_model(config))
+    d = config["d_model"]
+    lenet = config["encoder"] == "lenet"
+    shape = batched_mil.Shape(d_in=batched_mil.LENET_FEATURES if lenet else 28 * 28, emb_dims=d, emb_layers=1,
+                              width=d, n_heads=config["n_heads"], emb_proj=not lenet, lenet=lenet)
+    if not lenet:
+        raise ValueError("stacked seeds are implemented for the LeNet encoder (K-MIL)")
+    model = batched_mil.BatchedBagClassifier.from_models(models, shape).to(device)
+    splits = {name: split_tensors(split) for name, split in data.items()}
+    return batched_mil.train_stacked(
+        model, splits["train"], {name: splits[name] for name in ("val", "test") if name in splits},
+        seeds=config["seeds"], epochs=config["epochs"], lr=config["lr"], weight_decay=config["weight_decay"],
+        batch_size=config["batch_size"], grad_clip=config["grad_clip"], precision=config["precision"],
+        report=report)
+
+
 def train_trial(config: dict, data: dict) -> None:
-    """Ray Tune trainable: one (mode, seed[, hyperparameters]) trial, one report per epoch."""
+    """Ray Tune trainable: one (mode, seed[, hyperparameters]) trial, or one mode's stacked seeds; one
+    report per epoch."""
     from ray import tune
 
+    if "seeds" in config:
+        run_stacked_trial(config, data, tune.report)
+        return
     run_trial(config, data, tune.report)
 
 
@@ -389,13 +426,32 @@ def trial_configs(args: argparse.Namespace, digest: str) -> list[dict]:
     if args.tune:
         rng = np.random.default_rng((args.seed, 3))
         samples = [sample_tune_space(rng) for _ in range(args.num_samples)]
-    return [{**fixed, **sample, "mode": mode, "seed": args.seed + i}
-            for mode in args.modes for sample in samples for i in range(args.trials)]
+    seeds = [args.seed + i for i in range(args.trials)]
+    if args.stack_seeds:
+        return [{**fixed, "mode": mode, "seeds": seeds} for mode in args.modes]
+    return [{**fixed, **sample, "mode": mode, "seed": seed} for mode in args.modes for sample in samples for seed in seeds]
 
 
 def trial_label(config: dict) -> str:
-    """Readable part of a trial file's name: mode and seed."""
-    return f"{config['mode'].replace(':', '-')}_seed{config['seed']}"
+    """Readable part of a trial file's name: mode and seed(s)."""
+    seeds = config["seeds"] if "seeds" in config else [config["seed"]]
+    span = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{seeds[0]}-{seeds[-1]}"
+    return f"{config['mode'].replace(':', '-')}_{span}"
+
+
+def per_seed_trials(trials: list[dict]) -> list[dict]:
+    """Stacked trials (config with ``seeds``) as one trial per seed, as if each had run alone."""
+    out = []
+    for trial in trials:
+        if "seeds" not in trial["config"]:
+            out.append(trial)
+            continue
+        base = {k: v for k, v in trial["config"].items() if k != "seeds"}
+        for i, seed in enumerate(trial["config"]["seeds"]):
+            history = [report["per_seed"][i] for report in trial["history"]]
+            out.append({**trial, "config": {**base, "seed": seed}, "history": history,
+                        "metrics": history[-1] if history else {}, "stacked_with": trial["config"]["seeds"]})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,8 +626,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     trial_dir = training.open_experiment(Path(args.results_dir) / args.exp_name, experiment_settings(args, digest))
     sizes = {name: len(split["labels"]) for name, split in data.items()}
     print(f"bags per split: {sizes}; precision {args.precision}; experiment {training.repo_relative(trial_dir)}")
-    trials = training.run_trials(train_trial, trial_configs(args, digest), args, trial_dir, label=trial_label,
-                                 params={"data": data})
+    trials = per_seed_trials(training.run_trials(train_trial, trial_configs(args, digest), args, trial_dir,
+                                                 label=trial_label, params={"data": data}))
     records = epoch_records(trials)
     summary = summarize(records, args)
     files = write_outputs(records, summary, args, trials)

@@ -206,6 +206,12 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     return torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPE[precision])
 
 
+def full_precision(t: Tensor) -> Tensor:
+    """float32 for a bf16/fp16 autocast output (losses and metrics are computed on it), else unchanged
+    (a float64 model stays float64)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def git_commit() -> str:
     """HEAD of this repository, with '+dirty' when tracked files differ from it ('unknown' outside git)."""
     def git(*cmd: str) -> str:
@@ -439,8 +445,8 @@ def evaluate_bags(model: nn.Module, bags: Tensor, mask: Tensor | None, labels: T
     with torch.no_grad():
         for xb, mb, yb in iterate_batches((bags, mask, labels), batch_size, shuffle=False):
             with autocast(precision, device):
-                logits = model(xb.to(device), None if mb is None else mb.to(device)).float()
-            yb = yb.to(device).float()
+                logits = full_precision(model(xb.to(device), None if mb is None else mb.to(device)))
+            yb = yb.to(device).to(logits.dtype)
             total_loss += F.binary_cross_entropy_with_logits(logits, yb, reduction="sum").item()
             correct += ((logits > 0).float() == yb).sum().item()
     n = labels.shape[0]
@@ -480,9 +486,9 @@ def train_bag_classifier(model: nn.Module, train: tuple[Tensor, Tensor | None, T
         model.train()
         loss_sum, correct = 0.0, 0
         for xb, mb, yb in iterate_batches(train, batch_size, shuffle=True, generator=generator):
-            yb = yb.to(device).float()
             with autocast(precision, device):
-                logits = model(xb.to(device), None if mb is None else mb.to(device)).float()
+                logits = full_precision(model(xb.to(device), None if mb is None else mb.to(device)))
+                yb = yb.to(device).to(logits.dtype)
                 loss = F.binary_cross_entropy_with_logits(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

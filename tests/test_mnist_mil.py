@@ -211,3 +211,39 @@ def test_kmil_tiny_run(local_ray, tmp_path):
     frame = pd.read_csv(tmp_path / "imgs" / "metrics_kmil2.csv")
     assert {"val_acc", "test_acc"} <= set(frame.columns) and len(frame) == 2
     assert (tmp_path / "imgs" / "val_acc_kmil2.png").exists()
+
+
+@pytest.mark.parametrize("mode", ["softmax", "k_subsets:2"])
+def test_stacked_seeds_equal_separate_runs(mode):
+    """K-MIL seeds trained as one stacked model (grouped LeNet convolutions, batched pooling, per-model
+    AdamW + clipping, the same cosine schedule and shuffles) give each seed's separate run (float64)."""
+    import batched_mil as bm
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        lengths = torch.randint(3, 8, (n,), generator=g)
+        mask = torch.arange(7)[None] >= lengths[:, None]
+        bags = torch.rand(n, 7, 28, 28, generator=g, dtype=torch.float64).masked_fill(mask[..., None, None], 0)
+        return bags, mask, (torch.rand(n, generator=g) > 0.5).long()
+
+    train, test = split(40), split(20)
+    config = dict(mode=mode, encoder="lenet", d_model=16, n_heads=4, num_pattern=1, update_steps=1, dropout=0.0,
+                  scale=None)
+    seeds = [0, 1, 2]
+    models = []
+    for seed in seeds:
+        training.seed_everything(seed)
+        models.append(mm.build_model(config).double())
+    shape = bm.Shape(d_in=bm.LENET_FEATURES, emb_dims=16, emb_layers=1, width=16, n_heads=4, emb_proj=False, lenet=True)
+    stacked = bm.train_stacked(bm.BatchedBagClassifier.from_models(models, shape), train, {"test": test}, seeds,
+                               epochs=2, lr=1e-3, weight_decay=1e-4, batch_size=8, grad_clip=1.0)
+    for seed, history in zip(seeds, stacked):
+        training.seed_everything(seed)
+        alone = training.train_bag_classifier(mm.build_model(config).double(), train, test, epochs=2, lr=1e-3,
+                                              weight_decay=1e-4, batch_size=8, grad_clip=1.0, seed=seed,
+                                              train_metrics="running")
+        for ours, theirs in zip(history, alone):
+            for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+                assert ours[key] == pytest.approx(theirs[key], abs=1e-12), (seed, key)
