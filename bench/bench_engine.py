@@ -1,0 +1,174 @@
+"""The training engine's speed targets, as ratios measured in one process (issue: paper-scale training).
+
+1. MNIST-bag training step (batch 256 bags, d_model 512, 4 heads, 2 query patterns, forward + backward +
+   AdamW), bf16 autocast vs fp32, at bag sizes 5 and 100; and the bag-100 bf16 step against its matmul
+   floor = counted matmul FLOPs / the bf16 GEMM rate measured here (a (B N) x 784 @ 784 x 512 product).
+2. K-MIL epoch (LeNet encoder, batch 16 bags of ~N(10, 2) digits): 5 seeds as one stacked model
+   (``batched_mil.train_stacked``) vs the 5 seeds trained one after the other, bags/s, fp32 and bf16.
+
+    python3 bench/bench_engine.py            # writes results/bench/bench_engine.{json,md}
+    python3 bench/bench_engine.py --quick    # seconds; writes results/quick/bench/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))
+
+import batched_mil as bm  # noqa: E402
+import datasets  # noqa: E402
+import mnist_mil_main as mm  # noqa: E402
+import training  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bag_sizes", type=training.positive_int, nargs="+", default=[5, 100])
+    parser.add_argument("--steps", type=training.positive_int, default=5, help="timed MNIST-bag steps (fastest kept)")
+    parser.add_argument("--kmil_bags", type=training.positive_int, default=160, help="K-MIL training bags timed")
+    parser.add_argument("--seeds", type=training.positive_int, default=5, help="stacked K-MIL seeds")
+    parser.add_argument("--threads", type=training.positive_int, default=2, help="torch CPU threads")
+    parser.add_argument("--mode", default="sparsemax")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="bag sizes 5 and 20, 2 steps, 32 K-MIL bags, 2 seeds")
+    parser.add_argument("--out_dir", default=None, help="default results/bench (--quick: results/quick/bench)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.bag_sizes, args.steps, args.kmil_bags, args.seeds = [5, 20], 2, 32, 2
+    args.out_dir = args.out_dir or str(REPO_DIR / "results" / ("quick/bench" if args.quick else "bench"))
+    return args
+
+
+def _fastest(fn, repeats: int) -> float:
+    fn()  # warm-up (kernel compilation, allocator)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def gemm_rate_bf16(rows: int) -> float:
+    """FLOP/s of a bf16 (rows x 784) @ (784 x 512) matmul (the encoder's GEMM)."""
+    a, b = torch.rand(rows, 784).bfloat16(), torch.rand(784, 512).bfloat16()
+    return 2 * rows * 784 * 512 / _fastest(lambda: a @ b, 5)
+
+
+def bag_step_flops(batch: int, bag: int, d: int = 512, heads: int = 4, patterns: int = 2) -> float:
+    """Matmul FLOPs of one training step of the MNIST-bag classifier: the encoder (forward, weight gradient;
+    the images need no gradient) and the folded pooling's two bag-level products (forward, two backward)."""
+    instances = batch * bag
+    encoder = 2 * (2 * instances * 784 * d)
+    pooling = 3 * 2 * (2 * batch * heads * patterns * bag * d)
+    return encoder + pooling
+
+
+def mnist_step_seconds(bag: int, precision: str, args: argparse.Namespace) -> float:
+    training.seed_everything(args.seed)
+    model = mm.build_model(dict(mode=args.mode, encoder="mlp", d_model=512, n_heads=4, num_pattern=2, scale=0.1,
+                                update_steps=1, dropout=0.3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
+    x, y = torch.rand(256, bag, 28, 28), (torch.rand(256) > 0.5).float()
+
+    def step() -> None:
+        with training.autocast(precision, "cpu"):
+            loss = F.binary_cross_entropy_with_logits(training.full_precision(model(x)), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return _fastest(step, args.steps)
+
+
+def kmil_epoch_seconds(stacked: bool, precision: str, args: argparse.Namespace) -> float:
+    splits = datasets.kmil_splits(2, seed=args.seed, n_train=args.kmil_bags, n_val=16, n_test=16)
+    train = mm.split_tensors(dict(zip(("bags", "mask"), datasets.pad_bags(splits["train"][0])),
+                                  labels=splits["train"][1]))
+    config = dict(mode=args.mode, encoder="lenet", d_model=128, n_heads=4, num_pattern=1, update_steps=1, dropout=0.0,
+                  scale=None)
+    seeds = list(range(args.seeds))
+
+    def build(seed: int):
+        training.seed_everything(seed)
+        return mm.build_model(config)
+
+    def run() -> None:
+        if stacked:
+            shape = bm.Shape(d_in=bm.LENET_FEATURES, emb_dims=128, emb_layers=1, width=128, n_heads=4, emb_proj=False,
+                             lenet=True)
+            bm.train_stacked(bm.BatchedBagClassifier.from_models([build(s) for s in seeds], shape), train, {}, seeds,
+                             epochs=1, lr=1e-4, weight_decay=1e-4, batch_size=16, grad_clip=1.0, precision=precision)
+        else:
+            for seed in seeds:
+                _train_only(build(seed), train, seed, precision)
+    return _fastest(run, 1)
+
+
+def _train_only(model, train, seed: int, precision: str) -> None:
+    """One epoch of train_bag_classifier's steps without its per-epoch test pass (what stacking is timed against)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for xb, mb, yb in training.iterate_batches(train, 16, shuffle=True, generator=generator):
+        with training.autocast(precision, "cpu"):
+            loss = F.binary_cross_entropy_with_logits(training.full_precision(model(xb, mb)), yb.float())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = training.log_config(args)
+    result = {"config": config, "git_commit": training.git_commit(), "cpu_has_bf16": training.cpu_has_bf16(),
+              "mnist_step": [], "kmil": []}
+    for bag in args.bag_sizes:
+        fp32, bf16 = (mnist_step_seconds(bag, p, args) for p in ("fp32", "bf16"))
+        floor = bag_step_flops(256, bag) / gemm_rate_bf16(256 * bag)
+        row = {"bag_size": bag, "fp32_s": fp32, "bf16_s": bf16, "speedup_bf16": fp32 / bf16,
+               "bf16_matmul_floor_s": floor, "bf16_vs_floor": bf16 / floor}
+        result["mnist_step"].append(row)
+        print(json.dumps(row), flush=True)
+    for precision in ("fp32", "bf16"):
+        separate, stacked = (kmil_epoch_seconds(s, precision, args) for s in (False, True))
+        bags = args.seeds * args.kmil_bags
+        row = {"precision": precision, "seeds": args.seeds, "separate_bags_per_s": bags / separate,
+               "stacked_bags_per_s": bags / stacked, "speedup_stacked": separate / stacked}
+        result["kmil"].append(row)
+        print(json.dumps(row), flush=True)
+    write(result, Path(args.out_dir), args)
+    return result
+
+
+def write(result: dict, out_dir: Path, args: argparse.Namespace) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"MNIST-bag training step ({args.mode}, batch 256, d_model 512; {args.threads} threads; fastest of "
+             f"{args.steps})", "", "| bag | fp32 (ms) | bf16 (ms) | bf16 speedup | bf16 matmul floor (ms) | bf16 / floor |",
+             "|---|---|---|---|---|---|"]
+    for r in result["mnist_step"]:
+        lines.append(f"| {r['bag_size']} | {1e3 * r['fp32_s']:.0f} | {1e3 * r['bf16_s']:.0f} | {r['speedup_bf16']:.2f}x "
+                     f"| {1e3 * r['bf16_matmul_floor_s']:.0f} | {r['bf16_vs_floor']:.1f}x |")
+    lines += ["", f"K-MIL epoch ({args.kmil_bags} bags, batch 16): {args.seeds} seeds stacked vs one after the other",
+              "", "| precision | separate (bags/s) | stacked (bags/s) | speedup |", "|---|---|---|---|"]
+    for r in result["kmil"]:
+        lines.append(f"| {r['precision']} | {r['separate_bags_per_s']:.0f} | {r['stacked_bags_per_s']:.0f} | "
+                     f"{r['speedup_stacked']:.2f}x |")
+    table = "\n".join(lines)
+    (out_dir / "bench_engine.md").write_text(table + "\n")
+    (out_dir / "bench_engine.json").write_text(json.dumps(result, indent=2))
+    print("\n" + table + f"\n\nwrote {training.repo_relative(out_dir / 'bench_engine.md')} and .json")
+
+
+if __name__ == "__main__":
+    main()
