@@ -505,7 +505,7 @@ def _power_tau(z: Tensor, m: Tensor, p: Tensor | float, scale: float | Tensor = 
     (so the iterates from the lower bound -1 increase monotonically to the root, quadratically near
     it, and G is exactly linear while only one entry is positive). Steps leaving the bracket
     [-1, -n^{-1/p}] (F >= 1 resp. F <= 1 there; possible for p < 1) fall back to bisection. A row
-    stops at |F - 1| <= 4 |support| eps (the rounding of F itself) or when no representable
+    stops at |F - 1| <= 16 eps log2(n + 1) (the rounding of F itself) or when no representable
     progress is left. Returns (tau, rows, slack) with slack = 4 ulps + |F - 1| / |F'| (an estimate
     of |tau - tau*|): entries within slack of tau are on the support boundary to working precision
     and get weight 0 (as in ``sparsemax_kernels._power_tau``; exact 0 for an entry on the boundary).
@@ -532,7 +532,7 @@ def _power_tau(z: Tensor, m: Tensor, p: Tensor | float, scale: float | Tensor = 
         s1 = R.sum(torch.where(r > 0, rp / r, 0.0))  # sum r^{p-1} = -F'(tau) / p
         ulps = 4 * eps * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
         slack = torch.where(done, slack, ulps + err.abs() / (p * s1).clamp_min(tiny))
-        done = done | (err.abs() <= 4 * eps * R.sum(torch.sign(r)))
+        done = done | (err.abs() <= 16 * eps * math.log2(R.z.shape[-1] + 1))  # ~ rounding of a torch sum
         if bool(done.all()):
             break
         g = f.pow(1.0 / p)
@@ -889,44 +889,46 @@ def _budget_newton(R, k: float, t: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return t
 
 
+# torch path: a k-subsets root more than this below the max is re-solved centred on x_(ceil k) (there
+# x - max has lost ulp(_RECENTER) ~ 1e-13 on the entries near the root, in float64)
+_RECENTER = 1024.0
+
+
 class _KSubsets(torch.autograd.Function):
     """mu = clip(x - tau, 0, 1) with sum mu = k;  J = diag(a) - a a^T / |a|,  a = 1[0 < mu < 1].
 
     x: (B, n). Rows with at most k finite entries (incl. fully masked rows) get mu = 1 on their
     finite entries (no choice left) and zero gradient. Torch path: solved on x - max; rows whose
-    root lies more than 2 below the max (entries far above the rest) are solved again centred on
-    their ceil(k)-th largest entry (as the kernel does)."""
+    root lies more than _RECENTER below the max (entries far above the rest) are solved again
+    centred on their ceil(k)-th largest entry (as the kernel does, below 2 there: float32 rows)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, k: float) -> Tensor:
         if _on_kernels(x):
             return _kernel_forward(ctx, x, _K.k_subsets_forward, k)
-        nan = torch.isnan(x.amax(-1, keepdim=True))
-        nan = nan if bool(nan.any()) else None
-        finite = torch.isfinite(x)
-        few = finite.sum(-1, keepdim=True) <= k
-        if bool(few.all()):
-            ctx.sup = _DenseSupport()
-            mu = finite.to(_work_dtype(x.dtype))
-            _save(ctx, x, torch.zeros_like(mu), kernel=False, nan=nan)
-            return _with_nan(mu, nan).to(x.dtype)
-        skip = few if nan is None else few | nan
-        xs = x.masked_fill(skip, 0.0) if bool(skip.any()) else x
-        tau, R = _budget_tau(xs, xs.amax(-1, keepdim=True), k)
+        x_min, x_max = torch.aminmax(x, dim=-1, keepdim=True)  # one pass: masked entries, NaN rows
+        has_masked, has_nan = torch.stack([torch.isneginf(x_min).any(), torch.isnan(x_max).any()]).tolist()
+        nan = torch.isnan(x_max) if has_nan else None
+        few = finite = None
+        if has_masked or x.shape[-1] <= k:
+            finite = torch.isfinite(x)
+            few = finite.sum(-1, keepdim=True) <= k
+            few = few if bool(few.any()) else None
+        skip = few if nan is None else (nan if few is None else few | nan)
+        xs, m = (x, x_max) if skip is None else (x.masked_fill(skip, 0.0), None)
+        tau, R = _budget_tau(xs, xs.amax(-1, keepdim=True) if m is None else m, k)
         sup, r = R.support(tau, skip)
         mu = r.clamp_max_(1.0)
-        far = (tau < -2.0) & ~skip
+        far = tau < -_RECENTER if skip is None else (tau < -_RECENTER) & ~skip
         if bool(far.any()):  # re-solve centred on x_(ceil k); the outputs then go dense
             idx = far.reshape(-1).nonzero().squeeze(1)
             rows = xs[idx]
-            c = rows.topk(int(math.ceil(k)), dim=-1).values[:, -1:]
-            tau_c, Rc = _budget_tau(rows, c, k, centered=True)
+            tau_c, Rc = _budget_tau(rows, rows.topk(int(math.ceil(k)), dim=-1).values[:, -1:], k, centered=True)
             mu = sup.dense(mu)
             mu[idx] = (Rc.z - tau_c).clamp_(0.0, 1.0)
             sup = _DenseSupport()
-        mu = sup.dense(mu)
-        mu = torch.where(few, finite.to(mu.dtype), mu)
-        return _torch_output(ctx, x, _DenseSupport(), mu, nan)
+        y = _torch_output(ctx, x, sup, mu, nan)  # rows in ``few``: 0 here (and zero gradient)
+        return y if few is None else _with_nan(torch.where(few, finite.to(y.dtype), y), nan)
 
     @staticmethod
     def backward(ctx, g: Tensor):
