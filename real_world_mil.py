@@ -429,6 +429,33 @@ def plot_results(results: Sequence[dict], path: Path) -> Path:
     return path
 
 
+ENGINE_CHECKS_DIR = training.REPO_DIR / "results" / "engine_checks" / "real_world_small"
+
+
+def engine_checks_table(root: Path = ENGINE_CHECKS_DIR) -> str:
+    """The same protocol under each variant of ``root/<precision>_stopping_<on|off>/``: test AUC, model-epochs
+    trained and trial time per dataset and mode, and whether each variant lies within one std of
+    fp32 without stopping (the plain protocol)."""
+    variants = {d.name: {(r["dataset"], r["mode"]): r for r in load_results(d)} for d in sorted(root.iterdir())
+                if d.is_dir()} if root.exists() else {}
+    lines = ["| dataset / mode | variant | test AUC x 100 | model-epochs | trial time (s) | within one std of "
+             "fp32_stopping_off |", "|---|---|---|---|---|---|"]
+    keys = sorted({k for results in variants.values() for k in results})
+    for key in keys:
+        base = variants.get("fp32_stopping_off", {}).get(key)
+        for name, results in variants.items():
+            r = results.get(key)
+            if r is None:
+                continue
+            s = r["summary"]
+            within = "–" if base is None or r is base else (
+                "yes" if abs(s["auc_mean"] - base["summary"]["auc_mean"]) <= max(s["auc_std"], base["summary"]["auc_std"])
+                else "no")
+            lines.append(f"| {key[0]} / {key[1]} | {name} | {s['auc_mean']:.1f} ± {s['auc_std']:.1f} | "
+                         f"{r.get('model_epochs', '–')} | {r['wall_time_s']:.0f} | {within} |")
+    return "\n".join(lines)
+
+
 def build_report(results_dir: Path, img_dir: Path) -> str:
     results = load_results(results_dir)
     if not results:
@@ -438,7 +465,11 @@ def build_report(results_dir: Path, img_dir: Path) -> str:
     (Path(results_dir) / "table.md").write_text(table + "\n")
     plot = plot_results(results, Path(img_dir) / "real_world_mil_auc.png")
     print(table)
-    print(f"wrote {Path(results_dir) / 'table.md'} and {plot}")
+    print(f"wrote {training.repo_relative(Path(results_dir) / 'table.md')} and {training.repo_relative(plot)}")
+    if Path(results_dir).resolve() == (training.REPO_DIR / "results" / "real_world_mil").resolve():
+        for block, text in (("real_world_table", table), ("real_world_engine_checks", engine_checks_table())):
+            if training.write_readme_block(block, text):
+                print(f"wrote the README's {block}")
     return table
 
 

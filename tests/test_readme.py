@@ -16,3 +16,20 @@ def test_readme_setup_commands_are_make_targets():
     for target in ("run", "test"):
         assert f"make {target}" in text
         assert re.search(rf"^{target}:", makefile, re.M)
+
+
+def test_readme_tables_are_regenerated_from_the_committed_results():
+    """Every README table marked <!-- BEGIN name --> is what its --report command builds from the
+    committed results files (no number in them is typed by hand)."""
+    import mnist_mil_main as mm
+    import real_world_mil as rw
+    import training
+
+    results = README.parent / "results"
+    expected = {"mnist_mil_table": mm.bag_report(results),
+                "real_world_table": rw.markdown_table(rw.load_results(results / "real_world_mil")),
+                "real_world_engine_checks": rw.engine_checks_table()}
+    for name, table in expected.items():
+        block = training.readme_block(name, README)
+        assert block is not None, name
+        assert block.strip() == table.strip(), f"README block {name} is stale: run its --report command"
