@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--results_dir", default=None,
                      help="summary CSV/JSON, config, and the experiment's trial files under <exp_name>/trials/ "
                           "(default results/; --quick: results/quick/, which git ignores)")
+    out.add_argument("--data_dir", default=None,
+                     help="directory of the MNIST IDX files (default: the embedded datasets/data; checked by sha256)")
     out.add_argument("--tag", default=None,
                      help="name of the output files (default: the bag size, or kmil<K>), e.g. 5_fp32")
     out.add_argument("--report", action="store_true",
@@ -185,6 +187,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     smoke = REPO_DIR / "results" / "quick"
     args.results_dir = args.results_dir or str(smoke if args.quick else REPO_DIR / "results")
     args.img_dir = args.img_dir or str(smoke / "imgs" if args.quick else REPO_DIR / "imgs")
+    if args.data_dir is not None:
+        import datasets
+
+        try:  # a missing or corrupt file fails here, named, before any work
+            datasets.load_mnist("train", args.data_dir), datasets.load_mnist("test", args.data_dir)
+        except (OSError, ValueError, datasets.DataIntegrityError) as error:
+            raise SystemExit(f"--data_dir {args.data_dir}: {error}")
     if args.exp_name == "auto":
         task = f"kmil{args.k_mil}" if args.k_mil else f"bag{args.bag_size}"
         args.exp_name = f"mnist_mil_{task}_{args.precision}" + ("_quick" if args.quick else "")
@@ -204,7 +213,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # Flags that do not change any trial's result (so they may differ on resume).
 _NON_RESULT_FLAGS = {"ray_address", "cpus_per_trial", "gpus_per_trial", "gpus_id", "num_cpus", "exp_name",
-                     "ray_dir", "img_dir", "results_dir", "quick", "tag"}
+                     "ray_dir", "img_dir", "results_dir", "quick", "tag", "data_dir", "report"}
 
 
 def result_config(args: argparse.Namespace) -> dict:
@@ -300,8 +309,8 @@ def build_bag_data(args: argparse.Namespace) -> dict[str, dict]:
     with ``--tune`` also validation bags from 10000 MNIST-train images that no training bag uses."""
     import datasets
 
-    train_images, train_labels = datasets.load_mnist("train")
-    test_images, test_labels = datasets.load_mnist("test")
+    train_images, train_labels = datasets.load_mnist("train", args.data_dir)
+    test_images, test_labels = datasets.load_mnist("test", args.data_dir)
     sample = datasets.sample_mnist_bag_indices
     pools = {"train": np.arange(len(train_labels))}
     if args.tune:
@@ -321,7 +330,7 @@ def build_kmil_data(args: argparse.Namespace) -> dict[str, dict]:
     """K-MIL splits (``datasets.kmil_splits``), zero-padded to the longest bag with a padding mask."""
     import datasets
 
-    splits = datasets.kmil_splits(args.k_mil, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
+    splits = datasets.kmil_splits(args.k_mil, seed=args.seed, data_dir=args.data_dir, n_train=args.n_train, n_val=args.n_val,
                                   n_test=args.n_test)
     data = {}
     for name, (bags, labels) in splits.items():

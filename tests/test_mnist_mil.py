@@ -247,3 +247,24 @@ def test_stacked_seeds_equal_separate_runs(mode):
         for ours, theirs in zip(history, alone):
             for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
                 assert ours[key] == pytest.approx(theirs[key], abs=1e-12), (seed, key)
+
+
+@pytest.mark.parametrize("argv,flag", [(["--trials", "0"], "--trials"), (["--epochs", "0"], "--epochs"),
+                                       (["--batch_size", "0"], "--batch_size"), (["--bag_size", "0"], "--bag_size"),
+                                       (["--k_mil", "0"], "--k_mil"), (["--modes", "k_subsets:abc"], "k_subsets:abc"),
+                                       (["--modes", "nosuchmap"], "nosuchmap"), (["--dropout", "1.5"], "--dropout"),
+                                       (["--num_samples", "0"], "--num_samples"), (["--n_heads", "3"], "--n_heads"),
+                                       (["--cpus_per_trial", "0"], "--cpus_per_trial"),
+                                       (["--gpus_per_trial", "1"], "--gpus_per_trial"),
+                                       (["--ray_address", "127.0.0.1:1"], "--ray_address"),
+                                       (["--precision", "fp16"], "fp16"),
+                                       (["--data_dir", "/nonexistent"], "--data_dir")])
+def test_bad_arguments_are_refused_before_any_work(argv, flag, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit) as exit_info:
+        mm.main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code != 0 and flag in captured.err + str(exit_info.value.code)
+    assert not ray.is_initialized()
