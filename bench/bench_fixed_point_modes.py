@@ -61,11 +61,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "bench"
-                                             / "fixed_point_modes.json"))
+    parser.add_argument("--out", default=None, help="default results/bench/fixed_point_modes.json "
+                                                    "(--quick: results/quick/bench/)")
     args = parser.parse_args(argv)
     if args.quick:
         args.n_patterns, args.queries, args.repeats = 32, 64, 1
+    results = Path(__file__).resolve().parents[1] / "results"
+    args.out = args.out or str(results / ("quick/bench" if args.quick else "bench") / "fixed_point_modes.json")
     training.log_config(args)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(args.seed)

@@ -50,10 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="n_bags 128, repeats 2, bag sizes 5 and 50")
-    parser.add_argument("--out_dir", default=str(REPO_DIR / "results" / "bench"))
+    parser.add_argument("--out_dir", default=None, help="default results/bench (--quick: results/quick/bench)")
     args = parser.parse_args(argv)
     if args.quick:
         args.n_bags, args.repeats, args.bag_sizes = 128, 2, [5, 50]
+    args.out_dir = args.out_dir or str(REPO_DIR / "results" / ("quick/bench" if args.quick else "bench"))
     args.modes = ["softmax"] + [m for m in dict.fromkeys(mm.canonical_mode(s, 2, None) for s in args.modes)
                                 if m != "softmax"]
     return args

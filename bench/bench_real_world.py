@@ -309,10 +309,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="8 models, 1 epoch, 1 shape, 3 shapes extrapolated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one per core as in a trial)")
-    parser.add_argument("--out_dir", default=str(training.REPO_DIR / "results" / "bench"))
+    parser.add_argument("--out_dir", default=None, help="default results/bench (--quick: results/quick/bench)")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.epochs, args.shapes = 8, 1, 3
+    args.out_dir = args.out_dir or str(training.REPO_DIR / "results" / ("quick/bench" if args.quick else "bench"))
     global KEY
     KEY = args.clock
     torch.set_num_threads(args.threads)
