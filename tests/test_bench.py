@@ -24,3 +24,16 @@ def test_bench_maps_quick_writes_ratios(tmp_path, capsys):
     table = (tmp_path / "bench_maps.md").read_text()
     assert "numba CPU kernels" in table and "| sparsemax |" in table
     assert f"wrote {tmp_path}" in capsys.readouterr().out
+
+
+def test_bench_engine_smoke_writes_ratios(tmp_path):
+    """bench_engine's smallest setting runs and records positive ratios (no timing is asserted)."""
+    spec = importlib.util.spec_from_file_location("bench_engine", BENCH.with_name("bench_engine.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--bag_sizes", "3", "--steps", "1", "--kmil_bags", "16", "--threads", "1",
+                          "--out_dir", str(tmp_path)])
+    assert [r["bag_size"] for r in result["mnist_step"]] == [3]
+    assert all(r["speedup_bf16"] > 0 and r["bf16_vs_floor"] > 0 for r in result["mnist_step"])
+    assert {r["precision"] for r in result["kmil"]} == {"fp32", "bf16"}
+    assert "K-MIL epoch" in (tmp_path / "bench_engine.md").read_text()
