@@ -30,7 +30,7 @@ Conventions shared by all maps
       - 1.5-entmax, 2-normmax: support-based closed form (a quadratic; Newton on F^(1/2) where it has
         no real root), stopped when a closed-form point keeps the support it came from (exact);
       - alpha-entmax, alpha-normmax: safeguarded Newton on ||[z - tau]_+||_p (convex for p >= 1),
-        stopped at |F(tau) - 1| <= 4 |support| eps or when no representable progress is left.
+        stopped at |F(tau) - 1| within the rounding of F or when no representable progress is left.
     Every tau iterate stays above a lower bound: max - 1 for the simplex maps, raised (rows >= 64) to
     the root of the same equation over the maxima of 16 column blocks (a subset of the entries, so
     its root is <= tau). The entries below the bound are dropped once: the candidates are packed
@@ -193,8 +193,9 @@ def _apply_last(fn: Callable[[Tensor], Tensor], x: Tensor, dim: int) -> Tensor:
 
 
 def _shifted(z: Tensor, shift: Tensor, scale: float | Tensor) -> Tensor:
-    """(z - shift) * scale in float64 (shift: the row max, (B, 1) float64). The subtraction is exact for
-    the entries within a factor 2 of the shift, i.e. the ones near the root, at any offset."""
+    """(z - shift) * scale in float64 (shift (B, 1) float64: the row max, or for k-subsets possibly its
+    ceil(k)-th largest entry). The subtraction is exact for the entries within a factor 2 of the
+    shift, i.e. the ones near the root, at any offset."""
     z = z.double() - shift
     return z * scale if isinstance(scale, Tensor) or scale != 1.0 else z
 
