@@ -37,8 +37,8 @@ def test_every_figure_writes_png_and_csv(quick_dir):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert png.stat().st_size > 5000, name
         assert len(pd.read_csv(csv)) > 0, name
-    for extra in ("fig1_capacity_table.csv", "fig4_margin_summary.csv", "fig5_trajectories.csv", "fig5_attractors.csv", "fig5_summary.csv",
-                  "figures_config.json"):
+    for extra in ("fig1_capacity_table.csv", "fig4_margin_summary.csv", "fig5_trajectories.csv",
+                  "fig5_attractors.csv", "fig5_summary.csv", "figures_config.json"):
         assert (quick_dir / extra).stat().st_size > 0
 
 
@@ -309,6 +309,19 @@ def test_capacity_cells():
     text = Plotting.report_table(table)
     assert text.splitlines()[0] == "| map | 14/28 rows masked, β=3 |"
     assert "| sparsemax | 2,000 |" in text and "| 1.5-entmax | >= 60,000 |" in text and "| softmax | < 5 |" in text
+
+
+def test_readme_numbers_are_the_committed_results():
+    """The README's capacity table and numbers are `python3 Plotting.py --report` of the committed imgs/."""
+    out_dir = Path(Plotting.REPO_DIR) / Plotting.FULL_OUT_DIR
+    table = Plotting.report_table(pd.read_csv(out_dir / "fig1_capacity_table.csv"))
+    readme = (Path(Plotting.REPO_DIR) / "README.md").read_text()
+    assert table in readme
+    for line in Plotting.report_findings(out_dir):
+        assert f"- {line}" in readme, line
+    config = json.loads((out_dir / "figures_config.json").read_text())
+    assert config["out_dir"] == Plotting.FULL_OUT_DIR and not config["quick"]  # written by the full run
+    assert config["git_commit"] and config["wall_time_s"] > 0 and set(config["figures"]) == set(Plotting.FIGURES)
 
 
 # --------------------------------------------------------------------------------------------------
