@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "variants) by validation AUC train on; 'none' = off (default 5,15)")
     stop.add_argument("--halving_keep", type=training.open_fraction, default=1 / 3,
                       help="share of configs kept at each rung, in (0, 1) (default 1/3)")
-    training.add_precision_arg(parser)
+    training.add_precision_arg(parser)  # auto = fp32 on the CPU here (measured faster), bf16 on a bf16 GPU
     parser.add_argument("--chunk_params", type=training.positive_float, default=3e6,
                         help="max parameters of one batched model (models per chunk = this / model size); "
                              "~1-3M is fastest on CPU (cache), see bench/bench_real_world.py")
@@ -573,7 +573,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.report:
         return args
     try:
-        args.precision = training.resolve_precision(args.precision, use_gpu=args.gpus_per_trial > 0)
+        # the batched models are small (widths 32-1024): on this CPU bf16 autocast costs more in casts than
+        # AMX saves (Fox --search small: 2-4x slower than fp32, bench/bench_engine.py part 3), so auto = fp32
+        args.precision = training.resolve_precision(args.precision, use_gpu=args.gpus_per_trial > 0, cpu_auto="fp32")
     except ValueError as error:
         parser.error(str(error))
     training.check_ray_args(args)

@@ -169,11 +169,12 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
 
 
-def resolve_precision(requested: str, use_gpu: bool) -> str:
+def resolve_precision(requested: str, use_gpu: bool, cpu_auto: str = "bf16") -> str:
     """The concrete precision of ``--precision`` for trials on a GPU (``use_gpu``) or the CPU.
 
-    ``auto`` = bf16 where the CPU has AMX/AVX512-BF16 or the (local) GPU supports bf16, else fp32.
-    fp16 exists only on CUDA (with loss scaling). Raises ValueError naming what is allowed."""
+    ``auto`` = bf16 where the CPU has AMX/AVX512-BF16 or the (local) GPU supports bf16, else fp32; a script
+    whose CPU trials measured faster in fp32 passes ``cpu_auto="fp32"``. fp16 exists only on CUDA (with
+    loss scaling). Raises ValueError naming what is allowed."""
     if requested not in PRECISIONS:
         raise ValueError(f"--precision {requested!r}: choose from {', '.join(PRECISIONS)}")
     if use_gpu and requested == "auto":
@@ -182,7 +183,7 @@ def resolve_precision(requested: str, use_gpu: bool) -> str:
                              "give --precision fp32, bf16 or fp16")
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if requested == "auto":
-        return "bf16" if cpu_has_bf16() else "fp32"
+        return cpu_auto if cpu_has_bf16() else "fp32"
     if requested == "fp16" and not use_gpu:
         raise ValueError("--precision fp16 runs on CUDA only (use --gpus_per_trial 1); on the CPU use fp32 or bf16")
     return requested
@@ -192,8 +193,9 @@ def add_precision_arg(parser: argparse.ArgumentParser) -> None:
     """``--precision`` (shared by the training scripts)."""
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="autocast precision of the forward pass and loss; weights and optimizer state stay "
-                             "float32. auto = bf16 where the CPU has AMX/AVX512-BF16 or the GPU supports bf16, "
-                             "else fp32; fp16 on CUDA only (default auto)")
+                             "float32. auto = bf16 where the CPU has AMX/AVX512-BF16 (except where a script measured "
+                             "fp32 faster on the CPU, see its --help) or the GPU supports bf16, else fp32; fp16 on "
+                             "CUDA only (default auto)")
 
 
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:

@@ -5,6 +5,8 @@
    floor = counted matmul FLOPs / the bf16 GEMM rate measured here (a (B N) x 784 @ 784 x 512 product).
 2. K-MIL epoch (LeNet encoder, batch 16 bags of ~N(10, 2) digits): 5 seeds as one stacked model
    (``batched_mil.train_stacked``) vs the 5 seeds trained one after the other, bags/s, fp32 and bf16.
+3. Real-world MIL (Fox): the batched trainer (``batched_mil.train_batched``) on the --search small shape and on
+   Hu et al.'s largest shape, bf16 vs fp32 (why ``real_world_mil.py --precision auto`` is fp32 on the CPU).
 
     python3 bench/bench_engine.py            # writes results/bench/bench_engine.{json,md}
     python3 bench/bench_engine.py --quick    # seconds; writes results/quick/bench/
@@ -26,6 +28,7 @@ sys.path.insert(0, str(REPO_DIR))
 import batched_mil as bm  # noqa: E402
 import datasets  # noqa: E402
 import mnist_mil_main as mm  # noqa: E402
+import real_world_mil as rw  # noqa: E402
 import training  # noqa: E402
 
 
@@ -37,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kmil_bags", type=training.positive_int, default=None,
                         help="K-MIL training bags timed (default 160)")
     parser.add_argument("--seeds", type=training.positive_int, default=None, help="stacked K-MIL seeds (default 5)")
+    parser.add_argument("--rw_models", type=training.positive_int, default=None,
+                        help="real-world models trained together (default 24)")
+    parser.add_argument("--rw_epochs", type=training.positive_int, default=None, help="real-world epochs (default 3)")
     parser.add_argument("--threads", type=training.positive_int, default=2, help="torch CPU threads")
     parser.add_argument("--mode", default="sparsemax")
     parser.add_argument("--seed", type=int, default=0)
@@ -44,8 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="bag sizes 5 and 20, 2 steps, 32 K-MIL bags, 2 seeds (explicit flags win)")
     parser.add_argument("--out_dir", default=None, help="default results/bench (--quick: results/quick/bench)")
     args = parser.parse_args(argv)
-    defaults = dict(bag_sizes=[5, 20], steps=2, kmil_bags=32, seeds=2) if args.quick else \
-        dict(bag_sizes=[5, 100], steps=5, kmil_bags=160, seeds=5)
+    defaults = dict(bag_sizes=[5, 20], steps=2, kmil_bags=32, seeds=2, rw_models=2, rw_epochs=1) if args.quick else \
+        dict(bag_sizes=[5, 100], steps=5, kmil_bags=160, seeds=5, rw_models=24, rw_epochs=3)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -126,6 +132,26 @@ def kmil_epoch_seconds(stacked: bool, precision: str, args: argparse.Namespace) 
     return _fastest(run, 1)
 
 
+def real_world_epoch_seconds(emb_dims: int, hidden_dim: int, precision: str, n_models: int, epochs: int) -> float:
+    """``n_models`` Fox models of one shape (1 embedding layer, 8 heads, batch 4) trained ``epochs`` epochs
+    on fold 0 of repetition 0, with their per-epoch validation pass."""
+    bags = rw.training_data("fox")
+    data = bm.pad_dataset([torch.from_numpy(x) for x, _ in bags])
+    labels = torch.tensor([y for _, y in bags])
+    split = rw.cv_splits(labels.numpy(), 10, 0, 0.2)[0]
+    shape = rw.model_shape(data[0].shape[-1], {"emb_dims": emb_dims, "emb_layers": 1, "hidden_dim": hidden_dim,
+                                               "n_heads": 8}, "per_head")
+    gens = [torch.Generator().manual_seed(i) for i in range(n_models)]
+
+    def run() -> None:
+        model = bm.BatchedBagClassifier.initialized(shape, "sparsemax", torch.full((n_models,), 0.1),
+                                                    torch.zeros(n_models), gens)
+        bm.train_batched(model, data, labels, [split["train"].tolist()] * n_models,
+                         {"val": [split["val"].tolist()] * n_models}, lr=torch.full((n_models,), 1e-3),
+                         lr_decay=torch.full((n_models,), 0.98), epochs=epochs, generators=gens, precision=precision)
+    return _fastest(run, 1)
+
+
 def _train_only(model, train, seed: int, precision: str) -> None:
     """One epoch of train_bag_classifier's steps without its per-epoch test pass (what stacking is timed against)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
@@ -161,6 +187,14 @@ def main(argv=None) -> dict:
                "stacked_bags_per_s": bags / stacked, "speedup_stacked": separate / stacked}
         result["kmil"].append(row)
         print(json.dumps(row), flush=True)
+    result["real_world"] = []
+    for emb_dims, hidden_dim in ((32, 16), (128, 64)):
+        fp32, bf16 = (real_world_epoch_seconds(emb_dims, hidden_dim, p, args.rw_models, args.rw_epochs)
+                      for p in ("fp32", "bf16"))
+        row = {"emb_dims": emb_dims, "hidden_dim": hidden_dim, "models": args.rw_models, "fp32_s": fp32,
+               "bf16_s": bf16, "speedup_bf16": fp32 / bf16}
+        result["real_world"].append(row)
+        print(json.dumps(row), flush=True)
     write(result, Path(args.out_dir), args)
     return result
 
@@ -181,6 +215,12 @@ def write(result: dict, out_dir: Path, args: argparse.Namespace) -> None:
     for r in result["kmil"]:
         lines.append(f"| {r['precision']} | {r['separate_bags_per_s']:.0f} | {r['stacked_bags_per_s']:.0f} | "
                      f"{r['speedup_stacked']:.2f}x |")
+    lines += ["", f"Real-world MIL (Fox, fold 0): {args.rw_models} models of one shape, {args.rw_epochs} epochs with "
+              "validation", "", "| shape (emb_dims, hidden per head, 8 heads) | fp32 (s) | bf16 (s) | bf16 speedup |",
+              "|---|---|---|---|"]
+    for r in result["real_world"]:
+        lines.append(f"| {r['emb_dims']}, {r['hidden_dim']} | {r['fp32_s']:.2f} | {r['bf16_s']:.2f} | "
+                     f"{r['speedup_bf16']:.2f}x |")
     table = "\n".join(lines)
     (out_dir / "bench_engine.md").write_text(table + "\n")
     (out_dir / "bench_engine.json").write_text(json.dumps(result, indent=2))
