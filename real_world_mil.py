@@ -429,30 +429,29 @@ def plot_results(results: Sequence[dict], path: Path) -> Path:
     return path
 
 
-ENGINE_CHECKS_DIR = training.REPO_DIR / "results" / "engine_checks" / "real_world_small"
+ENGINE_CHECKS_DIR = training.REPO_DIR / "results" / "engine_checks"
 
 
 def engine_checks_table(root: Path = ENGINE_CHECKS_DIR) -> str:
-    """The same protocol under each variant of ``root/<precision>_stopping_<on|off>/``: test AUC, model-epochs
-    trained and trial time per dataset and mode, and whether each variant lies within one std of
-    fp32 without stopping (the plain protocol)."""
-    variants = {d.name: {(r["dataset"], r["mode"]): r for r in load_results(d)} for d in sorted(root.iterdir())
-                if d.is_dir()} if root.exists() else {}
-    lines = ["| dataset / mode | variant | test AUC x 100 | model-epochs | trial time (s) | within one std of "
-             "fp32_stopping_off |", "|---|---|---|---|---|---|"]
-    keys = sorted({k for results in variants.values() for k in results})
-    for key in keys:
-        base = variants.get("fp32_stopping_off", {}).get(key)
-        for name, results in variants.items():
-            r = results.get(key)
-            if r is None:
-                continue
-            s = r["summary"]
-            within = "–" if base is None or r is base else (
-                "yes" if abs(s["auc_mean"] - base["summary"]["auc_mean"]) <= max(s["auc_std"], base["summary"]["auc_std"])
-                else "no")
-            lines.append(f"| {key[0]} / {key[1]} | {name} | {s['auc_mean']:.1f} ± {s['auc_std']:.1f} | "
-                         f"{r.get('model_epochs', '–')} | {r['wall_time_s']:.0f} | {within} |")
+    """One protocol (``root/real_world_<search>/``) under each variant ``<precision>_stopping_<on|off>/``: test
+    AUC, model-epochs trained and trial time per dataset and mode, and whether the variant lies within one
+    std of ``fp32_stopping_off`` (the plain protocol) of the same search."""
+    lines = ["| dataset / mode | search | variant | test AUC x 100 | model-epochs | trial time (s) | within one std "
+             "of fp32, no stopping |", "|---|---|---|---|---|---|---|"]
+    for search_dir in sorted(root.glob("real_world_*")) if root.exists() else []:
+        variants = {d.name: {(r["dataset"], r["mode"]): r for r in load_results(d)}
+                    for d in sorted(search_dir.iterdir()) if d.is_dir()}
+        for key in sorted({k for results in variants.values() for k in results}):
+            base = variants.get("fp32_stopping_off", {}).get(key)
+            for name, results in variants.items():
+                r = results.get(key)
+                if r is None:
+                    continue
+                s, b = r["summary"], base["summary"] if base else None
+                within = "–" if b is None or r is base else (
+                    "yes" if abs(s["auc_mean"] - b["auc_mean"]) <= max(s["auc_std"], b["auc_std"]) else "no")
+                lines.append(f"| {key[0]} / {key[1]} | {r['protocol']['search']} | {name} | {s['auc_mean']:.1f} ± "
+                             f"{s['auc_std']:.1f} | {r.get('model_epochs', '–')} | {r['wall_time_s']:.0f} | {within} |")
     return "\n".join(lines)
 
 
