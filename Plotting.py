@@ -145,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", action="store_true",
                         help="print the capacity table of <out_dir>/fig1_capacity_table.csv as markdown and exit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_dir", default=None,
+                        help="directory of the MNIST IDX files (default: the embedded datasets/data; sha256-checked)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--betas", nargs="+", type=float, default=[3.0, 10.0, 100.0],
                         help="inverse temperatures of the MNIST capacity / noise figures (one panel each)")
@@ -172,6 +174,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.out_dir is None:
         args.out_dir = str(REPO_DIR / (SMOKE_OUT_DIR if args.quick else FULL_OUT_DIR))
     check_args(parser, args)
+    if args.data_dir is not None:
+        try:  # a missing or corrupt file fails here, named, before any work
+            datasets.load_mnist("train", args.data_dir)
+        except (OSError, ValueError, datasets.DataIntegrityError) as error:
+            parser.error(f"argument --data_dir: {error}")
     return args
 
 
@@ -228,9 +235,9 @@ def panel_settings(args: argparse.Namespace) -> list[tuple[str, float | None]]:
 # --------------------------------------------------------------------------------------------------
 # Data: MNIST patterns and corrupted queries
 # --------------------------------------------------------------------------------------------------
-def mnist_raw(split: str = "train") -> tuple[Tensor, Tensor]:
+def mnist_raw(split: str = "train", data_dir: str | None = None) -> tuple[Tensor, Tensor]:
     """Flattened MNIST images (N, 784) in [0, 1] and the mean image (784,)."""
-    images, _ = datasets.load_mnist(split)
+    images, _ = datasets.load_mnist(split, data_dir)
     raw = torch.from_numpy(np.array(images, dtype=np.float32)).reshape(len(images), -1)
     return raw, raw.mean(0)
 
@@ -834,7 +841,7 @@ def make_figures(args: argparse.Namespace) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     needs_mnist = set(args.figures) & {"1", "2", "3", "4", "6"}
-    raw, mean = mnist_raw("train") if needs_mnist else (None, None)
+    raw, mean = mnist_raw("train", args.data_dir) if needs_mnist else (None, None)
     timings = {}
 
     def timed(name: str, fn: Callable[[], None]) -> None:
