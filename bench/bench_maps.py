@@ -33,9 +33,9 @@ except ImportError:  # the package is optional for this benchmark
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=["4096x1024", "2048x64"], help="ROWSxCOLS list")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--shapes", nargs="+", default=None, help="ROWSxCOLS list (default 4096x1024 2048x64)")
+    p.add_argument("--repeats", type=int, default=None, help="default 7 (--quick: 2)")
+    p.add_argument("--warmup", type=int, default=None, help="default 2 (--quick: 1)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (same for all maps)")
     p.add_argument("--scale", type=float, default=1.0, help="x = scale * randn")
     p.add_argument("--k", type=int, default=3, help="k of the SparseMAP maps")
@@ -51,11 +51,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch_path", action="store_true",
                    help="time sparsemax.py's torch solvers (its CUDA path) instead of the numba CPU kernels")
-    p.add_argument("--quick", action="store_true", help="smoke run: small shapes, 2 repeats")
-    p.add_argument("--out_dir", default=os.path.join("results", "bench_maps"))
+    p.add_argument("--quick", action="store_true", help="smoke run: small shapes, 2 repeats (explicit flags win)")
+    p.add_argument("--out_dir", default=None, help="default results/bench_maps (--quick: results/quick/bench_maps)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.shapes, args.repeats, args.warmup = ["256x128", "128x16"], 2, 1
+    preset = dict(shapes=["256x128", "128x16"], repeats=2, warmup=1) if args.quick else \
+        dict(shapes=["4096x1024", "2048x64"], repeats=7, warmup=2)
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        p.error(f"--repeats must be >= 1, --warmup >= 0 and --threads >= 1 (got {args.repeats}, {args.warmup}, "
+                f"{args.threads})")
+    results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+    args.out_dir = args.out_dir or os.path.join(results, "quick" if args.quick else "", "bench_maps")
     return args
 
 
