@@ -380,14 +380,16 @@ def markdown_table(results: Sequence[dict]) -> str:
             match = [r for r in results if r["dataset"] == dataset and r["mode"] == mode]
             if match:
                 s, p = match[0]["summary"], match[0]["protocol"]
-                cells.append(f"{s['auc_mean']:.1f} ± {s['auc_std']:.1f} ({p['search']}, {s['n_seeds']}x{p['n_folds']})")
+                stopping = ", stop" if p.get("patience") or p.get("halving_rungs") else ""
+                cells.append(f"{s['auc_mean']:.1f} ± {s['auc_std']:.1f} ({p['search']}, {s['n_seeds']}x{p['n_folds']}"
+                             f"{stopping})")
             else:
                 cells.append("–")
         ref = PUBLISHED_AUC.get(dataset)
         lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {f'{ref[0]} ± {ref[1]}' if ref else '–'} |")
     lines.append("")
-    lines.append("Test AUC x 100, mean ± std over repetitions (search space, repetitions x outer folds); "
-                 "nested CV, configs chosen on inner validation splits only.")
+    lines.append("Test AUC x 100, mean ± std over repetitions (search space, repetitions x outer folds; 'stop': with "
+                 "early stopping and successive halving); nested CV, configs chosen on inner validation splits only.")
     return "\n".join(lines)
 
 
