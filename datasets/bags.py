@@ -75,15 +75,22 @@ def make_mnist_bags(images: np.ndarray, labels: np.ndarray, n_bags: int, bag_siz
     return np.asarray(images, dtype=np.float32)[indices], bag_labels
 
 
-def _kmil_bag_sizes(rng: np.random.Generator, n: int, mean: float, std: float, low: int, high: int) -> np.ndarray:
-    """Bag sizes round(Normal(mean, std)) clipped to [low, high]."""
-    return np.clip(np.rint(rng.normal(mean, std, size=n)), low, high).astype(np.int64)
+_ROUNDINGS = {"nearest": np.rint, "floor": np.floor}
+
+
+def _kmil_bag_sizes(rng: np.random.Generator, n: int, mean: float, std: float, low: int, high: int,
+                    rounding: str = "nearest") -> np.ndarray:
+    """Bag sizes round(Normal(mean, std)) (``rounding``: 'nearest' or 'floor') clipped to [low, high]."""
+    if rounding not in _ROUNDINGS:
+        raise ValueError(f"rounding must be one of {sorted(_ROUNDINGS)}, got {rounding!r}")
+    return np.clip(_ROUNDINGS[rounding](rng.normal(mean, std, size=n)), low, high).astype(np.int64)
 
 
 def sample_kmil_bag_indices(labels: np.ndarray, n_bags: int, k: int, target: int = 9, seed: Seed = 0,
                             mean_bag_size: float = 10.0, std_bag_size: float = 2.0,
                             min_bag_size: Optional[int] = None,
-                            max_bag_size: Optional[int] = None) -> Tuple[List[np.ndarray], np.ndarray]:
+                            max_bag_size: Optional[int] = None,
+                            rounding: str = "nearest") -> Tuple[List[np.ndarray], np.ndarray]:
     """Index version of :func:`make_kmil_bags`: returns (list of int64 index arrays, labels int64)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -97,7 +104,7 @@ def sample_kmil_bag_indices(labels: np.ndarray, n_bags: int, k: int, target: int
     target_pool, other_pool = _target_pools(labels, target)
     n_pos = n_bags // 2
     n_pairs = n_bags - n_pos  # the i-th positive bag has the size of the i-th negative bag
-    sizes = _kmil_bag_sizes(rng, n_pairs, mean_bag_size, std_bag_size, low, high)
+    sizes = _kmil_bag_sizes(rng, n_pairs, mean_bag_size, std_bag_size, low, high, rounding)
     bag_labels = np.r_[np.ones(n_pos, np.int64), np.zeros(n_pairs, np.int64)]
     bag_sizes = np.r_[sizes[:n_pos], sizes]
     n_targets = np.where(bag_labels == 1,
@@ -111,10 +118,14 @@ def sample_kmil_bag_indices(labels: np.ndarray, n_bags: int, k: int, target: int
 
 def make_kmil_bags(images: np.ndarray, labels: np.ndarray, n_bags: int, k: int, target: int = 9, seed: Seed = 0,
                    mean_bag_size: float = 10.0, std_bag_size: float = 2.0, min_bag_size: Optional[int] = None,
-                   max_bag_size: Optional[int] = None) -> Tuple[List[np.ndarray], np.ndarray]:
+                   max_bag_size: Optional[int] = None,
+                   rounding: str = "nearest") -> Tuple[List[np.ndarray], np.ndarray]:
     """K-MIL bags (Santos et al. 2024): label 1 iff the bag holds at least ``k`` target digits.
 
-    Bag sizes: n = clip(round(Normal(mean_bag_size, std_bag_size)), min_bag_size (default k), max_bag_size).
+    Bag sizes: n = clip(round(Normal(mean_bag_size, std_bag_size)), min_bag_size (default k), max_bag_size),
+    rounded to the nearest integer or, with ``rounding='floor'``, down (Santos et al.'s generator,
+    deep-spin/SSHN scripts/datasets/mnist_bags.py: ``max(k, int(normal(14, 5)))``, i.e.
+    ``mean_bag_size=14, std_bag_size=5, rounding='floor'``; ``int`` truncation equals floor once clipped to >= k).
     Sizes are drawn once per (positive, negative) pair, so bag size carries no label information.
     Number of targets: positives U{k, ..., n}; negatives U{0, ..., min(k-1, n)} (k = 1: none).
 
@@ -122,7 +133,7 @@ def make_kmil_bags(images: np.ndarray, labels: np.ndarray, n_bags: int, k: int, 
         list of float32 (n_i, *image_shape) bags, labels int64 (n_bags,) with n_bags // 2 ones.
     """
     index_bags, bag_labels = sample_kmil_bag_indices(labels, n_bags, k, target, seed, mean_bag_size,
-                                                     std_bag_size, min_bag_size, max_bag_size)
+                                                     std_bag_size, min_bag_size, max_bag_size, rounding)
     images = np.asarray(images, dtype=np.float32)
     return [images[idx] for idx in index_bags], bag_labels
 
@@ -173,7 +184,7 @@ def kmil_splits(k: int, seed: int = 0, n_train: int = 2000, n_val: int = 500, n_
 
     The 60000 MNIST-train images are split at random (seeded) into two disjoint pools: ``val_images``
     images for validation bags, the rest for training bags, so no image appears in both. Test bags
-    come from MNIST-test. ``bag_kwargs`` go to :func:`make_kmil_bags` (mean_bag_size, std_bag_size, ...).
+    come from MNIST-test. ``bag_kwargs`` go to :func:`make_kmil_bags` (mean_bag_size, std_bag_size, rounding, ...).
     With ``return_indices=True`` each bag is an int64 index array into its MNIST split (train/val bags
     index MNIST-train, test bags MNIST-test) instead of float32 images.
     """

@@ -243,6 +243,21 @@ def test_kmil_semantics(mnist_test, k):
     assert all(len(set(idx.tolist())) == len(idx) for idx in index_bags)
 
 
+def test_kmil_floor_sizes_as_santos(mnist_test):
+    """rounding='floor' with mean 14, std 5: the sizes max(k, floor(Normal(14, 5))) of Santos et al.'s generator."""
+    _, labels = mnist_test
+    k, n = 2, 400
+    index_bags, bag_labels = datasets.sample_kmil_bag_indices(labels, n, k, seed=3, mean_bag_size=14,
+                                                            std_bag_size=5, rounding="floor")
+    draws = np.maximum(k, np.floor(np.random.default_rng(3).normal(14, 5, size=n // 2))).astype(int)
+    sizes = np.array([len(idx) for idx in index_bags])
+    assert sorted(sizes.tolist()) == sorted(np.r_[draws, draws].tolist())
+    counts = _count_targets(index_bags, labels)
+    assert np.all(counts[bag_labels == 1] >= k) and np.all(counts[bag_labels == 0] < k)
+    with pytest.raises(ValueError, match="rounding"):
+        datasets.sample_kmil_bag_indices(labels, 4, 2, rounding="ceil")
+
+
 def test_kmil_bags_images_and_reproducibility(mnist_test):
     images, labels = mnist_test
     a_bags, a_labels = datasets.make_kmil_bags(images, labels, 30, 2, seed=5)

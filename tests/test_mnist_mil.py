@@ -45,6 +45,12 @@ def test_defaults_quick_and_explicit_flags():
     kmil = mm.parse_args(["--k_mil", "3", "--modes", "k_subsets", "--k", "5", "--scale", "auto"])
     assert kmil.modes == ["k_subsets:5"] and kmil.scale is None and kmil.tag == "kmil3"
     assert (kmil.n_train, kmil.n_val, kmil.n_test) == (2000, 500, 500)
+    # Santos et al.'s K-MIL protocol (deep-spin/SSHN scripts/MNIST_bags.py): LeNet width 500, weight decay
+    # 1e-4, clipping 1.0, 50 epochs; bag sizes max(K, floor(N(14, 5))). Batch and lr stay ours (16, 1e-4).
+    assert (kmil.d_model, kmil.weight_decay, kmil.grad_clip, kmil.epochs) == (500, 1e-4, 1.0, 50)
+    assert (kmil.batch_size, kmil.lr) == (16, 1e-4)
+    assert mm.KMIL_BAGS == dict(mean_bag_size=14.0, std_bag_size=5.0, rounding="floor")
+    assert mm.parse_args(["--k_mil", "2", "--d_model", "128"]).d_model == 128
     assert mm.parse_args(["--k_mil", "5"]).modes == list(mm.KMIL_DEFAULT_MODES)
     # the automatic experiment name: task and precision; --quick runs write apart from the committed results
     assert full.exp_name == f"mnist_mil_bag5_{full.precision}" and full.results_dir.endswith("results")
