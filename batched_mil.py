@@ -804,9 +804,10 @@ def cosine_lrs(lr: float, total_steps: int) -> list[float]:
     return lrs
 
 
-def _bag_batch(bags: Tensor, mask: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Bags idx (M, B) -> instances (M, B, N, ...) and padding (M, B, N), trimmed to the longest bag used."""
-    n = int((~mask[idx]).sum(-1).max())
+def _bag_batch(bags: Tensor, mask: Tensor, idx: Tensor, min_len: int = 1) -> tuple[Tensor, Tensor]:
+    """Bags idx (M, B) -> instances (M, B, N, ...) and padding (M, B, N), trimmed to the longest bag used but
+    to no fewer than ``min_len`` slots (SparseMAP over k-subsets needs k entries along the bag, padded or not)."""
+    n = min(max(int((~mask[idx]).sum(-1).max()), min_len), mask.shape[-1])
     return bags[idx][:, :, :n], mask[idx][:, :, :n]
 
 
@@ -815,11 +816,11 @@ def evaluate_stacked(model: BatchedBagClassifier, bags: Tensor, mask: Tensor, la
                      batch_size: int, precision: str = "fp32") -> dict[str, Tensor]:
     """Eval-mode loss (mean BCE) and accuracy (logit > 0) of every model on the same bag set, (M,) each."""
     model.eval()
-    m, logits = model.num_models, []
+    m, logits, min_len = model.num_models, [], int(model.map_params.get("k", 1))
     for start in range(0, len(labels), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(labels))).expand(m, -1)
         with training.autocast(precision, bags.device):
-            logits.append(training.full_precision(model(*_bag_batch(bags, mask, idx))))
+            logits.append(training.full_precision(model(*_bag_batch(bags, mask, idx, min_len))))
     logits = torch.cat(logits, 1)
     y = labels.to(logits.dtype).expand_as(logits)
     return {"loss": F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1),
@@ -857,7 +858,7 @@ def train_stacked(model: BatchedBagClassifier, train: tuple[Tensor, Tensor, Tens
             idx = orders[:, step * batch_size:(step + 1) * batch_size]
             optimizer.lr.fill_(schedule[(epoch - 1) * steps + step])
             with training.autocast(precision, bags.device):
-                logits = training.full_precision(model(*_bag_batch(bags, mask, idx)))
+                logits = training.full_precision(model(*_bag_batch(bags, mask, idx, int(model.map_params.get("k", 1)))))
             y = labels[idx].to(logits.dtype)
             per_model = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)
             optimizer.zero_grad()

@@ -278,3 +278,26 @@ def test_bad_arguments_are_refused_before_any_work(argv, flag, capsys, monkeypat
         mm.main(argv)
     captured = capsys.readouterr()
     assert exit_info.value.code != 0 and flag in captured.err + str(exit_info.value.code)
+
+
+def test_stacked_batches_keep_k_slots_for_k_subsets():
+    """Bags shorter than k: the stacked trainer pads each batch to at least k slots (k_subsets needs k entries;
+    the padded ones get weight 0), so SparseMAP with k = 5 trains on bags of 2-3 digits."""
+    import batched_mil as bm
+
+    mask = torch.arange(6)[None] >= torch.tensor([2, 3, 2, 3])[:, None]
+    bags = torch.rand(4, 6, 28, 28).masked_fill(mask[..., None, None], 0)
+    x, pad = bm._bag_batch(bags, mask, torch.tensor([[0, 2], [1, 3]]), min_len=5)
+    assert x.shape[2] == 5 and pad.shape == (2, 2, 5) and pad[0, :, 2:].all()
+    config = dict(mode="k_subsets:5", encoder="lenet", d_model=8, n_heads=2, num_pattern=1, update_steps=1,
+                  dropout=0.0, scale=None)
+    models = []
+    for seed in (0, 1):
+        training.seed_everything(seed)
+        models.append(mm.build_model(config))
+    shape = bm.Shape(d_in=bm.LENET_FEATURES, emb_dims=8, emb_layers=1, width=8, n_heads=2, emb_proj=False, lenet=True)
+    labels = torch.tensor([0, 1, 0, 1])
+    histories = bm.train_stacked(bm.BatchedBagClassifier.from_models(models, shape), (bags, mask, labels),
+                                 {"test": (bags, mask, labels)}, [0, 1], epochs=1, lr=1e-3, weight_decay=0.0,
+                                 batch_size=2, grad_clip=1.0)
+    assert all(0 <= h[-1]["test_acc"] <= 1 for h in histories)
