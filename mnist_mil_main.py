@@ -187,9 +187,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.d_model % args.n_heads:
         raise SystemExit(f"--d_model {args.d_model} must be divisible by --n_heads {args.n_heads}")
     args.stack_seeds = {"auto": bool(args.k_mil), "on": True, "off": False}[args.stack_seeds]
-    if args.stack_seeds and (args.num_pattern != 1 or args.update_steps != 1 or args.tune):
-        raise SystemExit("--stack_seeds on needs --num_pattern 1 and --update_steps 1 without --tune (the batched "
-                         "pooling of batched_mil); use --stack_seeds off")
+    if args.stack_seeds and (args.num_pattern != 1 or args.update_steps != 1 or args.tune
+                             or args.train_metrics != "running"):
+        raise SystemExit("--stack_seeds on needs --num_pattern 1, --update_steps 1 and --train_metrics running, "
+                         "without --tune (the batched pooling and trainer of batched_mil); use --stack_seeds off")
     if args.tune:
         args.trials = 1
     try:
