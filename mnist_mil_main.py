@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_precision_arg(run)
     run.add_argument("--stack_seeds", default="auto", choices=("auto", "on", "off"),
                      help="train the --trials seeds of a mode as one stacked model (batched_mil.train_stacked; each "
-                          "seed's run equals its separate run); auto = on for K-MIL, whose steps are too small to "
-                          "fill the cores (default auto)")
+                          "seed's run equals its separate run); auto = on for K-MIL (whose steps are too small to "
+                          "fill the cores) when its settings allow it: --num_pattern 1, --update_steps 1, "
+                          "--train_metrics running, no --tune (default auto)")
     run.add_argument("--train_metrics", default="running", choices=training.TRAIN_METRICS,
                      help="train loss/accuracy per epoch: 'running' = mean over the epoch's mini-batches in train "
                           "mode (free), 'eval' = an extra eval-mode pass over the training bags (default running)")
@@ -186,9 +187,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--modes: duplicate modes {args.modes}")
     if args.d_model % args.n_heads:
         raise SystemExit(f"--d_model {args.d_model} must be divisible by --n_heads {args.n_heads}")
-    args.stack_seeds = {"auto": bool(args.k_mil), "on": True, "off": False}[args.stack_seeds]
-    if args.stack_seeds and (args.num_pattern != 1 or args.update_steps != 1 or args.tune
-                             or args.train_metrics != "running"):
+    stackable = (args.num_pattern == 1 and args.update_steps == 1 and not args.tune
+                 and args.train_metrics == "running")
+    requested = args.stack_seeds
+    args.stack_seeds = {"auto": bool(args.k_mil) and stackable, "on": True, "off": False}[requested]
+    if args.stack_seeds and not stackable:
         raise SystemExit("--stack_seeds on needs --num_pattern 1, --update_steps 1 and --train_metrics running, "
                          "without --tune (the batched pooling and trainer of batched_mil); use --stack_seeds off")
     if args.tune:
