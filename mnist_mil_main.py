@@ -231,7 +231,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # Flags that do not change any trial's result (so they may differ on resume).
 _NON_RESULT_FLAGS = {"ray_address", "cpus_per_trial", "gpus_per_trial", "gpus_id", "num_cpus", "exp_name",
-                     "ray_dir", "img_dir", "results_dir", "quick", "tag", "data_dir", "report"}
+                     "ray_dir", "img_dir", "results_dir", "quick", "tag", "data_dir", "report",
+                     "stack_seeds"}  # stacked seeds equal separate runs (tested); their trial files differ anyway
 
 
 def result_config(args: argparse.Namespace) -> dict:

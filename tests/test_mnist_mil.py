@@ -301,3 +301,23 @@ def test_stacked_batches_keep_k_slots_for_k_subsets():
                                  {"test": (bags, mask, labels)}, [0, 1], epochs=1, lr=1e-3, weight_decay=0.0,
                                  batch_size=2, grad_clip=1.0)
     assert all(0 <= h[-1]["test_acc"] <= 1 for h in histories)
+
+
+def test_committed_experiments_reopen_with_the_current_code():
+    """The sweeps committed under results/ resume in a later session: the README's command for each gives the
+    settings stored in its experiment.json (a new result-changing flag would make the next session refuse or
+    recompute), and the bag-5 data still hashes to the stored digest."""
+    import re
+    from pathlib import Path
+
+    results = Path(mm.REPO_DIR) / "results"
+    experiments = [p for p in sorted(results.glob("mnist_mil_bag*_*/experiment.json"))
+                   if re.fullmatch(r"mnist_mil_bag\d+_(fp32|bf16)", p.parent.name)]
+    assert experiments, "no committed MNIST-bag experiment"
+    for path in experiments:
+        bag, precision = re.fullmatch(r"mnist_mil_bag(\d+)_(\w+)", path.parent.name).groups()
+        stored = json.loads(path.read_text())
+        args = mm.parse_args(["--bag_size", bag, "--precision", precision])
+        assert training._canonical(mm.experiment_settings(args, stored["data"])) == stored, path
+        if bag == "5":
+            assert mm.data_digest(mm.build_bag_data(args)) == stored["data"]
