@@ -459,3 +459,18 @@ def test_trial_records_roundtrip_compactly():
     text = rw.encode_records(records)
     assert rw.decode_records(text, {"group": group}) == records
     assert len(text) < 0.4 * len(json.dumps(records))
+
+
+def test_committed_real_world_sweeps_reopen_with_the_current_code():
+    """Each committed results/real_world_mil/trials/<dataset>_<mode>_<search>_<digest>/ is the experiment the
+    README's command builds today (same protocol, data digest included), so its trial files are reused."""
+    import training
+
+    root = training.REPO_DIR / "results" / "real_world_mil" / "trials"
+    dirs = sorted(p for p in root.iterdir() if (p / "experiment.json").exists()) if root.exists() else []
+    assert dirs, "no committed real-world sweep"
+    for path in dirs:
+        dataset, mode, search, _ = path.name.split("_")
+        args = rw.parse_args(["--dataset", dataset, "--mode", mode, "--search", search])
+        protocol = rw.protocol_of(args, mode, rw.training_data(dataset))
+        assert training._canonical(protocol) == json.loads((path / "experiment.json").read_text()), path.name
