@@ -4,13 +4,15 @@ The real-world MIL protocol (``real_world_mil.py``) trains ~43,000 tiny models (
 One model per process step wastes the time in Python and Ray overhead, so here M models of one
 architecture *shape* (embedding dims, embedding layers, pooling width, heads) are stacked along a
 leading axis and trained together with batched matmuls; everything else may differ per model:
-learning rate, lr decay, Hopfield scale beta, dropout, training data (fold / seed), init.
+learning rate, lr decay, Hopfield scale beta, dropout, bag dropout, training data (fold / seed), init.
 
 The batched model computes exactly the function of ``reference_model`` (a ``training.BagClassifier``
 with ``layers.HopfieldPooling``) for each model m:
 
     h   = [Linear_E->w]( [ReLU(Linear(.))]^L (x) )                  per instance (the embedding; the
                                                                   last Linear only if ``emb_proj``)
+    h_n = h_n * keep_bn / (1 - r_m), keep_bn ~ Bernoulli(1 - r_m)   bag dropout (training only): instance n
+                                                                  of bag b zeroed whole with rate r_m
     k,v = LN(h) W_K + b_K,  LN(h) W_V + b_V;   q = xi W_Q + b_Q    (xi: learned query pattern;
                                                                   W_Q, W_K, W_V: w -> H * head_dim)
     A   = y_Omega(beta_m q k^T / per head) with padding -> weight 0,   z = dropout_m(A) v
@@ -95,10 +97,35 @@ def instance_encoder(d_in: int, emb_dims: int, emb_layers: int, width: int, emb_
     return nn.Sequential(*layers)
 
 
-def reference_model(shape: Shape, mode: str, scale: float, dropout: float,
+class InstanceDropout(nn.Module):
+    """Bag dropout: in training, each instance embedding (a row of (rows, d)) is zeroed whole with
+    probability ``p`` and the kept ones are scaled by 1 / (1 - p) -- ``nn.Dropout2d`` on a (B, N, d) bag
+    batch, which treats dim 1 (the instances) as channels (the ``bag_dropout`` of an hflayers-based MIL
+    script, see ``real_world_mil.py``). The instance stays in the bag (the pooling still attends to it).
+    Draws from ``generator`` (None: torch's default); in ``reference_model`` it sees only the real
+    (unpadded) instances, so its masks equal the batched model's for bags without padding."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"bag dropout rate {p} must lie in [0, 1)")
+        self.p = float(p)
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape[:-1], generator=self.generator, dtype=x.dtype, device=x.device) >= self.p
+        return x * keep.unsqueeze(-1) / (1 - self.p)
+
+
+def reference_model(shape: Shape, mode: str, scale: float, dropout: float, bag_dropout: float = 0.0,
                     **map_params) -> training.BagClassifier:
-    """The unbatched model: ``training.BagClassifier`` with the instance encoder and HopfieldPooling."""
+    """The unbatched model: ``training.BagClassifier`` with the instance encoder and HopfieldPooling;
+    ``bag_dropout`` > 0 ends the encoder with ``InstanceDropout(bag_dropout)`` (before ``norm_in``)."""
     encoder = instance_encoder(shape.d_in, shape.emb_dims, shape.emb_layers, shape.width, shape.emb_proj)
+    if bag_dropout > 0:
+        encoder.append(InstanceDropout(bag_dropout))
     return training.BagClassifier(encoder, d_model=shape.width, num_pattern=1, n_heads=shape.n_heads,
                                   mix=True, update_steps=1, dropout=dropout, mode=mode, scale=scale,
                                   head_dim=shape.d_head, **map_params)
@@ -133,12 +160,14 @@ def _reference_tensors(model: training.BagClassifier) -> dict[str, Tensor]:
 class BatchedBagClassifier(nn.Module):
     """M ``reference_model``s of one ``Shape`` with stacked parameters (leading model axis).
 
-    ``scale`` and ``dropout`` are (M,) tensors (one beta and one dropout rate per model).
+    ``scale`` and ``dropout`` are (M,) tensors (one beta and one attention-dropout rate per model);
+    ``bag_dropout`` (M,) (default 0): per-model rate of dropping whole instance embeddings in training
+    (``InstanceDropout``); all zero = no random draw, the model of before bit for bit.
     forward(x (M, B, N, d_in), pad (M, B, N) True = padding) -> logits (M, B).
     """
 
     def __init__(self, params: dict[str, Tensor], shape: Shape, mode: str, scale: Tensor,
-                 dropout: Tensor, map_params: dict | None = None) -> None:
+                 dropout: Tensor, map_params: dict | None = None, bag_dropout: Tensor | None = None) -> None:
         super().__init__()
         if mode not in sparsemax.MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(sparsemax.MODES)}")
@@ -149,6 +178,10 @@ class BatchedBagClassifier(nn.Module):
         dtype = next(iter(params.values())).dtype
         self.register_buffer("scale", scale.to(dtype))
         self.register_buffer("dropout_p", dropout.to(dtype))
+        bag_dropout = torch.zeros_like(scale) if bag_dropout is None else bag_dropout
+        if bag_dropout.shape != scale.shape or bool(((bag_dropout < 0) | (bag_dropout >= 1)).any()):
+            raise ValueError("bag_dropout needs one rate in [0, 1) per model")
+        self.register_buffer("bag_dropout_p", bag_dropout.to(dtype))
         self.generator: torch.Generator | None = None  # dropout randomness (set by the trainer)
         if mode == "gsh":
             self.map_params.pop("alpha", None)
@@ -174,11 +207,14 @@ class BatchedBagClassifier(nn.Module):
         params = {k: torch.stack([t[k] for t in per_model]) for k in per_model[0]}
         scale = torch.tensor([h.scale for h in hops], dtype=params["query"].dtype)
         dropout = torch.tensor([h.dropout.p for h in hops], dtype=params["query"].dtype)
-        return cls(params, shape, hops[0].mode, scale, dropout, hops[0].map_params)
+        bag = torch.tensor([next((e.p for e in m.encoder if isinstance(e, InstanceDropout)), 0.0) for m in models],
+                           dtype=params["query"].dtype)
+        return cls(params, shape, hops[0].mode, scale, dropout, hops[0].map_params, bag)
 
     @classmethod
     def initialized(cls, shape: Shape, mode: str, scale: Tensor, dropout: Tensor,
-                    generators: Sequence[torch.Generator], map_params: dict | None = None) -> "BatchedBagClassifier":
+                    generators: Sequence[torch.Generator], map_params: dict | None = None,
+                    bag_dropout: Tensor | None = None) -> "BatchedBagClassifier":
         """Fresh models, model m drawn with ``generators[m]`` from the reference model's init:
         Linear W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch default), query ~ 0.02 N(0, 1),
         LayerNorm (1, 0), gsh alpha_logit = logit(alpha0 - 1)."""
@@ -208,12 +244,13 @@ class BatchedBagClassifier(nn.Module):
         if mode == "gsh":
             alpha0 = float((map_params or {}).get("alpha", 1.5))
             params["alpha_logit"] = torch.full((m, shape.n_heads), math.log((alpha0 - 1) / (2 - alpha0)))
-        return cls(params, shape, mode, scale, dropout, map_params)
+        return cls(params, shape, mode, scale, dropout, map_params, bag_dropout)
 
     def subset(self, keep: Tensor) -> "BatchedBagClassifier":
         """The models ``keep`` (indices along the model axis) as a new batched model (copied parameters)."""
         params = {name: self.p(name).detach()[keep].clone() for name in self.names}
-        model = type(self)(params, self.shape, self.mode, self.scale[keep], self.dropout_p[keep], self.map_params)
+        model = type(self)(params, self.shape, self.mode, self.scale[keep], self.dropout_p[keep], self.map_params,
+                           self.bag_dropout_p[keep])
         model.generator = self.generator
         return model.train(self.training)
 
@@ -288,6 +325,10 @@ class BatchedBagClassifier(nn.Module):
             h = torch.relu(self._linear(h, f"enc{i}"))
         if self.shape.emb_proj:
             h = self._linear(h, f"enc{self.shape.emb_layers}")
+        if self.training and bool((self.bag_dropout_p > 0).any()):  # bag dropout (InstanceDropout per model)
+            p = self.bag_dropout_p.view(-1, 1, 1)
+            keep = torch.rand(h.shape[:-1], generator=self.generator, dtype=h.dtype, device=h.device) >= p
+            h = h * keep.unsqueeze(-1) / (1 - p).unsqueeze(-1)
         h = self._layer_norm(h, "norm_in")
         pooled = self.pool(h, pad)
         return self._linear(self._layer_norm(F.gelu(pooled), "norm_out"), "head").squeeze(-1)

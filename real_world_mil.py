@@ -2,6 +2,7 @@
 
     python3 real_world_mil.py --dataset fox --mode sparse           # full protocol, grid of Hu et al.
     python3 real_world_mil.py --dataset fox --mode all --search small
+    python3 real_world_mil.py --dataset fox --mode sparse --search ramsauer --num_samples 64
     python3 real_world_mil.py --report                              # table + plot from result files
 
 Model (per bag): instance MLP embedding -> HopfieldPooling (one learned query) -> classifier,
@@ -34,6 +35,53 @@ emb -> Hopfield -> ReLU -> Linear with the value projection applied to the proje
 stored patterns, GELU, LayerNorm, Linear). Their protocol tuned on outer fold 0 and reused that config
 for the other folds, early-stopped on a noisy criterion, and (in that commit) their ``HopfieldCore``
 applied ``torch.softmax`` whatever the mode; here the map is ``sparsemax.get_map(mode)``.
+
+--search ramsauer: Ramsauer et al. (2021)'s own MIL search space (their Table A.2), ``RAMSAUER_GRID``,
+19,440 configs, of which ``--num_samples`` are drawn uniformly without replacement (``--seed``), default
+``--epochs 160`` (explicit ``--epochs`` wins; ``--quick`` keeps its 2). Their MIL experiment code is not
+public: github.com/ml-jku/hopfield-layers (HEAD f56f929) holds the ``hflayers`` package and three demo
+notebooks (bit_pattern, latch_sequence, mnist_bags), no Tiger/Fox/Elephant/UCSB script. The mapping
+follows the table, the ``hflayers.HopfieldPooling`` arguments it names, and Hu et al.'s hflayers-based
+``real_world_mil.py`` (Hibb-bb/sparse_hopfield@85939b0: ``Hopfield(input_size=emb_dims, num_heads,
+hidden_size=hid_dim, scaling, dropout)``; MAGICS-LAB/SparseModernHopfield@051e70c the same on its own
+layer), whose 864-config grid is a subset of Table A.2 under exactly this reading (their emb_dims
+{32, 64, 128} = "hidden dims", hid_dim {16, 32, 64} = "head dims"):
+
+    Table A.2              values                     ours (RAMSAUER_GRID key -> model)
+    learning rates         {1e-3, 1e-5}               lr (AdamW)
+    lr decay               {0.98, 0.96, 0.94}         lr_decay: lr *= decay after each epoch
+    embedding layers       {1, 2, 3}                  emb_layers: number of [Linear, ReLU] instance layers
+    layer widths           {32, 64, 256, 1024, 2048}  emb_dims: width of each of those layers
+    hidden dims            {32, 64, 128}              hidden_dim: width the pooling reads and returns,
+                                                      d_model = hflayers input_size (Hu et al.'s emb_dims),
+                                                      via a final Linear(emb_dims -> hidden_dim)
+    heads                  {8, 12, 16, 32}            n_heads
+    head dims              {16, 32, 64}               head_dim: q/k/v width per head = hflayers hidden_size
+                                                      ("depth of the association space", passed as
+                                                      HopfieldCore(head_dim=hidden_size), hflayers/__init__.py:99,
+                                                      activation.py:110-114; Hu et al.'s hid_dim)
+    scaling (beta)         {0.1, 1, 10}               scale
+    bag dropout            {0, 0.75}                  bag_dropout: in training each instance embedding is
+                                                      zeroed whole with this rate, the kept ones x 1/(1 - rate),
+                                                      before the pooling (and its LayerNorm): nn.Dropout2d on
+                                                      (bag, instance, feature), as the ``bag_dropout =
+                                                      nn.Dropout2d(p=0.75)`` in front of HopfieldPooling in an
+                                                      hflayers-based Fox/Tiger/Elephant script of the same
+                                                      lineage (sparse_hflayers imports; defined, its call
+                                                      commented out). Hu et al.'s released grids put
+                                                      {0, 0.75} into the association dropout instead (our
+                                                      ``dropout``, as in --search hu)
+    epochs                 160                        --epochs default
+    (not in the table)                                dropout (attention) 0 (hflayers' default), batch 4,
+                                                      AdamW weight decay 1e-4, clipping 1.0, --patience /
+                                                      --halving_rungs as for every search (off: 0 / none)
+
+Model of this search (``POOLING["ramsauer"]``): emb_layers x [Linear(emb_dims), ReLU] -> Linear(hidden_dim)
+-> bag dropout -> LayerNorm -> HopfieldPooling(d_model=hidden_dim, n_heads, head_dim) -> GELU -> LayerNorm
+-> Linear. Unknown from any public source, hence our choices: batch size, early stopping (the table only
+says 160 epochs), whether the widths of the embedding layers varied per layer (here: one width for all),
+and the last embedding layer (here linear, Hu et al.'s ends with ReLU); hflayers' pooling also has
+separate per-head value widths (pattern_size), here equal to head_dim.
 
 Speed: configs of equal shape (emb_dims, emb_layers, width, heads, batch) are trained together with
 all folds as one batched model (``batched_mil.py``); one Ray trial = one shape x one repetition,
@@ -71,6 +119,9 @@ PUBLISHED_AUC = {"tiger": (91.3, 0.5), "fox": (64.05, 0.4), "elephant": (94.9, 0
 
 SHAPE_KEYS = ("emb_dims", "emb_layers", "hidden_dim", "n_heads", "batch_size")
 VARIANT_KEYS = ("lr", "lr_decay", "scale", "dropout")
+# keys only the ramsauer space has (absent from the other searches' configs, trial files and results)
+EXTRA_SHAPE_KEYS = ("head_dim",)
+EXTRA_VARIANT_KEYS = ("bag_dropout",)
 # Hu et al.'s grid (their real_world_mil.py): 864 configs
 HU_GRID = {"lr": [1e-3, 1e-5], "lr_decay": [0.98, 0.96, 0.94], "batch_size": [4],
            "emb_dims": [32, 64, 128], "emb_layers": [1, 2], "hidden_dim": [16, 32, 64],
@@ -81,6 +132,14 @@ SMALL_GRID = {**HU_GRID, "lr": [1e-3], "lr_decay": [0.98], "emb_dims": [32], "em
               "hidden_dim": [16], "n_heads": [8]}
 # --quick: a seconds-long smoke setting
 QUICK_GRID = {**SMALL_GRID, "hidden_dim": [2], "emb_dims": [8], "dropout": [0.0]}
+# Ramsauer et al. 2021, Table A.2 (their MIL search space), in our names (mapping: module docstring):
+# 2 * 3 * 3 * 5 * 4 * 3 * 3 * 3 * 2 = 19,440 configs; --search ramsauer samples --num_samples of them.
+RAMSAUER_GRID = {"lr": [1e-3, 1e-5], "lr_decay": [0.98, 0.96, 0.94], "batch_size": [4],
+                 "emb_layers": [1, 2, 3], "emb_dims": [32, 64, 256, 1024, 2048], "n_heads": [8, 12, 16, 32],
+                 "head_dim": [16, 32, 64], "scale": [0.1, 1.0, 10.0], "hidden_dim": [32, 64, 128],
+                 "dropout": [0.0], "bag_dropout": [0.0, 0.75]}
+RAMSAUER_EPOCHS = 160  # Table A.2; the default --epochs of --search ramsauer (explicit --epochs wins)
+SEARCHES = ("hu", "small", "random", "quick", "ramsauer")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,10 +152,11 @@ def grid_configs(grid: dict[str, list]) -> list[dict]:
 
 
 def search_configs(search: str, num_samples: int, seed: int) -> list[dict]:
-    """Configs of ``--search``: hu (full grid), small, quick, or random (``num_samples`` distinct
-    configs drawn uniformly from the Hu et al. grid, drawn up front so that equal shapes batch)."""
-    if search == "random":
-        configs = grid_configs(HU_GRID)
+    """Configs of ``--search``: hu (full grid), small, quick, random (``num_samples`` distinct configs
+    drawn uniformly from the Hu et al. grid) or ramsauer (the same from Ramsauer et al.'s Table A.2
+    space, ``RAMSAUER_GRID``); samples are drawn up front, deterministic in ``seed``, so equal shapes batch."""
+    if search in ("random", "ramsauer"):
+        configs = grid_configs(HU_GRID if search == "random" else RAMSAUER_GRID)
         pick = np.random.default_rng(seed).choice(len(configs), size=min(num_samples, len(configs)),
                                                   replace=False)
         return [configs[i] for i in sorted(pick)]
@@ -114,13 +174,23 @@ def pool_width(hidden_dim: int, n_heads: int, how: str) -> int:
 # the model structure of each --pool_width (recorded in the results; part of the Ray experiment name)
 POOLING = {"per_head": "MLP(emb_dims) -> HopfieldPooling(d_model=emb_dims, n_heads, head_dim=hidden_dim)",
            "total": "MLP(emb_dims) -> Linear(w) -> HopfieldPooling(d_model=w, n_heads), "
-                    "w = hidden_dim rounded up to a multiple of n_heads"}
+                    "w = hidden_dim rounded up to a multiple of n_heads",
+           "ramsauer": "MLP(emb_dims) -> Linear(hidden_dim) -> bag dropout -> HopfieldPooling(d_model=hidden_dim, "
+                       "n_heads, head_dim)"}
+# what --search ramsauer's bag_dropout does (recorded in its protocol only)
+BAG_DROPOUT = ("training only: each instance embedding (pooling input, before its LayerNorm) zeroed whole with "
+               "rate bag_dropout, kept ones x 1/(1 - rate); nn.Dropout2d over (bag, instance, feature)")
 
 
 def model_shape(d_in: int, group: dict, how: str) -> batched_mil.Shape:
     """Architecture of a shape group. per_head (Hu et al.): HopfieldPooling(d_model=emb_dims, n_heads,
     head_dim=hidden_dim) on the embedding MLP's output; total: Linear(emb_dims -> w) then
-    HopfieldPooling(d_model=w, n_heads) with w = ``pool_width(hidden_dim, n_heads, "total")``."""
+    HopfieldPooling(d_model=w, n_heads) with w = ``pool_width(hidden_dim, n_heads, "total")``;
+    ramsauer (--search ramsauer): Linear(emb_dims -> hidden_dim) then HopfieldPooling(d_model=hidden_dim,
+    n_heads, head_dim)."""
+    if how == "ramsauer":
+        return batched_mil.Shape(d_in, group["emb_dims"], group["emb_layers"], group["hidden_dim"], group["n_heads"],
+                                 head_dim=group["head_dim"], emb_proj=True)
     if how == "per_head":
         return batched_mil.Shape(d_in, group["emb_dims"], group["emb_layers"], group["emb_dims"], group["n_heads"],
                                  head_dim=group["hidden_dim"], emb_proj=False)
@@ -129,12 +199,14 @@ def model_shape(d_in: int, group: dict, how: str) -> batched_mil.Shape:
 
 
 def group_by_shape(configs: Sequence[dict]) -> list[dict]:
-    """Configs -> groups ``{shape keys..., "variants": [{lr, lr_decay, scale, dropout}, ...]}``."""
+    """Configs -> groups ``{shape keys..., "variants": [{lr, lr_decay, scale, dropout}, ...]}`` (plus
+    head_dim / bag_dropout where the configs have them: --search ramsauer)."""
     groups: dict[tuple, dict] = {}
     for config in configs:
-        key = tuple(config[k] for k in SHAPE_KEYS)
-        group = groups.setdefault(key, {**{k: config[k] for k in SHAPE_KEYS}, "variants": []})
-        group["variants"].append({k: config[k] for k in VARIANT_KEYS})
+        shape_keys = SHAPE_KEYS + tuple(k for k in EXTRA_SHAPE_KEYS if k in config)
+        key = tuple(config[k] for k in shape_keys)
+        group = groups.setdefault(key, {**{k: config[k] for k in shape_keys}, "variants": []})
+        group["variants"].append({k: config[k] for k in VARIANT_KEYS + EXTRA_VARIANT_KEYS if k in config})
     return list(groups.values())
 
 
@@ -231,8 +303,10 @@ def train_group(config: dict, report: Any = None, bags: list | None = None) -> l
         gens = [torch.Generator().manual_seed(_stable_seed(seed, fold, v, group, config["mode"]))
                 for fold, v in part]
         tensor = lambda key: torch.tensor([float(var[key]) for var in variants])  # noqa: E731
+        bag_dropout = tensor("bag_dropout") if "bag_dropout" in variants[0] else None
         model = batched_mil.BatchedBagClassifier.initialized(shape, config["mode"], tensor("scale"),
-                                                             tensor("dropout"), gens, config["map_params"])
+                                                             tensor("dropout"), gens, config["map_params"],
+                                                             bag_dropout=bag_dropout)
         history = batched_mil.train_batched(
             model.to(device), (padded.to(device), lengths.to(device), pad.to(device)), labels,
             train_sets=[splits[f]["train"].tolist() for f, _ in part],
@@ -318,7 +392,9 @@ def _nan_to(value: float, default: float) -> float:
 def select_configs(records: Sequence[dict]) -> list[dict]:
     """Per (seed, fold): the record with the best validation AUC (ties: lower validation loss, then
     the first config in grid order). Only validation metrics enter the choice."""
-    ordered = sorted(records, key=lambda r: (r["seed"], r["fold"], [r[k] for k in SHAPE_KEYS], r["variant"]))
+    # head_dim (in every record) separates ramsauer shapes; elsewhere it is a function of the shape keys
+    ordered = sorted(records, key=lambda r: (r["seed"], r["fold"], [r[k] for k in SHAPE_KEYS], r.get("head_dim", 0),
+                                             r["variant"]))
     chosen: dict[tuple, dict] = {}
     for record in ordered:
         key = (record["seed"], record["fold"])
@@ -346,8 +422,9 @@ def write_results(path_stem: Path, payload: dict) -> list[Path]:
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = path_stem.with_suffix(".json"), path_stem.with_suffix(".csv")
     json_path.write_text(json.dumps(payload, indent=1))
-    columns = ["seed", "fold", *SHAPE_KEYS, "width", "head_dim", *VARIANT_KEYS, "best_epoch", "val_auc", "val_loss",
-               "test_auc", "test_acc", "test_loss"]
+    extra = [k for k in EXTRA_VARIANT_KEYS if any(k in r for r in payload["folds"])]  # ramsauer only
+    columns = ["seed", "fold", *SHAPE_KEYS, "width", "head_dim", *VARIANT_KEYS, *extra, "best_epoch", "val_auc",
+               "val_loss", "test_auc", "test_acc", "test_loss"]
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -482,22 +559,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="fox", help=f"one of {', '.join(DATASETS)}")
     parser.add_argument("--mode", default="sparse",
                         help=f"retrieval map: one of {', '.join(MODES)}, or 'all' ({', '.join(ALL_MODES)})")
-    parser.add_argument("--search", default=None, choices=("hu", "small", "random", "quick"),
+    parser.add_argument("--search", default=None, choices=SEARCHES,
                         help="hu: the full grid of Hu et al. (864 configs; default); small: 4 configs (see "
-                             "SMALL_GRID); random: --num_samples configs from the hu grid; quick: a tiny smoke grid")
-    parser.add_argument("--num_samples", type=training.positive_int, default=32, help="configs for --search random")
+                             "SMALL_GRID); random: --num_samples configs from the hu grid; quick: a tiny smoke grid; "
+                             "ramsauer: --num_samples configs from Ramsauer et al.'s Table A.2 space (19,440 "
+                             f"configs, RAMSAUER_GRID; default --epochs {RAMSAUER_EPOCHS}; its own pooling structure)")
+    parser.add_argument("--num_samples", type=training.positive_int, default=32,
+                        help="configs for --search random / ramsauer")
     parser.add_argument("--seed", type=int, default=0, help="repetition r uses seed + r (splits and inits)")
     parser.add_argument("--n_seeds", type=training.positive_int, default=None, help="repetitions, each a different "
                                                                                      "split (default 5)")
     parser.add_argument("--n_folds", type=_at_least_two, default=None, help="outer stratified folds (default 10)")
     parser.add_argument("--val_fraction", type=training.open_fraction, default=0.2,
                         help="inner validation share of a training part, in (0, 1)")
-    parser.add_argument("--epochs", type=training.positive_int, default=None, help="default 50")
+    parser.add_argument("--epochs", type=training.positive_int, default=None,
+                        help=f"default 50 ({RAMSAUER_EPOCHS} for --search ramsauer; --quick: 2)")
     parser.add_argument("--weight_decay", type=training.nonnegative_float, default=1e-4)
     parser.add_argument("--grad_clip", type=training.positive_float, default=1.0)
-    parser.add_argument("--pool_width", default="per_head", choices=("per_head", "total"),
-                        help="per_head: HopfieldPooling(d_model=emb_dims, n_heads, head_dim=hidden_dim) (Hu et al.); "
-                             "total: hidden_dim is the total pooling width, rounded up to a multiple of n_heads")
+    parser.add_argument("--pool_width", default=None, choices=("per_head", "total"),
+                        help="per_head: HopfieldPooling(d_model=emb_dims, n_heads, head_dim=hidden_dim) (Hu et al.; "
+                             "default); total: hidden_dim is the total pooling width, rounded up to a multiple of "
+                             "n_heads. Not with --search ramsauer (its space sets the structure, POOLING['ramsauer'])")
     parser.add_argument("--alpha", type=training.positive_float, default=None,
                         help="alpha of entmax_alpha / normmax / gsh (init)")
     parser.add_argument("--k", type=training.positive_int, default=None, help="k of k_subsets / sequential_k_subsets")
@@ -560,6 +642,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.dataset = args.dataset.lower()
     if args.mode != "all" and args.mode not in MODES:
         parser.error(f"unknown mode {args.mode!r}; choose one of: {', '.join(MODES)}, all")
+    if args.search == "ramsauer":
+        if args.pool_width is not None:
+            parser.error("--pool_width does not apply to --search ramsauer (its space sets the pooling structure)")
+        args.pool_width = "ramsauer"
+        if args.epochs is None and not args.quick:
+            args.epochs = RAMSAUER_EPOCHS  # Table A.2; --quick keeps its smoke epochs
+    args.pool_width = args.pool_width or "per_head"
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -604,6 +693,8 @@ def protocol_of(args: argparse.Namespace, mode: str, bags: list) -> dict:
     protocol = {k: getattr(args, k) for k in keys}
     protocol.update(dataset=args.dataset, mode=mode, pooling=POOLING[args.pool_width],
                     halving_rungs=list(args.halving_rungs), data=dataset_digest(bags))
+    if args.search == "ramsauer":  # keys of this search only: the other searches' protocols stay as committed
+        protocol.update(space={k: RAMSAUER_GRID[k] for k in sorted(RAMSAUER_GRID)}, bag_dropout=BAG_DROPOUT)
     return protocol
 
 
@@ -634,7 +725,7 @@ def trial_configs(args: argparse.Namespace, mode: str) -> list[dict]:
 def trial_label(config: dict) -> str:
     g = config["group"]
     return (f"seed{config['seed']}_e{g['emb_dims']}x{g['emb_layers']}_h{g['hidden_dim']}x{g['n_heads']}"
-            f"_b{g['batch_size']}")
+            f"_b{g['batch_size']}" + (f"_d{g['head_dim']}" if "head_dim" in g else ""))
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict:

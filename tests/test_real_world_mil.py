@@ -474,3 +474,111 @@ def test_committed_real_world_sweeps_reopen_with_the_current_code():
         args = rw.parse_args(["--dataset", dataset, "--mode", mode, "--search", search])
         protocol = rw.protocol_of(args, mode, rw.training_data(dataset))
         assert training._canonical(protocol) == json.loads((path / "experiment.json").read_text()), path.name
+
+
+# --------------------------------------------------------------------------------------------------
+# --search ramsauer (Ramsauer et al. 2021, Table A.2) and bag dropout
+# --------------------------------------------------------------------------------------------------
+def test_ramsauer_space_is_table_a2():
+    grid = rw.RAMSAUER_GRID
+    assert grid["lr"] == [1e-3, 1e-5] and grid["lr_decay"] == [0.98, 0.96, 0.94]
+    assert grid["emb_layers"] == [1, 2, 3] and grid["emb_dims"] == [32, 64, 256, 1024, 2048]
+    assert grid["n_heads"] == [8, 12, 16, 32] and grid["head_dim"] == [16, 32, 64]
+    assert grid["scale"] == [0.1, 1.0, 10.0] and grid["hidden_dim"] == [32, 64, 128]
+    assert grid["bag_dropout"] == [0.0, 0.75] and grid["dropout"] == [0.0] and grid["batch_size"] == [4]
+    assert len(rw.grid_configs(grid)) == 2 * 3 * 3 * 5 * 4 * 3 * 3 * 3 * 2 == 19440
+    group = {"emb_dims": 1024, "emb_layers": 3, "hidden_dim": 64, "n_heads": 16, "head_dim": 32}
+    model = bm.reference_model(rw.model_shape(9, group, "ramsauer"), "softmax", 1.0, 0.0)
+    hop = model.pooling.hopfield  # hflayers HopfieldPooling(input_size=hidden dim, num_heads, hidden_size=head dim)
+    assert (hop.d_model, hop.n_heads, hop.d_head) == (64, 16, 32)
+    assert hop.k_proj.weight.shape == (16 * 32, 64) and hop.out_proj.weight.shape == (64, 16 * 32)
+    assert [m.out_features for m in model.encoder if isinstance(m, torch.nn.Linear)] == [1024, 1024, 1024, 64]
+
+
+def test_ramsauer_sampler_is_deterministic_uniform_and_batches_equal_shapes():
+    space = rw.grid_configs(rw.RAMSAUER_GRID)
+    sampled = rw.search_configs("ramsauer", 400, 3)
+    assert sampled == rw.search_configs("ramsauer", 400, 3) != rw.search_configs("ramsauer", 400, 4)
+    assert len(sampled) == 400 and len({json.dumps(c, sort_keys=True) for c in sampled}) == 400
+    assert all(c in space for c in sampled)
+    for key, values in rw.RAMSAUER_GRID.items():  # every value of every axis is drawn, about uniformly
+        counts = [sum(c[key] == v for c in sampled) for v in values]
+        assert min(counts) > 0.5 * 400 / len(values), (key, counts)
+    assert rw.search_configs("ramsauer", 10 ** 6, 0) == space
+    groups = rw.group_by_shape(sampled)
+    assert sum(len(g["variants"]) for g in groups) == 400
+    for g in groups:  # head_dim separates shapes; bag dropout varies along the model axis
+        assert set(g) == set(rw.SHAPE_KEYS) | {"head_dim", "variants"}
+        assert all(set(v) == set(rw.VARIANT_KEYS) | {"bag_dropout"} for v in g["variants"])
+    labels = [rw.trial_label({"seed": 0, "group": g}) for g in groups]
+    assert len(set(labels)) == len(labels)
+    assert all(set(g) == set(rw.SHAPE_KEYS) | {"variants"} for g in rw.group_by_shape(rw.search_configs("hu", 0, 0)))
+
+
+def test_ramsauer_epochs_default_and_explicit_flags_win():
+    args = rw.parse_args(["--search", "ramsauer"])
+    assert (args.epochs, args.pool_width, args.n_folds, args.n_seeds) == (160, "ramsauer", 10, 5)
+    assert rw.parse_args(["--search", "ramsauer", "--epochs", "7", "--halving_rungs", "none"]).epochs == 7
+    assert rw.parse_args(["--search", "ramsauer", "--quick"]).epochs == 2
+    for search in ("hu", "small", "random"):
+        assert rw.parse_args(["--search", search]).epochs == 50
+    assert rw.parse_args([]).epochs == 50 and rw.parse_args([]).pool_width == "per_head"
+    with pytest.raises(SystemExit):
+        rw.parse_args(["--search", "ramsauer", "--pool_width", "total"])
+    bags = rw.training_data("fox")
+    protocol = rw.protocol_of(args, "sparse", bags)
+    assert protocol["space"]["emb_dims"] == [32, 64, 256, 1024, 2048] and "bag_dropout" in protocol
+    assert protocol["pooling"] == rw.POOLING["ramsauer"]
+    plain = rw.protocol_of(rw.parse_args(["--search", "random"]), "sparse", bags)
+    assert "space" not in plain and "bag_dropout" not in plain
+
+
+def test_bag_dropout_zero_is_the_model_of_before_bit_for_bit():
+    shape = bm.Shape(d_in=5, emb_dims=6, emb_layers=2, width=8, n_heads=2, head_dim=3)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
+    args = (shape, "sparsemax", torch.tensor([0.1, 1.0, 10.0]), torch.tensor([0.0, 0.5, 0.75]))
+    old = bm.BatchedBagClassifier.initialized(*args, gens()).train()
+    new = bm.BatchedBagClassifier.initialized(*args, gens(), bag_dropout=torch.zeros(3)).train()
+    x = torch.randn(3, 4, 6, 5)
+    pad = torch.rand(3, 4, 6) < 0.3
+    pad[..., 0] = False
+    old.generator, new.generator = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(old(x, pad), new(x, pad))  # attention dropout draws the same masks too
+    new.bag_dropout_p = torch.tensor([0.0, 0.0, 0.5])
+    new.generator = torch.Generator().manual_seed(9)
+    out = new.eval()(x, pad)
+    assert torch.equal(out, old.eval()(x, pad))  # eval: no bag dropout
+
+
+def test_bag_dropout_batched_equals_reference_models_and_drops_its_share():
+    shape = bm.Shape(d_in=4, emb_dims=5, emb_layers=1, width=6, n_heads=2, head_dim=3)
+    rates = (0.0, 0.75, 0.3)
+    torch.manual_seed(0)
+    models = [bm.reference_model(shape, "entmax", 1.0, 0.0, bag_dropout=r).double() for r in rates]
+    batched = bm.BatchedBagClassifier.from_models(models, shape)
+    assert batched.bag_dropout_p.tolist() == list(rates)
+    x = torch.randn(3, 5, 7, 4, dtype=torch.double)
+    shared = torch.Generator().manual_seed(5)  # the batched draw (M, B, N) = the models' draws in turn
+    for m in models:
+        m.train()
+        for e in m.encoder:
+            if isinstance(e, bm.InstanceDropout):
+                e.generator = shared
+    expected = []
+    for i, m in enumerate(models):
+        if rates[i] == 0:  # the reference draws nothing at rate 0; the batched model draws (and keeps all)
+            torch.rand(5, 7, generator=shared, dtype=torch.double)
+        expected.append(m(x[i]))
+    batched.train()
+    batched.generator = torch.Generator().manual_seed(5)
+    torch.testing.assert_close(batched(x), torch.stack(expected), rtol=1e-12, atol=1e-12)
+    # the share of dropped instances is the rate; dropped instances are zero, kept ones scaled
+    drop = bm.InstanceDropout(0.75).train()
+    drop.generator = torch.Generator().manual_seed(0)
+    h = drop(torch.ones(200, 50, 3))
+    zero = (h == 0).all(-1)
+    assert abs(zero.double().mean().item() - 0.75) < 0.01
+    assert torch.equal(h[~zero], torch.full_like(h[~zero], 4.0)) and bool(((h == 0) == zero[..., None]).all())
+    assert torch.equal(drop.eval()(torch.ones(2, 3, 3)), torch.ones(2, 3, 3))
+    with pytest.raises(ValueError):
+        bm.InstanceDropout(1.0)
