@@ -614,16 +614,6 @@ def plot_curves(records: list[dict], args: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def run_provenance(trials: list[dict]) -> dict:
-    """Compute and code behind the results: trial wall times (the sum is the sweep's compute on one trial
-    slot each), the git commits that produced the trials, the precision."""
-    walls = [t["wall_time_s"] for t in trials]
-    return {"precision": sorted({t["config"]["precision"] for t in trials}),
-            "trial_wall_time_s": {"sum": float(np.sum(walls)), "mean": float(np.mean(walls)),
-                                  "max": float(np.max(walls))} if walls else {},
-            "git_commits": sorted({t["git_commit"] for t in trials}), "n_trials": len(trials)}
-
-
 def write_outputs(records: list[dict], summary: list[dict], args: argparse.Namespace,
                   trials: list[dict]) -> dict[str, Path]:
     import pandas as pd
@@ -638,7 +628,7 @@ def write_outputs(records: list[dict], summary: list[dict], args: argparse.Names
     flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in s.items()} for s in summary]
     pd.DataFrame(flat).to_csv(files["summary_csv"], index=False)
     payload = {"config": result_config(args), "exp_name": args.exp_name, "summary": summary,
-               "provenance": run_provenance(trials), "train_metrics": training.TRAIN_METRICS_DOC[args.train_metrics]}
+               "provenance": training.trial_provenance(trials), "train_metrics": training.TRAIN_METRICS_DOC[args.train_metrics]}
     files["summary_json"].write_text(json.dumps(payload, indent=2, default=str))
     for i, path in enumerate(plot_curves(records, args)):
         files[f"plot_{i}"] = path
