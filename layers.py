@@ -460,7 +460,9 @@ class Hopfield(nn.Module):
 
         def weights_of(state: Tensor) -> Tensor:  # heads x states as one (B, H S, .) batch: no broadcast copies
             folded = torch.einsum("bhsd,hde->bhse", state, w_k).flatten(1, 2)
-            scores = ((folded @ stored.transpose(-1, -2)).view(b, h, s, n)
+            # Y (q W_K)^T, not (q W_K) Y^T: the gradient w.r.t. Y then comes out in Y's own (B, N, d) layout
+            # (the other order yields it transposed, and adding it to the read's gradient is a strided copy)
+            scores = ((stored @ folded.transpose(-1, -2)).transpose(-1, -2).unflatten(1, (h, s))
                       + (state * b_k).sum(-1, keepdim=True)) * self.scale
             if pad is not None:
                 scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))

@@ -138,11 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     hyper.add_argument("--scale", type=_scale, default=None, help="beta; 'auto' = 1/sqrt(d_model/n_heads)")
     run = parser.add_argument_group("computation")
     training.add_precision_arg(run)
-    run.add_argument("--stack_seeds", default="auto", choices=("auto", "on", "off"),
+    run.add_argument("--stack_seeds", default="off", choices=("on", "off"),
                      help="train the --trials seeds of a mode as one stacked model (batched_mil.train_stacked; each "
-                          "seed's run equals its separate run); auto = on for K-MIL (whose steps are too small to "
-                          "fill the cores) when its settings allow it: --num_pattern 1, --update_steps 1, "
-                          "--train_metrics running, no --tune (default auto)")
+                          "seed's run equals its separate run; one trial file for all seeds); needs --num_pattern 1, "
+                          "--update_steps 1, --train_metrics running, no --tune. Off by default: on this 2-core CPU "
+                          "5 stacked K-MIL seeds train at 0.53x (fp32) / 0.84x (bf16) the bags/s of 5 separate runs "
+                          "(bench/bench_engine.py; the LeNet convolutions, not per-step overhead, bound a step)")
     run.add_argument("--train_metrics", default="running", choices=training.TRAIN_METRICS,
                      help="train loss/accuracy per epoch: 'running' = mean over the epoch's mini-batches in train "
                           "mode (free), 'eval' = an extra eval-mode pass over the training bags (default running)")
@@ -189,8 +190,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--d_model {args.d_model} must be divisible by --n_heads {args.n_heads}")
     stackable = (args.num_pattern == 1 and args.update_steps == 1 and not args.tune
                  and args.train_metrics == "running")
-    requested = args.stack_seeds
-    args.stack_seeds = {"auto": bool(args.k_mil) and stackable, "on": True, "off": False}[requested]
+    args.stack_seeds = args.stack_seeds == "on"
     if args.stack_seeds and not stackable:
         raise SystemExit("--stack_seeds on needs --num_pattern 1, --update_steps 1 and --train_metrics running, "
                          "without --tune (the batched pooling and trainer of batched_mil); use --stack_seeds off")
@@ -359,12 +359,19 @@ def build_kmil_data(args: argparse.Namespace) -> dict[str, dict]:
     return data
 
 
-def split_tensors(split: dict) -> tuple[Any, Tensor | None, Tensor]:
-    """(bags, key_padding_mask or None, labels) as ``training.train_bag_classifier`` expects."""
+def split_tensors(split: dict, dtype: torch.dtype = torch.float32) -> tuple[Any, Tensor | None, Tensor]:
+    """(bags, key_padding_mask or None, labels) as ``training.train_bag_classifier`` expects; images in ``dtype``."""
     labels = torch.as_tensor(split["labels"])
     if "indices" in split:
-        return IndexedBags(torch.tensor(split["images"]), torch.as_tensor(split["indices"])), None, labels
-    return torch.tensor(split["bags"]), torch.as_tensor(split["mask"]), labels
+        return IndexedBags(torch.tensor(split["images"], dtype=dtype), torch.as_tensor(split["indices"])), None, labels
+    return torch.tensor(split["bags"], dtype=dtype), torch.as_tensor(split["mask"]), labels
+
+
+def image_dtype(precision: str) -> torch.dtype:
+    """Dtype the images are stored in for a trial: autocast's low-precision dtype under bf16/fp16, since both
+    encoders (``mlp_encoder``: Linear; ``lenet_encoder``: Conv2d) begin with an op that autocast casts to it
+    anyway: the same values, without casting every mini-batch again (and half the bytes gathered)."""
+    return training.autocast_dtype(precision)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,7 +402,7 @@ def run_trial(config: dict, data: dict, report) -> list[dict]:
     """Train one model; ``report`` gets each epoch's metrics (plus val_loss/val_acc when data has 'val')."""
     device = training.trial_device(config)
     training.seed_everything(config["seed"])
-    splits = {name: split_tensors(split) for name, split in data.items()}
+    splits = {name: split_tensors(split, image_dtype(config["precision"])) for name, split in data.items()}
     model = build_model(config)
 
     def report_epoch(metrics: dict) -> None:
@@ -429,7 +436,7 @@ def run_stacked_trial(config: dict, data: dict, report) -> list[list[dict]]:
     if not lenet:
         raise ValueError("stacked seeds are implemented for the LeNet encoder (K-MIL)")
     model = batched_mil.BatchedBagClassifier.from_models(models, shape).to(device)
-    splits = {name: split_tensors(split) for name, split in data.items()}
+    splits = {name: split_tensors(split, image_dtype(config["precision"])) for name, split in data.items()}
     return batched_mil.train_stacked(
         model, splits["train"], {name: splits[name] for name in ("val", "test") if name in splits},
         seeds=config["seeds"], epochs=config["epochs"], lr=config["lr"], weight_decay=config["weight_decay"],

@@ -208,6 +208,11 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     return torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPE[precision])
 
 
+def autocast_dtype(precision: str) -> torch.dtype:
+    """The dtype autocast lowers matmuls and convolutions to under ``precision`` (float32 for fp32)."""
+    return _AUTOCAST_DTYPE.get(precision, torch.float32)
+
+
 def full_precision(t: Tensor) -> Tensor:
     """float32 for a bf16/fp16 autocast output (losses and metrics are computed on it), else unchanged
     (a float64 model stays float64)."""

@@ -166,6 +166,35 @@ def test_update_steps_iterate_queries_in_key_space():
     assert torch.allclose(hop(R, Y), expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode, params", [("softmax", {}), ("sparsemax", {}), ("entmax", {}), ("gsh", {}),
+                                          ("normmax", {"alpha": 2.0}), ("k_subsets", {"k": 2})])
+@pytest.mark.parametrize("update_steps", [1, 2])
+def test_folded_pooling_equals_projecting_the_stored_patterns(mode, params, update_steps, monkeypatch):
+    """The folded association (K/V projections moved onto the few state patterns) equals the direct path:
+    output, weights and every gradient, with padding and association dropout (same RNG draw), float64."""
+    pool = HopfieldPooling(16, n_heads=2, num_pattern=2, update_steps=update_steps, dropout=0.3, mode=mode, scale=0.7,
+                           **params).double().train()
+    assert pool.hopfield.folds_stored_projection(2)
+    Y = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+
+    def run():
+        torch.manual_seed(5)
+        out, weights = pool(Y, key_padding_mask=pad, return_weights=True)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
+                                    [Y, *pool.parameters()])
+        return out, weights, grads
+
+    folded = run()
+    monkeypatch.setattr(Hopfield, "folds_stored_projection", lambda self, n_state: False)
+    direct = run()
+    assert torch.allclose(folded[0], direct[0], atol=1e-12) and torch.equal(folded[1] == 0, direct[1] == 0)
+    assert torch.allclose(folded[1], direct[1], atol=1e-12)
+    for got, expected in zip(folded[2], direct[2]):
+        assert torch.allclose(got, expected, atol=1e-10)
+
+
 @pytest.mark.parametrize("mode", SPARSE_MODES)
 def test_every_mode_is_applied_and_sparse_modes_give_exact_zeros(mode):
     torch.manual_seed(0)

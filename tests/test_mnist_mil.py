@@ -91,6 +91,28 @@ def test_bag_classifier_encodes_real_instances_only():
     assert model.encoder[1].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("encoder", ["mlp", "lenet"])
+def test_images_stored_in_the_autocast_dtype_change_nothing(encoder):
+    """bf16 trials keep their images in bf16 (``image_dtype``): the encoder's first op casts them to bf16 under
+    autocast anyway, so logits and gradients are bitwise those of float32 images; fp32 trials keep float32."""
+    assert mm.image_dtype("fp32") == torch.float32 and mm.image_dtype("bf16") == torch.bfloat16
+    torch.manual_seed(0)
+    model = mm.build_model({"mode": "sparsemax", "encoder": encoder, "d_model": 8, "n_heads": 2,
+                            "num_pattern": 1, "update_steps": 1, "dropout": 0.0, "scale": 1.0})
+    bags = torch.rand(3, 4, 28, 28)
+
+    def logits_and_grads(images):
+        model.zero_grad()
+        with training.autocast("bf16", "cpu"):
+            logits = training.full_precision(model(images))
+        logits.sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (expected, expected_grads), (got, got_grads) = logits_and_grads(bags), logits_and_grads(bags.bfloat16())
+    assert torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, expected_grads))
+
+
 def test_summary_selects_last_epoch_or_best_validation_epoch():
     args = mm.parse_args(["--modes", "softmax", "k_subsets:2", "--k_mil", "2"])
     rows = []
@@ -207,15 +229,18 @@ def test_tune_space_and_selection_on_validation():
     assert [s["test_acc_mean"] for s in summary] == [0.85, 0.85] and summary[0]["n_trials"] == 1
 
 
-def test_kmil_tiny_run(local_ray, tmp_path):
-    argv = ["--k_mil", "2", "--modes", "k_subsets:2", "--trials", "1", "--epochs", "2", "--n_train", "32",
-            "--n_val", "16", "--n_test", "16", "--d_model", "16", "--n_heads", "2"] + _dirs(tmp_path)
+@pytest.mark.parametrize("stack", ["off", "on"])
+def test_kmil_tiny_run(stack, local_ray, tmp_path):
+    argv = ["--k_mil", "2", "--modes", "k_subsets:2", "--trials", "2", "--epochs", "2", "--n_train", "32",
+            "--n_val", "16", "--n_test", "16", "--d_model", "16", "--n_heads", "2", "--stack_seeds", stack] + _dirs(tmp_path)
     out = mm.main(argv)
     (entry,) = out["summary"]
-    assert entry["mode"] == "k_subsets:2" and entry["santos2024_test_acc"] == 97.7
+    assert entry["mode"] == "k_subsets:2" and entry["santos2024_test_acc"] == 97.7 and entry["n_trials"] == 2
+    trial_files = list((tmp_path / "results").glob("*/trials/*.json"))
+    assert len(trial_files) == (1 if stack == "on" else 2)
     assert entry["selection"] == "best validation epoch" and 0 <= entry["test_acc_mean"] <= 1
     frame = pd.read_csv(tmp_path / "imgs" / "metrics_kmil2.csv")
-    assert {"val_acc", "test_acc"} <= set(frame.columns) and len(frame) == 2
+    assert {"val_acc", "test_acc"} <= set(frame.columns) and len(frame) == 2 * 2  # seeds x epochs
     assert (tmp_path / "imgs" / "val_acc_kmil2.png").exists()
 
 
