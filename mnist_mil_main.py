@@ -57,7 +57,9 @@ import training
 REPO_DIR = Path(__file__).resolve().parent
 METRICS = ("train_acc", "test_acc", "train_loss", "test_loss")
 DEFAULT_MODES = ("softmax", "sparsemax", "entmax", "gsh")
-KMIL_DEFAULT_MODES = ("softmax", "sparsemax", "entmax", "k_subsets:2", "k_subsets:3", "k_subsets:5")
+# Santos et al.'s K-MIL table rows: the dense and sparse maps, normmax, SparseMAP k-subsets and sequential k-subsets
+KMIL_DEFAULT_MODES = ("softmax", "sparsemax", "entmax", "normmax", "k_subsets:2", "k_subsets:3", "k_subsets:5",
+                      "sequential_k_subsets:2")
 MODE_PARAM = {"k_subsets": ("k", int), "sequential_k_subsets": ("k", int), "entmax_alpha": ("alpha", float),
               "normmax": ("alpha", float), "gsh": ("alpha", float)}
 

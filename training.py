@@ -467,14 +467,14 @@ TRAIN_METRICS_DOC = {"eval": "eval mode, after the epoch", "running": "running m
 
 
 def train_bag_classifier(model: nn.Module, train: tuple[Tensor, Tensor | None, Tensor],
-                         test: tuple[Tensor, Tensor | None, Tensor], epochs: int, lr: float = 1e-4,
+                         test: tuple[Tensor, Tensor | None, Tensor] | None, epochs: int, lr: float = 1e-4,
                          weight_decay: float = 1e-3, batch_size: int = 256, grad_clip: float | None = None,
                          seed: int = 0, report: Callable[[dict], None] | None = None,
                          device: torch.device | str = "cpu", precision: str = "fp32",
                          train_metrics: str = "eval") -> list[dict]:
     """Train with AdamW + cosine schedule on BCE-with-logits; evaluate in eval mode after each epoch.
 
-    ``train``/``test`` are (bags, key_padding_mask or None, labels). ``precision`` (fp32/bf16/fp16) autocasts
+    ``train``/``test`` are (bags, key_padding_mask or None, labels); ``test=None`` skips the test pass. ``precision`` (fp32/bf16/fp16) autocasts
     the forward pass and loss (master weights and AdamW state stay float32; fp16 scales the loss).
     ``train_metrics``: train_loss/train_acc measured in eval mode on the training bags after each epoch
     (``eval``) or as the running mean over the epoch's mini-batches in train mode (``running``: no extra
@@ -512,9 +512,11 @@ def train_bag_classifier(model: nn.Module, train: tuple[Tensor, Tensor | None, T
         n_train = train[2].shape[0]
         tr = (evaluate_bags(model, *train, batch_size=batch_size, precision=precision) if train_metrics == "eval"
               else {"loss": loss_sum / n_train, "acc": correct / n_train})
-        te = evaluate_bags(model, *test, batch_size=batch_size, precision=precision)
-        metrics = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
-                   "test_loss": te["loss"], "test_acc": te["acc"], "epoch_s": time.perf_counter() - start}
+        metrics = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"]}
+        if test is not None:
+            te = evaluate_bags(model, *test, batch_size=batch_size, precision=precision)
+            metrics.update(test_loss=te["loss"], test_acc=te["acc"])
+        metrics["epoch_s"] = time.perf_counter() - start
         history.append(metrics)
         if report is not None:
             report(metrics)

@@ -14,6 +14,27 @@ def pytest_configure(config):
                             "numba kernels (run once, on the torch path)")
 
 
+@pytest.fixture
+def no_work(monkeypatch):
+    """For tests of refused arguments: starting or joining Ray, running trials, or whatever else the test hands
+    to ``no_work(module, name)`` (a script's data loader) fails the test; Ray's state must not change."""
+    import ray
+
+    import training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started for arguments that should have been refused")
+
+    def forbid(*targets: tuple) -> None:
+        for module, name in targets:
+            monkeypatch.setattr(module, name, refuse)
+
+    forbid((training, "init_ray"), (training, "run_trials"), (ray, "init"))
+    was_up = ray.is_initialized()
+    yield forbid
+    assert ray.is_initialized() == was_up
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """A real local Ray with 2 CPUs, shared by every test that runs trials (scripts reuse it)."""

@@ -81,24 +81,9 @@ if torch.cuda.device_count() == 0:
     BAD_ARGS.append((["--gpus_per_trial", "1", "--precision", "fp32"], "--gpus_per_trial"))
 
 
-@pytest.fixture
-def no_ray_start(monkeypatch):
-    """Fail the test if anything tries to start or join Ray; yield whether Ray was up before."""
-    import ray
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("Ray was started for arguments that should have been refused")
-
-    monkeypatch.setattr(training, "init_ray", refuse)
-    monkeypatch.setattr(ray, "init", refuse)
-    was_up = ray.is_initialized()
-    yield was_up
-    assert ray.is_initialized() == was_up
-
-
 @pytest.mark.parametrize("argv, flag", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
-def test_bad_arguments_refused_before_any_work(argv, flag, capsys, no_ray_start, monkeypatch, tmp_path):
-    monkeypatch.setattr(bp, "build_data", lambda args: pytest.fail("data built for refused arguments"))
+def test_bad_arguments_refused_before_any_work(argv, flag, capsys, no_work, tmp_path):
+    no_work((bp, "build_data"))
     with pytest.raises(SystemExit) as exit_info:
         bp.main(argv + ["--results_dir", str(tmp_path)])
     message = str(exit_info.value.code) + capsys.readouterr().err

@@ -290,15 +290,9 @@ def test_stacked_seeds_equal_separate_runs(mode):
                                        (["--ray_address", "127.0.0.1:1"], "--ray_address"),
                                        (["--precision", "fp16"], "fp16"),
                                        (["--data_dir", "/nonexistent"], "--data_dir")])
-def test_bad_arguments_are_refused_before_any_work(argv, flag, capsys, monkeypatch):
-    def no_work(*args, **kwargs):
-        raise AssertionError("work started before the arguments were refused")
-
+def test_bad_arguments_are_refused_before_any_work(argv, flag, capsys, monkeypatch, no_work):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    for name in ("init_ray", "run_trials"):
-        monkeypatch.setattr(training, name, no_work)
-    monkeypatch.setattr(mm, "build_bag_data", no_work)
-    monkeypatch.setattr(mm, "build_kmil_data", no_work)
+    no_work((mm, "build_bag_data"), (mm, "build_kmil_data"))
     with pytest.raises(SystemExit) as exit_info:
         mm.main(argv)
     captured = capsys.readouterr()
