@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import hashlib
 import itertools
 import json
@@ -534,6 +535,40 @@ def engine_checks_table(root: Path = ENGINE_CHECKS_DIR) -> str:
     return "\n".join(lines)
 
 
+def _repetition_cost(files: list[Path]) -> dict:
+    """Trial time, model-epochs and wall clock (first start to last finish) of one repetition's trial files."""
+    trials = [json.loads(f.read_text()) for f in files]
+    ends = [datetime.datetime.fromisoformat(t["finished"]).timestamp() for t in trials]
+    starts = [end - t["wall_time_s"] for end, t in zip(ends, trials)]
+    epochs = sum(r["epochs_trained"] for t in trials for r in decode_records(t["history"][-1]["records"], t["config"]))
+    return {"trial_s": sum(t["wall_time_s"] for t in trials), "wall_s": max(ends) - min(starts), "model_epochs": epochs}
+
+
+def sweep_cost_table(trials_root: Path = training.REPO_DIR / "results" / "real_world_mil" / "trials") -> str:
+    """Per experiment (``trials_root/<name>/``): repetitions whose trial files are all there, and the measured
+    cost of one: trial time (summed over its trials), wall clock from its first trial's start to its last
+    trial's end (marked * where it exceeds the trial time: the repetition was interrupted or resumed), model-epochs;
+    and the whole protocol's wall clock extrapolated from them (x ``n_seeds``)."""
+    lines = ["| dataset / mode | search | configs | repetitions done | trial files | per repetition: trial time (min) | "
+             "wall clock (min) | model-epochs | all repetitions, extrapolated: wall clock (h) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for exp in sorted(d for d in trials_root.iterdir() if (d / "experiment.json").exists()) if trials_root.exists() else []:
+        protocol = json.loads((exp / "experiment.json").read_text())
+        groups = group_by_shape(search_configs(protocol["search"], protocol["num_samples"], protocol["seed"]))
+        per_seed = [sorted((exp / "trials").glob(f"seed{protocol['seed'] + r}_*.json")) for r in range(protocol["n_seeds"])]
+        done = [_repetition_cost(files) for files in per_seed if len(files) == len(groups)]
+        cells = ["–"] * 4
+        if done:
+            mean = {k: float(np.mean([d[k] for d in done])) for k in done[0]}
+            gaps = "*" if any(d["wall_s"] > d["trial_s"] for d in done) else ""
+            cells = [f"{mean['trial_s'] / 60:.1f}", f"{mean['wall_s'] / 60:.1f}{gaps}", f"{mean['model_epochs']:.0f}",
+                     f"{protocol['n_seeds'] * mean['wall_s'] / 3600:.2f}"]
+        lines.append(f"| {protocol['dataset']} / {protocol['mode']} | {protocol['search']} | "
+                     f"{sum(len(g['variants']) for g in groups)} | {len(done)} of {protocol['n_seeds']} | "
+                     f"{sum(map(len, per_seed))} of {protocol['n_seeds'] * len(groups)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def build_report(results_dir: Path, img_dir: Path) -> str:
     results = load_results(results_dir)
     if not results:
@@ -545,7 +580,8 @@ def build_report(results_dir: Path, img_dir: Path) -> str:
     print(table)
     print(f"wrote {training.repo_relative(Path(results_dir) / 'table.md')} and {training.repo_relative(plot)}")
     if Path(results_dir).resolve() == (training.REPO_DIR / "results" / "real_world_mil").resolve():
-        for block, text in (("real_world_table", table), ("real_world_engine_checks", engine_checks_table())):
+        for block, text in (("real_world_table", table), ("real_world_engine_checks", engine_checks_table()),
+                            ("real_world_cost", sweep_cost_table())):
             if training.write_readme_block(block, text):
                 print(f"wrote the README's {block}")
     return table

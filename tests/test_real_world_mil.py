@@ -377,6 +377,12 @@ def test_small_real_run_writes_results(local_ray, tmp_path, capsys):
     (again,) = rw.main(argv)  # rerun: the trial files are reused, nothing is trained
     assert "2 of 2 trials already in" in capsys.readouterr().out
     assert again["summary"] == payload["summary"]
+    # the cost table counts complete repetitions from the trial files and averages their model-epochs
+    row = rw.sweep_cost_table(tmp_path / "res" / "trials").splitlines()[2]
+    assert row.startswith("| fox / sparse | quick |") and "| 2 of 2 | 2 of 2 |" in row
+    assert f"| {payload['model_epochs'] / 2:.0f} |" in row
+    next((tmp_path / "res" / "trials").glob("*/trials/seed1_*.json")).unlink()
+    assert "| 1 of 2 | 1 of 2 |" in rw.sweep_cost_table(tmp_path / "res" / "trials").splitlines()[2]
 
 
 # --------------------------------------------------------------------------------------------------
