@@ -668,13 +668,25 @@ def _cell(entry: dict) -> str:
     return f"{entry['test_acc_mean']:.3f} ± {entry['test_acc_std']:.3f}"
 
 
+def sparse_minus_softmax(by_mode: dict[str, dict]) -> str:
+    """Best sparse mode's mean test accuracy minus softmax's, and whether the gap exceeds the larger std."""
+    sparse = [by_mode[m] for m in DEFAULT_MODES if m != "softmax" and m in by_mode]
+    if "softmax" not in by_mode or not sparse:
+        return "–"
+    best, dense = max(sparse, key=lambda s: s["test_acc_mean"]), by_mode["softmax"]
+    gap = best["test_acc_mean"] - dense["test_acc_mean"]
+    beyond = abs(gap) > max(best["test_acc_std"], dense["test_acc_std"])
+    return f"{gap:+.3f} ({best['mode']}; {'beyond' if beyond else 'within'} one std)"
+
+
 def bag_report(results_dir: Path) -> str:
-    """Markdown: bag sizes x modes, final-epoch test accuracy (mean ± std over seeds) with precision, epochs,
-    seeds and summed trial time; then the values read off Hu et al.'s figures; then fp32-vs-bf16 rows."""
+    """Markdown: bag sizes x modes, final-epoch test accuracy (mean ± std over seeds) with the best sparse mode's
+    gap to softmax, precision, epochs, seeds and summed trial time; then the values read off Hu et al.'s
+    figures; then fp32-vs-bf16 rows."""
     summaries = load_bag_summaries(results_dir)
     canonical = {t: p for t, p in summaries.items() if t.isdigit()}
-    lines = ["| bag size | " + " | ".join(DEFAULT_MODES) + " | precision | epochs x seeds | trial time (h) | "
-             "Hu et al. figures (approx.) |", "|---" * (len(DEFAULT_MODES) + 5) + "|"]
+    lines = ["| bag size | " + " | ".join(DEFAULT_MODES) + " | best sparse - softmax | precision | epochs x seeds | "
+             "trial time (h) | Hu et al. figures (approx.) |", "|---" * (len(DEFAULT_MODES) + 6) + "|"]
     for tag in sorted(canonical, key=int):
         payload = canonical[tag]
         by_mode = {s["mode"]: s for s in payload["summary"]}
@@ -683,7 +695,7 @@ def bag_report(results_dir: Path) -> str:
         refs = ", ".join(f"{m} ~{v}" for m, v in ref.items()) if len(set(ref.values())) > 1 else \
             (f"all ~{next(iter(ref.values()))}" if ref else "–")
         lines.append(f"| {tag} | " + " | ".join(_cell(by_mode[m]) if m in by_mode else "–" for m in DEFAULT_MODES)
-                     + f" | {', '.join(prov['precision'])} | {config['epochs']} x {config['trials']} | "
+                     + f" | {sparse_minus_softmax(by_mode)} | {', '.join(prov['precision'])} | {config['epochs']} x {config['trials']} | "
                        f"{prov['trial_wall_time_s']['sum'] / 3600:.1f} | {refs} |")
     checks = [(t, p) for t, p in summaries.items() if not t.isdigit() and t.split("_")[0] in canonical]
     if checks:

@@ -113,6 +113,18 @@ def test_images_stored_in_the_autocast_dtype_change_nothing(encoder):
     assert all(torch.equal(a, b) for a, b in zip(got_grads, expected_grads))
 
 
+def test_sparse_minus_softmax_names_the_best_sparse_mode_and_the_std_test():
+    def entry(mode, mean, std):
+        return {"mode": mode, "test_acc_mean": mean, "test_acc_std": std}
+
+    by_mode = {"softmax": entry("softmax", 0.90, 0.004), "sparsemax": entry("sparsemax", 0.886, 0.006),
+               "entmax": entry("entmax", 0.893, 0.004)}
+    assert mm.sparse_minus_softmax(by_mode) == "-0.007 (entmax; beyond one std)"
+    by_mode["gsh"] = entry("gsh", 0.905, 0.01)
+    assert mm.sparse_minus_softmax(by_mode) == "+0.005 (gsh; within one std)"
+    assert mm.sparse_minus_softmax({"softmax": by_mode["softmax"]}) == "–"
+
+
 def test_summary_selects_last_epoch_or_best_validation_epoch():
     args = mm.parse_args(["--modes", "softmax", "k_subsets:2", "--k_mil", "2"])
     rows = []
