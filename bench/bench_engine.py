@@ -111,12 +111,15 @@ def mnist_step_seconds(bag: int, precision: str, args: argparse.Namespace) -> tu
     return _fastest(step, args.steps), _fastest(evaluate, args.steps)
 
 
+KMIL_WIDTH = mm.KMIL_DEFAULTS["d_model"]  # K-MIL as mnist_mil_main.py trains it (bags of mm.KMIL_BAGS sizes)
+
+
 def kmil_epoch_seconds(stacked: bool, precision: str, args: argparse.Namespace) -> float:
-    splits = datasets.kmil_splits(2, seed=args.seed, n_train=args.kmil_bags, n_val=16, n_test=16)
+    splits = datasets.kmil_splits(2, seed=args.seed, n_train=args.kmil_bags, n_val=16, n_test=16, **mm.KMIL_BAGS)
     train = mm.split_tensors(dict(zip(("bags", "mask"), datasets.pad_bags(splits["train"][0])),
                                   labels=splits["train"][1]), mm.image_dtype(precision))
-    config = dict(mode=args.mode, encoder="lenet", d_model=128, n_heads=4, num_pattern=1, update_steps=1, dropout=0.0,
-                  scale=None)
+    config = dict(mode=args.mode, encoder="lenet", d_model=KMIL_WIDTH, n_heads=4, num_pattern=1, update_steps=1,
+                  dropout=0.0, scale=None)
     seeds = list(range(args.seeds))
 
     def build(seed: int):
@@ -125,8 +128,8 @@ def kmil_epoch_seconds(stacked: bool, precision: str, args: argparse.Namespace) 
 
     def run() -> None:
         if stacked:
-            shape = bm.Shape(d_in=bm.LENET_FEATURES, emb_dims=128, emb_layers=1, width=128, n_heads=4, emb_proj=False,
-                             lenet=True)
+            shape = bm.Shape(d_in=bm.LENET_FEATURES, emb_dims=KMIL_WIDTH, emb_layers=1, width=KMIL_WIDTH, n_heads=4,
+                             emb_proj=False, lenet=True)
             bm.train_stacked(bm.BatchedBagClassifier.from_models([build(s) for s in seeds], shape), train, {}, seeds,
                              epochs=1, lr=1e-4, weight_decay=1e-4, batch_size=16, grad_clip=1.0, precision=precision)
         else:
@@ -171,7 +174,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     config = training.log_config(args)
     result = {"config": config, "git_commit": training.git_commit(), "cpu_has_bf16": training.cpu_has_bf16(),
-              "mnist_step": [], "kmil": []}
+              "mnist_step": [], "kmil": [], "kmil_setting": {"width": KMIL_WIDTH, **mm.KMIL_BAGS}}
     for bag in args.bag_sizes:
         (fp32, _), (bf16, bf16_eval) = (mnist_step_seconds(bag, p, args) for p in ("fp32", "bf16"))
         floor = bag_step_flops(256, bag) / gemm_rate_bf16(256 * bag)
@@ -225,7 +228,10 @@ def markdown(result: dict) -> str:
                      f"{1e3 * r['bf16_matmul_floor_s']:.0f} | {r['bf16_vs_floor']:.1f}x | "
                      f"{_target(r['bf16_vs_floor'], TARGETS['bf16_vs_floor'].get(bag), at_least=False)} | "
                      f"{100 * r['train_eval_pass_share']:.0f} % |")
-    lines += ["", f"K-MIL epoch ({cfg['kmil_bags']} bags, batch 16, LeNet width 128): {cfg['seeds']} seeds stacked "
+    # runs before kmil_setting was recorded used LeNet width 128 and datasets.make_kmil_bags' default bag sizes
+    kmil = result.get("kmil_setting", {"width": 128, "mean_bag_size": 10.0, "std_bag_size": 2.0, "rounding": "nearest"})
+    lines += ["", f"K-MIL epoch ({cfg['kmil_bags']} bags of ~N({kmil['mean_bag_size']:g}, {kmil['std_bag_size']:g}) "
+              f"digits ({kmil['rounding']}), batch 16, LeNet width {kmil['width']}): {cfg['seeds']} seeds stacked "
               "vs one after the other", "",
               "| precision | separate (bags/s) | stacked (bags/s) | speedup | target |", "|---|---|---|---|---|"]
     for r in result["kmil"]:
