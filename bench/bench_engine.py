@@ -92,7 +92,7 @@ def mnist_step_seconds(bag: int, precision: str, args: argparse.Namespace) -> tu
     training.seed_everything(args.seed)
     model = mm.build_model(dict(mode=args.mode, encoder="mlp", d_model=512, n_heads=4, num_pattern=2, scale=0.1,
                                 update_steps=1, dropout=0.3))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
+    optimizer = training.adamw(model.parameters(), lr=1e-4, weight_decay=1e-3)
     x, y = torch.rand(256, bag, 28, 28).to(mm.image_dtype(precision)), (torch.rand(256) > 0.5).float()
 
     def step() -> None:
