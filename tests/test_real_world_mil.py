@@ -359,17 +359,31 @@ def test_report_builds_table_from_result_files(tmp_path):
     assert (tmp_path / "imgs" / "real_world_mil_auc.png").stat().st_size > 0
 
 
+def test_result_files_are_named_by_search_and_the_table_prefers_the_published_protocol():
+    assert rw.results_stem("fox", "sparse", "hu", 32) == "fox_sparse"
+    assert rw.results_stem("fox", "sparse", "small", 32) == "fox_sparse_small"
+    assert rw.results_stem("tiger", "standard", "random", 32) == "tiger_standard_random32"
+
+    def result(search, auc, trainings):
+        return {"dataset": "fox", "mode": "sparse", "n_trainings": trainings, "protocol": {"search": search, "n_folds": 10},
+                "summary": {"auc_mean": auc, "auc_std": 1.0, "n_seeds": 5}}
+
+    small, random32, full = result("small", 64.2, 200), result("random", 61.8, 1600), result("hu", 66.0, 43200)
+    assert "| 61.8 ± 1.0 (random, 5x10) |" in rw.markdown_table([small, random32])
+    assert "| 66.0 ± 1.0 (hu, 5x10) |" in rw.markdown_table([full, small, random32])
+
+
 def test_small_real_run_writes_results(local_ray, tmp_path, capsys):
     argv = ["--dataset", "fox", "--mode", "sparse", "--search", "quick", "--n_folds", "3", "--n_seeds", "2",
             "--epochs", "2", "--halving_rungs", "none", "--results_dir", str(tmp_path / "res"),
             "--img_dir", str(tmp_path / "img"), "--ray_dir", str(tmp_path / "ray")]
     (payload,) = rw.main(argv)
-    saved = json.loads((tmp_path / "res" / "fox_sparse.json").read_text())
+    saved = json.loads((tmp_path / "res" / "fox_sparse_quick.json").read_text())
     assert saved["summary"] == payload["summary"] and saved["n_trainings"] == 3 * 2 * 2
     assert [(r["seed"], r["fold"]) for r in saved["folds"]] == [(s, f) for s in (0, 1) for f in range(3)]
     for row in saved["folds"]:
         assert 1 <= row["best_epoch"] <= 2 and 0.0 <= row["test_auc"] <= 1.0 and 0.0 <= row["val_auc"] <= 1.0
-    csv_lines = (tmp_path / "res" / "fox_sparse.csv").read_text().strip().splitlines()
+    csv_lines = (tmp_path / "res" / "fox_sparse_quick.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + 6 and csv_lines[0].startswith("seed,fold,emb_dims")
     assert "64.05" in (tmp_path / "res" / "table.md").read_text()
     assert saved["protocol"]["precision"] == payload["protocol"]["precision"] and saved["git_commits"]
