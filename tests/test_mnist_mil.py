@@ -250,6 +250,11 @@ def test_kmil_tiny_run(stack, local_ray, tmp_path):
     assert entry["mode"] == "k_subsets:2" and entry["santos2024_test_acc"] == 97.7 and entry["n_trials"] == 2
     trial_files = list((tmp_path / "results").glob("*/trials/*.json"))
     assert len(trial_files) == (1 if stack == "on" else 2)
+    table = mm.kmil_report(tmp_path / "results").splitlines()
+    row = next(line for line in table if line.startswith("| k_subsets:2 |"))
+    assert table[0] == "| mode | K = 2 | Santos et al. 2024 (K = 2) |" and row.endswith("| 97.7 ± 0.3 |")
+    assert f"{100 * entry['test_acc_mean']:.1f} ± {100 * entry['test_acc_std']:.1f}" in row
+    assert "| 2 | bf16 | 2 x 2 |" in "\n".join(table)
     assert entry["selection"] == "best validation epoch" and 0 <= entry["test_acc_mean"] <= 1
     frame = pd.read_csv(tmp_path / "imgs" / "metrics_kmil2.csv")
     assert {"val_acc", "test_acc"} <= set(frame.columns) and len(frame) == 2 * 2  # seeds x epochs
