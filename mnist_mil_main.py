@@ -665,6 +665,14 @@ def load_bag_summaries(results_dir: Path) -> dict[str, dict]:
     return out
 
 
+def _wall_clock(prov: dict) -> str:
+    """A sweep's wall clock in hours, '*' where it exceeds the summed trial time (interrupted or resumed)."""
+    wall = prov.get("wall_clock_s")
+    if wall is None:
+        return "–"
+    return f"{wall / 3600:.2f}" + ("*" if wall > prov["trial_wall_time_s"]["sum"] else "")
+
+
 def _cell(entry: dict) -> str:
     return f"{entry['test_acc_mean']:.3f} ± {entry['test_acc_std']:.3f}"
 
@@ -687,7 +695,8 @@ def bag_report(results_dir: Path) -> str:
     summaries = load_bag_summaries(results_dir)
     canonical = {t: p for t, p in summaries.items() if t.isdigit()}
     lines = ["| bag size | " + " | ".join(DEFAULT_MODES) + " | best sparse - softmax | precision | epochs x seeds | "
-             "trial time (h) | Hu et al. figures (approx.) |", "|---" * (len(DEFAULT_MODES) + 6) + "|"]
+             "trial time (h) | wall clock (h) | Hu et al. figures (approx.) |", "|---" * (len(DEFAULT_MODES) + 7) + "|"]
+    walls = []
     for tag in sorted(canonical, key=int):
         payload = canonical[tag]
         by_mode = {s["mode"]: s for s in payload["summary"]}
@@ -697,7 +706,11 @@ def bag_report(results_dir: Path) -> str:
             (f"all ~{next(iter(ref.values()))}" if ref else "–")
         lines.append(f"| {tag} | " + " | ".join(_cell(by_mode[m]) if m in by_mode else "–" for m in DEFAULT_MODES)
                      + f" | {sparse_minus_softmax(by_mode)} | {', '.join(prov['precision'])} | {config['epochs']} x {config['trials']} | "
-                       f"{prov['trial_wall_time_s']['sum'] / 3600:.1f} | {refs} |")
+                       f"{prov['trial_wall_time_s']['sum'] / 3600:.1f} | {_wall_clock(prov)} | {refs} |")
+        walls.append(prov.get("wall_clock_s"))
+    if walls and all(w is not None for w in walls):
+        lines += ["", f"Wall clock of the {len(walls)} bag sizes above on this machine's 2 cores (2 trials in parallel): "
+                  f"{sum(walls) / 3600:.1f} h in all."]
     checks = [(t, p) for t, p in summaries.items() if not t.isdigit() and t.split("_")[0] in canonical]
     if checks:
         lines += ["", "Precision check (same protocol, other precision; 'within' = |difference| <= the larger std):", "",

@@ -91,7 +91,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import hashlib
 import itertools
 import json
@@ -553,10 +552,9 @@ def engine_checks_table(root: Path = ENGINE_CHECKS_DIR) -> str:
 def _repetition_cost(files: list[Path]) -> dict:
     """Trial time, model-epochs and wall clock (first start to last finish) of one repetition's trial files."""
     trials = [json.loads(f.read_text()) for f in files]
-    ends = [datetime.datetime.fromisoformat(t["finished"]).timestamp() for t in trials]
-    starts = [end - t["wall_time_s"] for end, t in zip(ends, trials)]
     epochs = sum(r["epochs_trained"] for t in trials for r in decode_records(t["history"][-1]["records"], t["config"]))
-    return {"trial_s": sum(t["wall_time_s"] for t in trials), "wall_s": max(ends) - min(starts), "model_epochs": epochs}
+    return {"trial_s": sum(t["wall_time_s"] for t in trials), "wall_s": training.trial_span_s(trials),
+            "model_epochs": epochs}
 
 
 def sweep_cost_table(trials_root: Path = training.REPO_DIR / "results" / "real_world_mil" / "trials") -> str:

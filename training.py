@@ -570,13 +570,26 @@ def array_digest(tree: Any) -> str:
     return digest.hexdigest()
 
 
+def trial_span_s(trials: Sequence[dict]) -> float | None:
+    """Wall clock from the first trial's start (its finish time minus its wall time) to the last trial's finish;
+    None without finish times. Longer than the summed trial time where the sweep was interrupted or resumed."""
+    import datetime
+
+    if not trials or not all("finished" in t for t in trials):
+        return None
+    ends = [datetime.datetime.strptime(t["finished"], "%Y-%m-%dT%H:%M:%S%z").timestamp() for t in trials]
+    return max(ends) - min(end - float(t["wall_time_s"]) for end, t in zip(ends, trials))
+
+
 def trial_provenance(trials: Sequence[dict]) -> dict:
     """Compute and code behind a set of ``run_trials`` records: trial wall times (their sum = the sweep's
-    compute on one trial slot each), the git commits and precisions that produced them."""
+    compute on one trial slot each), the sweep's wall clock (``trial_span_s``), the git commits and precisions
+    that produced them."""
     walls = [float(t["wall_time_s"]) for t in trials]
     return {"precision": sorted({str(t["config"].get("precision")) for t in trials}),
             "trial_wall_time_s": {"sum": float(np.sum(walls)), "mean": float(np.mean(walls)),
                                   "max": float(np.max(walls))} if walls else {},
+            "wall_clock_s": trial_span_s(trials),
             "git_commits": sorted({t["git_commit"] for t in trials}), "n_trials": len(trials)}
 
 

@@ -123,6 +123,16 @@ def test_trial_files_identify_their_config(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_trial_span_is_first_start_to_last_finish():
+    trials = [{"finished": "2026-12-02T01:00:00+0000", "wall_time_s": 600.0, "config": {"precision": "bf16"},
+               "git_commit": "a"},
+              {"finished": "2026-12-02T01:05:00+0000", "wall_time_s": 120.0, "config": {"precision": "bf16"},
+               "git_commit": "a"}]
+    assert training.trial_span_s(trials) == 900.0  # 00:50 -> 01:05
+    assert training.trial_provenance(trials)["wall_clock_s"] == 900.0
+    assert training.trial_span_s([{"wall_time_s": 1.0}]) is None
+
+
 def test_expand_grid_covers_every_combination():
     grid = training.expand_grid({"a": {"grid_search": [1, 2]}, "b": {"grid_search": ["x", "y", "z"]}, "c": 0})
     assert len(grid) == 6 and all(g["c"] == 0 for g in grid)
