@@ -502,8 +502,9 @@ def plot_results(results: Sequence[dict], path: Path) -> Path:
             match = [r for r in results if r["dataset"] == dataset and r["mode"] == mode]
             if match:
                 xs.append(i + (j - (len(modes) - 1) / 2) * width)
-                ys.append(_preferred(match)["summary"]["auc_mean"])
-                es.append(_preferred(match)["summary"]["auc_std"])
+                summary = _preferred(match)["summary"]
+                ys.append(summary["auc_mean"])
+                es.append(summary["auc_std"])
         ax.bar(xs, ys, width, yerr=es, capsize=3, label=mode)
     for i, dataset in enumerate(datasets):
         if dataset in PUBLISHED_AUC:
