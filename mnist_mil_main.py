@@ -666,11 +666,9 @@ def load_bag_summaries(results_dir: Path) -> dict[str, dict]:
 
 
 def _wall_clock(prov: dict) -> str:
-    """A sweep's wall clock in hours, '*' where it exceeds the summed trial time (interrupted or resumed)."""
+    """A sweep's wall clock in hours (``training.sweep_wall_clock_s``: time during which a trial ran)."""
     wall = prov.get("wall_clock_s")
-    if wall is None:
-        return "–"
-    return f"{wall / 3600:.2f}" + ("*" if wall > prov["trial_wall_time_s"]["sum"] else "")
+    return "–" if wall is None else f"{wall / 3600:.2f}"
 
 
 def _cell(entry: dict) -> str:

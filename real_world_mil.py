@@ -551,17 +551,17 @@ def engine_checks_table(root: Path = ENGINE_CHECKS_DIR) -> str:
 
 
 def _repetition_cost(files: list[Path]) -> dict:
-    """Trial time, model-epochs and wall clock (first start to last finish) of one repetition's trial files."""
+    """Trial time, model-epochs and wall clock (``training.sweep_wall_clock_s``) of one repetition's trial files."""
     trials = [json.loads(f.read_text()) for f in files]
     epochs = sum(r["epochs_trained"] for t in trials for r in decode_records(t["history"][-1]["records"], t["config"]))
-    return {"trial_s": sum(t["wall_time_s"] for t in trials), "wall_s": training.trial_span_s(trials),
+    return {"trial_s": sum(t["wall_time_s"] for t in trials), "wall_s": training.sweep_wall_clock_s(trials),
             "model_epochs": epochs}
 
 
 def sweep_cost_table(trials_root: Path = training.REPO_DIR / "results" / "real_world_mil" / "trials") -> str:
     """Per experiment (``trials_root/<name>/``): repetitions whose trial files are all there, and the measured
-    cost of one: trial time (summed over its trials), wall clock from its first trial's start to its last
-    trial's end (marked * where it exceeds the trial time: the repetition was interrupted or resumed), model-epochs;
+    cost of one: trial time (summed over its trials), wall clock (time during which one of its trials ran, so a
+    repetition resumed in a later session does not count the gap), model-epochs;
     and the whole protocol's wall clock extrapolated from them (x ``n_seeds``)."""
     lines = ["| dataset / mode | search | configs | repetitions done | trial files | per repetition: trial time (min) | "
              "wall clock (min) | model-epochs | all repetitions, extrapolated: wall clock (h) |",
@@ -574,8 +574,7 @@ def sweep_cost_table(trials_root: Path = training.REPO_DIR / "results" / "real_w
         cells = ["–"] * 4
         if done:
             mean = {k: float(np.mean([d[k] for d in done])) for k in done[0]}
-            gaps = "*" if any(d["wall_s"] > d["trial_s"] for d in done) else ""
-            cells = [f"{mean['trial_s'] / 60:.1f}", f"{mean['wall_s'] / 60:.1f}{gaps}", f"{mean['model_epochs']:.0f}",
+            cells = [f"{mean['trial_s'] / 60:.1f}", f"{mean['wall_s'] / 60:.1f}", f"{mean['model_epochs']:.0f}",
                      f"{protocol['n_seeds'] * mean['wall_s'] / 3600:.2f}"]
         lines.append(f"| {protocol['dataset']} / {protocol['mode']} | {protocol['search']} | "
                      f"{sum(len(g['variants']) for g in groups)} | {len(done)} of {protocol['n_seeds']} | "

@@ -570,26 +570,31 @@ def array_digest(tree: Any) -> str:
     return digest.hexdigest()
 
 
-def trial_span_s(trials: Sequence[dict]) -> float | None:
-    """Wall clock from the first trial's start (its finish time minus its wall time) to the last trial's finish;
-    None without finish times. Longer than the summed trial time where the sweep was interrupted or resumed."""
+def sweep_wall_clock_s(trials: Sequence[dict]) -> float | None:
+    """A sweep's wall clock: the length of the union of its trials' intervals [finish - wall time, finish], i.e.
+    the time during which at least one trial ran (a sweep resumed in a later session does not count the gap);
+    None without finish times. At most the summed trial time; equal to it with one trial slot."""
     import datetime
 
     if not trials or not all("finished" in t for t in trials):
         return None
     ends = [datetime.datetime.strptime(t["finished"], "%Y-%m-%dT%H:%M:%S%z").timestamp() for t in trials]
-    return max(ends) - min(end - float(t["wall_time_s"]) for end, t in zip(ends, trials))
+    busy, covered_to = 0.0, -math.inf
+    for start, end in sorted((end - float(t["wall_time_s"]), end) for end, t in zip(ends, trials)):
+        busy += max(0.0, end - max(start, covered_to))
+        covered_to = max(covered_to, end)
+    return busy
 
 
 def trial_provenance(trials: Sequence[dict]) -> dict:
     """Compute and code behind a set of ``run_trials`` records: trial wall times (their sum = the sweep's
-    compute on one trial slot each), the sweep's wall clock (``trial_span_s``), the git commits and precisions
+    compute on one trial slot each), the sweep's wall clock (``sweep_wall_clock_s``), the git commits and precisions
     that produced them."""
     walls = [float(t["wall_time_s"]) for t in trials]
     return {"precision": sorted({str(t["config"].get("precision")) for t in trials}),
             "trial_wall_time_s": {"sum": float(np.sum(walls)), "mean": float(np.mean(walls)),
                                   "max": float(np.max(walls))} if walls else {},
-            "wall_clock_s": trial_span_s(trials),
+            "wall_clock_s": sweep_wall_clock_s(trials),
             "git_commits": sorted({t["git_commit"] for t in trials}), "n_trials": len(trials)}
 
 

@@ -123,14 +123,21 @@ def test_trial_files_identify_their_config(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
-def test_trial_span_is_first_start_to_last_finish():
-    trials = [{"finished": "2026-12-02T01:00:00+0000", "wall_time_s": 600.0, "config": {"precision": "bf16"},
-               "git_commit": "a"},
-              {"finished": "2026-12-02T01:05:00+0000", "wall_time_s": 120.0, "config": {"precision": "bf16"},
-               "git_commit": "a"}]
-    assert training.trial_span_s(trials) == 900.0  # 00:50 -> 01:05
-    assert training.trial_provenance(trials)["wall_clock_s"] == 900.0
-    assert training.trial_span_s([{"wall_time_s": 1.0}]) is None
+def _finished_trial(finished: str, wall_time_s: float) -> dict:
+    return {"finished": f"2026-12-02T{finished}+0000", "wall_time_s": wall_time_s, "config": {"precision": "bf16"},
+            "git_commit": "a"}
+
+
+def test_sweep_wall_clock_is_the_time_some_trial_ran():
+    # two overlapping trials 00:50-01:00 and 00:58-01:05, one inside the first (00:52-00:55), then a
+    # resumed session's trial 03:00-03:10: busy 15 + 10 min; the gap 01:05-03:00 does not count
+    trials = [_finished_trial("01:00:00", 600.0), _finished_trial("01:05:00", 420.0),
+              _finished_trial("00:55:00", 180.0), _finished_trial("03:10:00", 600.0)]
+    assert training.sweep_wall_clock_s(trials) == 1500.0
+    assert training.sweep_wall_clock_s(trials[:2]) == 900.0  # 00:50 -> 01:05
+    assert training.trial_provenance(trials)["wall_clock_s"] == 1500.0
+    assert training.sweep_wall_clock_s([_finished_trial("01:00:00", 60.0)] * 2) == 60.0  # identical intervals once
+    assert training.sweep_wall_clock_s([{"wall_time_s": 1.0}]) is None
 
 
 def test_expand_grid_covers_every_combination():
