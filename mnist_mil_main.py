@@ -548,6 +548,8 @@ def summarize(records: list[dict], args: argparse.Namespace) -> list[dict]:
                  "selection": "best validation epoch" if by_validation else "last epoch"}
         if by_validation:
             entry["val_acc_mean"] = float(np.mean([r["val_acc"] for r in selected]))
+        else:  # one fixed config: the seed-mean learning curve (epochs 1..E), for the report's learning-speed table
+            entry["test_acc_mean_curve"] = frame[frame["mode"] == mode].groupby("epoch")["test_acc"].mean().round(6).tolist()
         if args.tune:
             entry["best_config"] = {k: selected[0][k] for k in ("lr", "weight_decay", "dropout", "scale", "d_model",
                                                                 "n_heads", "num_pattern")}
@@ -635,7 +637,8 @@ def write_outputs(records: list[dict], summary: list[dict], args: argparse.Names
              "summary_csv": results_dir / f"mnist_mil_{args.tag}_summary.csv",
              "summary_json": results_dir / f"mnist_mil_{args.tag}_summary.json"}
     pd.DataFrame(records).to_csv(files["metrics_csv"], index=False)
-    flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in s.items()} for s in summary]
+    flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in s.items()
+             if k != "test_acc_mean_curve"} for s in summary]  # the curves: metrics_csv, per trial
     pd.DataFrame(flat).to_csv(files["summary_csv"], index=False)
     payload = {"config": result_config(args), "exp_name": args.exp_name, "summary": summary,
                "provenance": training.trial_provenance(trials), "train_metrics": training.TRAIN_METRICS_DOC[args.train_metrics]}
@@ -686,6 +689,33 @@ def sparse_minus_softmax(by_mode: dict[str, dict]) -> str:
     return f"{gap:+.3f} ({best['mode']}; {'beyond' if beyond else 'within'} one std)"
 
 
+LEARNING_SPEED_ACC = 0.75  # the report's learning-speed threshold (below every final accuracy measured so far)
+
+
+def first_epoch_reaching(curve: Sequence[float], threshold: float) -> int | None:
+    """First epoch (1-based) at which a seed-mean test-accuracy curve reaches ``threshold``; None if never."""
+    return next((epoch for epoch, acc in enumerate(curve, start=1) if acc >= threshold), None)
+
+
+def learning_speed_table(canonical: dict[str, dict]) -> list[str]:
+    """Markdown lines: bag sizes x modes, the first epoch at which the seed-mean test accuracy reaches
+    ``LEARNING_SPEED_ACC`` (from each summary's ``test_acc_mean_curve``)."""
+    lines = ["", f"Learning speed: first epoch at which the mean test accuracy over seeds reaches {LEARNING_SPEED_ACC} "
+             "('>E': not within the E epochs):", "", "| bag size | " + " | ".join(DEFAULT_MODES) + " |",
+             "|---" * (len(DEFAULT_MODES) + 1) + "|"]
+    for tag in sorted(canonical, key=int):
+        by_mode = {s["mode"]: s for s in canonical[tag]["summary"] if "test_acc_mean_curve" in s}
+        if not by_mode:
+            continue
+        cells = []
+        for mode in DEFAULT_MODES:
+            curve = by_mode[mode]["test_acc_mean_curve"] if mode in by_mode else None
+            epoch = None if curve is None else first_epoch_reaching(curve, LEARNING_SPEED_ACC)
+            cells.append("–" if curve is None else (str(epoch) if epoch else f">{len(curve)}"))
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def bag_report(results_dir: Path) -> str:
     """Markdown: bag sizes x modes, final-epoch test accuracy (mean ± std over seeds) with the best sparse mode's
     gap to softmax, precision, epochs, seeds and summed trial time; then the values read off Hu et al.'s
@@ -709,6 +739,7 @@ def bag_report(results_dir: Path) -> str:
     if walls and all(w is not None for w in walls):
         lines += ["", f"Wall clock of the {len(walls)} bag sizes above on this machine's 2 cores (2 trials in parallel): "
                   f"{sum(walls) / 3600:.1f} h in all."]
+    lines += learning_speed_table(canonical)
     checks = [(t, p) for t, p in summaries.items() if not t.isdigit() and t.split("_")[0] in canonical]
     if checks:
         lines += ["", "Precision check (same protocol, other precision; 'within' = |difference| <= the larger std):", "",

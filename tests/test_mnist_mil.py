@@ -143,6 +143,21 @@ def test_summary_selects_last_epoch_or_best_validation_epoch():
     without_val = [{k: v for k, v in r.items() if k != "val_acc"} for r in rows]
     last = {s["mode"]: s for s in mm.summarize(without_val, args)}
     assert last["softmax"]["test_acc_per_trial"] == [0.95, 0.9]
+    assert last["softmax"]["test_acc_mean_curve"] == pytest.approx([0.55, 0.8, 0.925])  # seed mean per epoch
+    assert "test_acc_mean_curve" not in summary["softmax"]  # selected on validation: no learning-speed curve
+
+
+def test_learning_speed_is_the_first_epoch_the_mean_curve_reaches_the_threshold():
+    assert mm.first_epoch_reaching([0.5, 0.74, 0.75, 0.6, 0.8], 0.75) == 3
+    assert mm.first_epoch_reaching([0.5, 0.7], 0.75) is None
+
+    def summary(curves):
+        return {"summary": [{"mode": m, "test_acc_mean_curve": c} for m, c in curves.items()]}
+
+    table = mm.learning_speed_table({"20": summary({"softmax": [0.5, 0.6, 0.8], "sparsemax": [0.76, 0.9, 0.9]}),
+                                     "5": summary({"softmax": [0.8], "gsh": [0.7]})})
+    rows = [line for line in table if line.startswith("| 5 ") or line.startswith("| 20 ")]
+    assert rows == ["| 5 | 1 | – | – | >1 |", "| 20 | 3 | 1 | – | – |"]  # bag sizes in numeric order
 
 
 # ------------------------------------------------------------------ learning (no Ray)
