@@ -308,13 +308,14 @@ class BatchedBagClassifier(nn.Module):
 
     def _lenet(self, x: Tensor) -> Tensor:
         """LeNet convolutions of every model as grouped convolutions: x (M, B, N, 28, 28) -> (M, B, N, 800),
-        model m's images on input channel m (conv - ReLU - maxpool 2, twice; flattened channel-major)."""
+        model m's images on input channel m (conv - maxpool 2 - ReLU, twice, as ``mnist_mil_main.lenet_encoder``;
+        flattened channel-major)."""
         m, b, n = x.shape[:3]
         h = x.reshape(m, b * n, 28, 28).transpose(0, 1)  # (B N, M, 28, 28): one channel per model
         for i in range(len(LENET_CONVS)):
             w = self.p(f"conv{i}.w")
             h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), self.p(f"conv{i}.b").reshape(-1), groups=m)
-            h = F.max_pool2d(torch.relu(h), 2)
+            h = torch.relu(F.max_pool2d(h, 2))
         return h.reshape(b * n, m, -1).transpose(0, 1).reshape(m, b, n, -1)
 
     def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:

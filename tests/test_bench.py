@@ -1,5 +1,6 @@
-"""Smoke test of bench/bench_maps.py: its quick setting runs every map against torch.softmax (and the
-entmax package) and writes the table files with finite, positive ratios."""
+"""Smoke tests of the benches' quick settings: bench_maps runs every map against torch.softmax (and the
+entmax package) and writes the table files with finite, positive ratios; bench_engine and bench_lenet record
+positive ratios."""
 import csv
 import importlib.util
 import math
@@ -8,8 +9,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_maps.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_maps", BENCH)
+def load_bench(name: str = "bench_maps"):
+    spec = importlib.util.spec_from_file_location(name, BENCH.with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -28,12 +29,18 @@ def test_bench_maps_quick_writes_ratios(tmp_path, capsys):
 
 def test_bench_engine_smoke_writes_ratios(tmp_path):
     """bench_engine's smallest setting runs and records positive ratios (no timing is asserted)."""
-    spec = importlib.util.spec_from_file_location("bench_engine", BENCH.with_name("bench_engine.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(["--quick", "--bag_sizes", "3", "--steps", "1", "--kmil_bags", "16", "--threads", "1",
+    result = load_bench("bench_engine").main(["--quick", "--bag_sizes", "3", "--steps", "1", "--kmil_bags", "16", "--threads", "1",
                           "--out_dir", str(tmp_path)])
     assert [r["bag_size"] for r in result["mnist_step"]] == [3]
     assert all(r["speedup_bf16"] > 0 and r["bf16_vs_floor"] > 0 for r in result["mnist_step"])
     assert {r["precision"] for r in result["kmil"]} == {"fp32", "bf16"}
     assert "K-MIL epoch" in (tmp_path / "bench_engine.md").read_text() and len(result["real_world"]) == 2
+
+
+def test_bench_lenet_smoke_compares_both_layouts(tmp_path):
+    """bench_lenet's quick setting times both LeNet layouts per part and precision (no timing is asserted)."""
+    result = load_bench("bench_lenet").main(["--quick", "--repeats", "1", "--out_dir", str(tmp_path)])
+    assert [(r["part"].split()[0], r["precision"]) for r in result["rows"]] == \
+        [("encoder", "fp32"), ("encoder", "bf16"), ("K-MIL", "fp32"), ("K-MIL", "bf16")]
+    assert all(r["speedup"] > 0 and r["speedup"] == r["textbook_ms"] / r["fast_ms"] for r in result["rows"])
+    assert "| K-MIL training step" in (tmp_path / "bench_lenet.md").read_text()

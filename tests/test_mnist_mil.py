@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 import datasets
 import mnist_mil_main as mm
@@ -89,6 +90,31 @@ def test_bag_classifier_encodes_real_instances_only():
     assert torch.allclose(logits[1], model(bags[1:, :3])[0], atol=1e-6)
     logits.sum().backward()
     assert model.encoder[1].weight.grad.abs().sum() > 0
+
+
+def test_lenet_encoder_equals_textbook_lenet_in_float64():
+    """``lenet_encoder`` (pool before ReLU, channels-last convs) computes Ilse et al.'s LeNet (conv - ReLU -
+    pool, contiguous): same outputs and same gradients for every parameter and the input."""
+    torch.manual_seed(0)
+    fast = mm.lenet_encoder(12).double()
+    textbook = mm.lenet_encoder(12, layout="textbook").double()
+    assert [type(m) for m in textbook[1:4]] == [nn.Conv2d, nn.ReLU, nn.MaxPool2d]
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(fast.named_parameters(), textbook.named_parameters()):
+            b.copy_(a)
+    assert fast[4].weight.is_contiguous(memory_format=torch.channels_last) and not fast[4].weight.is_contiguous()
+    assert textbook[4].weight.is_contiguous() and not textbook[4].weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(6, 28, 28, dtype=torch.float64)
+    outputs, grads = [], []
+    for model in (fast, textbook):
+        x = images.clone().requires_grad_()
+        out = model(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        grads.append([x.grad] + [p.grad for p in model.parameters()])
+    assert torch.allclose(outputs[0], outputs[1], rtol=0, atol=1e-12) and outputs[0].abs().max() > 0
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("encoder", ["mlp", "lenet"])
