@@ -653,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from result files")
     parser.add_argument("--results_dir", default=None,
                         help="result files and trials/ (default results/real_world_mil; --quick: results/quick/real_world_mil)")
-    parser.add_argument("--img_dir", default=None, help="the AUC figure (default imgs; --quick: results/quick/imgs)")
+    parser.add_argument("--img_dir", default=None,
+                        help="the AUC figure (default imgs; --quick: results/quick/imgs; with --results_dir: that directory)")
     parser.add_argument("--data_dir", default=None, help="directory of the benchmark files (default: datasets/data)")
     training.add_ray_args(parser, "real_world_mil")
     return parser
@@ -706,9 +707,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      f"epoch ({args.epochs})")
     args.patience = args.patience or None
     smoke = training.REPO_DIR / "results" / "quick"
+    own_results_dir = args.results_dir is not None
     args.results_dir = args.results_dir or str(smoke / "real_world_mil" if args.quick
                                                else training.REPO_DIR / "results" / "real_world_mil")
-    args.img_dir = args.img_dir or str(smoke / "imgs" if args.quick else training.REPO_DIR / "imgs")
+    # the committed figure imgs/real_world_mil_auc.png shows results/real_world_mil only: a run with its own
+    # --results_dir (an engine check, a smoke run) draws its figure beside its results
+    args.img_dir = args.img_dir or str(args.results_dir if own_results_dir
+                                       else smoke / "imgs" if args.quick else training.REPO_DIR / "imgs")
     if args.report:
         return args
     try:

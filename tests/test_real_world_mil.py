@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import batched_mil as bm
 import real_world_mil as rw
+import training
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -337,6 +338,11 @@ def test_quick_keeps_explicit_flags_and_writes_apart():
     full = rw.parse_args([])
     assert (full.search, full.n_folds, full.n_seeds, full.epochs) == ("hu", 10, 5, 50)
     assert full.results_dir.endswith("results/real_world_mil") and full.patience == 5
+    assert full.img_dir == str(training.REPO_DIR / "imgs")
+    # a run with its own results_dir (the engine checks) never redraws the committed imgs/ figure
+    check = rw.parse_args(["--results_dir", "results/engine_checks/x"])
+    assert check.img_dir == "results/engine_checks/x"
+    assert rw.parse_args(["--results_dir", "r", "--img_dir", "i"]).img_dir == "i"
     assert rw.parse_args(["--patience", "0", "--halving_rungs", "none"]).patience is None
 
 
