@@ -547,8 +547,8 @@ def summarize(records: list[dict], args: argparse.Namespace) -> list[dict]:
     by_validation = "val_acc" in frame.columns
     summary = []
     for mode in args.modes:
-        selected = [select_epoch(group.to_dict("records"), by_validation)
-                    for _, group in frame[frame["mode"] == mode].groupby("trial")]
+        rows = frame[frame["mode"] == mode]
+        selected = [select_epoch(group.to_dict("records"), by_validation) for _, group in rows.groupby("trial")]
         if args.tune:
             selected = [max(selected, key=lambda r: (r["val_acc"], -r["trial"]))]
         accs = np.array([r["test_acc"] for r in selected])
@@ -559,7 +559,7 @@ def summarize(records: list[dict], args: argparse.Namespace) -> list[dict]:
         if by_validation:
             entry["val_acc_mean"] = float(np.mean([r["val_acc"] for r in selected]))
         else:  # one fixed config: the seed-mean learning curve (epochs 1..E), for the report's learning-speed table
-            entry["test_acc_mean_curve"] = frame[frame["mode"] == mode].groupby("epoch")["test_acc"].mean().round(6).tolist()
+            entry["test_acc_mean_curve"] = rows.groupby("epoch")["test_acc"].mean().round(6).tolist()
         if args.tune:
             entry["best_config"] = {k: selected[0][k] for k in ("lr", "weight_decay", "dropout", "scale", "d_model",
                                                                 "n_heads", "num_pattern")}

@@ -1,5 +1,7 @@
-"""Shared fixtures: the repo on sys.path, and one local Ray for the whole test session."""
+"""Shared fixtures: the repo on sys.path, a loader of the bench/ scripts, and one local Ray for the whole
+test session."""
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,6 +14,17 @@ sys.path.insert(0, str(REPO_DIR))
 def pytest_configure(config):
     config.addinivalue_line("markers", "torch_internals: tests the torch solvers of sparsemax.py, not the "
                             "numba kernels (run once, on the torch path)")
+
+
+@pytest.fixture
+def load_bench():
+    """``load_bench("bench_engine")``: the module of ``bench/bench_engine.py`` (bench/ is not a package)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO_DIR / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 @pytest.fixture

@@ -2,22 +2,11 @@
 entmax package) and writes the table files with finite, positive ratios; bench_engine and bench_lenet record
 positive ratios."""
 import csv
-import importlib.util
 import math
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_maps.py"
 
 
-def load_bench(name: str = "bench_maps"):
-    spec = importlib.util.spec_from_file_location(name, BENCH.with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_maps_quick_writes_ratios(tmp_path, capsys):
-    rows = load_bench().main(["--quick", "--out_dir", str(tmp_path)])
+def test_bench_maps_quick_writes_ratios(tmp_path, capsys, load_bench):
+    rows = load_bench("bench_maps").main(["--quick", "--out_dir", str(tmp_path)])
     assert {"sparsemax", "entmax15", "k_subsets k=3", "sequential_k_subsets k=3"} <= {r["map"] for r in rows}
     assert all(r["ours_vs_softmax"] > 0 and math.isfinite(r["ours_vs_softmax"]) for r in rows)
     with open(tmp_path / "bench_maps.csv") as fh:
@@ -27,17 +16,17 @@ def test_bench_maps_quick_writes_ratios(tmp_path, capsys):
     assert f"wrote {tmp_path}" in capsys.readouterr().out
 
 
-def test_bench_engine_smoke_writes_ratios(tmp_path):
+def test_bench_engine_smoke_writes_ratios(tmp_path, load_bench):
     """bench_engine's smallest setting runs and records positive ratios (no timing is asserted)."""
-    result = load_bench("bench_engine").main(["--quick", "--bag_sizes", "3", "--steps", "1", "--kmil_bags", "16", "--threads", "1",
-                          "--out_dir", str(tmp_path)])
+    result = load_bench("bench_engine").main(["--quick", "--bag_sizes", "3", "--steps", "1", "--kmil_bags", "16",
+                                              "--threads", "1", "--out_dir", str(tmp_path)])
     assert [r["bag_size"] for r in result["mnist_step"]] == [3]
     assert all(r["speedup_bf16"] > 0 and r["bf16_vs_floor"] > 0 for r in result["mnist_step"])
     assert {r["precision"] for r in result["kmil"]} == {"fp32", "bf16"}
     assert "K-MIL epoch" in (tmp_path / "bench_engine.md").read_text() and len(result["real_world"]) == 2
 
 
-def test_bench_lenet_smoke_compares_both_layouts(tmp_path):
+def test_bench_lenet_smoke_compares_both_layouts(tmp_path, load_bench):
     """bench_lenet's quick setting times both LeNet layouts per part and precision (no timing is asserted)."""
     result = load_bench("bench_lenet").main(["--quick", "--repeats", "1", "--out_dir", str(tmp_path)])
     assert [(r["part"].split()[0], r["precision"]) for r in result["rows"]] == \

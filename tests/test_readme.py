@@ -18,24 +18,16 @@ def test_readme_setup_commands_are_make_targets():
         assert re.search(rf"^{target}:", makefile, re.M)
 
 
-def test_readme_tables_are_regenerated_from_the_committed_results():
+def test_readme_tables_are_regenerated_from_the_committed_results(load_bench):
     """Every README table marked <!-- BEGIN name --> is what its --report command builds from the
     committed results files (no number in them is typed by hand)."""
     import mnist_mil_main as mm
     import real_world_mil as rw
     import training
 
-    import importlib.util
-
-    def bench(name: str):
-        spec = importlib.util.spec_from_file_location(name, README.parent / "bench" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
     results = README.parent / "results"
-    expected = {"bench_engine": bench("bench_engine").committed_report(),
-                "bench_lenet": bench("bench_lenet").committed_report(), "kmil_table": mm.kmil_report(results),"mnist_mil_table": mm.bag_report(results),
+    expected = {"bench_engine": load_bench("bench_engine").committed_report(),
+                "bench_lenet": load_bench("bench_lenet").committed_report(), "kmil_table": mm.kmil_report(results),"mnist_mil_table": mm.bag_report(results),
                 "real_world_table": rw.markdown_table(rw.load_results(results / "real_world_mil")),
                 "real_world_engine_checks": rw.engine_checks_table(), "real_world_cost": rw.sweep_cost_table()}
     for name, table in expected.items():
