@@ -36,6 +36,7 @@ from hopfield_deq import (VARIANTS, HopfieldClassifier, chn_block_solve, converg
                           load_split, train_epoch)
 from madam import Madam  # noqa: E402
 import training  # noqa: E402
+from bench.common import fastest_seconds  # noqa: E402
 
 
 def synthetic_rows(dim: int, batch: int, norm: float, tol: float, repeats: int, seed: int) -> list[dict]:
@@ -80,17 +81,6 @@ def hopfield_rows(model: str, layers: list[int], state: dict, train_batches: int
     return rows
 
 
-def best_ms(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls (after one warm-up), in milliseconds."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return 1000.0 * best
-
-
 def trained_state(model: str, layers: list[int], train_variant: str, train_batches: int, seed: int) -> dict:
     """Weights after ``train_batches`` Madam steps of the ``train_variant`` dynamics (batch 64)."""
     torch.manual_seed(seed)
@@ -123,7 +113,7 @@ def eo_cost_rows(layers: list[int], state: dict, repeats: int) -> list[dict]:
             parts[f"  drive of layer {i + 1} ({kind}, width {layers[i + 1]})"] = lambda i=i: net.drive(ux, states, i)
             parts[f"  exact block solve of layer {i + 1} (width {layers[i + 1]})"] = \
                 lambda i=i: chn_block_solve(drives[i])
-        times = {name: best_ms(fn, repeats) for name, fn in parts.items()}
+        times = {name: 1e3 * fastest_seconds(fn, repeats) for name, fn in parts.items()}
     sync = times["sync map (all layers, one step)"]
     return [{"bench": "CHN step cost (64 images)", "part": name, "ms": ms, "x_sync_step": ms / sync}
             for name, ms in times.items()]

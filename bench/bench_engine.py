@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ import datasets  # noqa: E402
 import mnist_mil_main as mm  # noqa: E402
 import real_world_mil as rw  # noqa: E402
 import training  # noqa: E402
+from bench.common import committed_report as common_report, fastest_seconds, report_block, write_result  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,20 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _fastest(fn, repeats: int) -> float:
-    fn()  # warm-up (kernel compilation, allocator)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def gemm_rate_bf16(rows: int) -> float:
     """FLOP/s of a bf16 (rows x 784) @ (784 x 512) matmul (the encoder's GEMM)."""
     a, b = torch.rand(rows, 784).bfloat16(), torch.rand(784, 512).bfloat16()
-    return 2 * rows * 784 * 512 / _fastest(lambda: a @ b, 5)
+    return 2 * rows * 784 * 512 / fastest_seconds(lambda: a @ b, 5)
 
 
 def bag_step_flops(batch: int, bag: int, d: int = 512, heads: int = 4, patterns: int = 2) -> float:
@@ -108,7 +98,7 @@ def mnist_step_seconds(bag: int, precision: str, args: argparse.Namespace) -> tu
             model(x)
         model.train()
 
-    return _fastest(step, args.steps), _fastest(evaluate, args.steps)
+    return fastest_seconds(step, args.steps), fastest_seconds(evaluate, args.steps)
 
 
 KMIL_WIDTH = mm.KMIL_DEFAULTS["d_model"]  # K-MIL as mnist_mil_main.py trains it (bags of mm.KMIL_BAGS sizes)
@@ -135,7 +125,7 @@ def kmil_epoch_seconds(stacked: bool, precision: str, args: argparse.Namespace) 
         else:
             for seed in seeds:
                 _train_only(build(seed), train, seed, precision)
-    return _fastest(run, 1)
+    return fastest_seconds(run, 1)
 
 
 def real_world_epoch_seconds(emb_dims: int, hidden_dim: int, precision: str, n_models: int, epochs: int) -> float:
@@ -155,7 +145,7 @@ def real_world_epoch_seconds(emb_dims: int, hidden_dim: int, precision: str, n_m
         bm.train_batched(model, data, labels, [split["train"].tolist()] * n_models,
                          {"val": [split["val"].tolist()] * n_models}, lr=torch.full((n_models,), 1e-3),
                          lr_decay=torch.full((n_models,), 0.98), epochs=epochs, generators=gens, precision=precision)
-    return _fastest(run, 1)
+    return fastest_seconds(run, 1)
 
 
 def _train_only(model, train, seed: int, precision: str) -> None:
@@ -167,9 +157,7 @@ def _train_only(model, train, seed: int, precision: str) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.report:
-        if not training.write_readme_block("bench_engine", committed_report()):
-            raise SystemExit("README.md has no <!-- BEGIN bench_engine --> block")
-        print("wrote the README block bench_engine")
+        report_block("bench_engine", markdown)
         return {}
     torch.set_num_threads(args.threads)
     config = training.log_config(args)
@@ -198,7 +186,7 @@ def main(argv=None) -> dict:
                "bf16_s": bf16, "speedup_bf16": fp32 / bf16}
         result["real_world"].append(row)
         print(json.dumps(row), flush=True)
-    write(result, Path(args.out_dir))
+    write_result(result, args.out_dir, "bench_engine", markdown)
     return result
 
 
@@ -247,19 +235,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write(result: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown(result)
-    (out_dir / "bench_engine.md").write_text(table + "\n")
-    (out_dir / "bench_engine.json").write_text(json.dumps(result, indent=2))
-    print("\n" + table + f"\n\nwrote {training.repo_relative(out_dir / 'bench_engine.md')} and .json")
-
-
-def committed_report(path: Path = REPO_DIR / "results" / "bench" / "bench_engine.json") -> str:
+def committed_report() -> str:
     """The README block ``bench_engine``: the tables of the committed full run."""
-    if not path.exists():
-        raise SystemExit(f"{training.repo_relative(path)} is missing: run python3 bench/bench_engine.py first")
-    return markdown(json.loads(path.read_text()))
+    return common_report("bench_engine", markdown)
 
 
 if __name__ == "__main__":

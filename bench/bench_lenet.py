@@ -14,9 +14,7 @@ Both layouts compute the same function (tests/test_mnist_mil.py, float64); only 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ sys.path.insert(0, str(REPO_DIR))
 
 import mnist_mil_main as mm  # noqa: E402
 import training  # noqa: E402
+from bench.common import committed_report as common_report, fastest_seconds, report_block, write_result  # noqa: E402
 
 LAYOUTS = ("textbook", "fast")
 
@@ -51,14 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def fastest_ms(fn, repeats: int) -> float:
     """Fastest of 3 rounds of ``repeats`` calls, ms per call (after 2 warm-up calls)."""
-    fn(), fn()
-    rounds = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        rounds.append((time.perf_counter() - start) / repeats * 1e3)
-    return min(rounds)
+    return 1e3 * fastest_seconds(fn, rounds=3, calls=repeats, warmup=2)
 
 
 def encoder_ms(layout: str, precision: str, repeats: int) -> float:
@@ -92,9 +84,7 @@ def kmil_step_ms(layout: str, precision: str, repeats: int) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.report:
-        if not training.write_readme_block("bench_lenet", committed_report()):
-            raise SystemExit("README.md has no <!-- BEGIN bench_lenet --> block")
-        print("wrote the README block bench_lenet")
+        report_block("bench_lenet", markdown)
         return {}
     torch.set_num_threads(args.threads)
     config = training.log_config(args)
@@ -108,11 +98,7 @@ def main(argv=None) -> dict:
             print(f"{part:36s} {precision}: textbook {ms['textbook']:.1f} ms, fast {ms['fast']:.1f} ms, "
                   f"{rows[-1]['speedup']:.2f}x", flush=True)
     result = {"config": config, "git_commit": training.git_commit(), "rows": rows}
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_lenet.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "bench_lenet.md").write_text(markdown(result) + "\n")
-    print(f"wrote {training.repo_relative(out_dir / 'bench_lenet.json')}, {training.repo_relative(out_dir / 'bench_lenet.md')}")
+    write_result(result, args.out_dir, "bench_lenet", markdown)
     return result
 
 
@@ -125,11 +111,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines + ["", f"Measured at commit {result['git_commit']}."])
 
 
-def committed_report(path: Path = REPO_DIR / "results" / "bench" / "bench_lenet.json") -> str:
+def committed_report() -> str:
     """The README block ``bench_lenet``: the table of the committed full run."""
-    if not path.exists():
-        raise SystemExit(f"{training.repo_relative(path)} is missing: run python3 bench/bench_lenet.py first")
-    return markdown(json.loads(path.read_text()))
+    return common_report("bench_lenet", markdown)
 
 
 if __name__ == "__main__":
