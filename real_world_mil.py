@@ -102,6 +102,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import scipy.stats
 import torch
 
 import batched_mil
@@ -389,19 +390,23 @@ def _nan_to(value: float, default: float) -> float:
     return default if value is None or math.isnan(value) else value
 
 
+def _choice_order(record: dict) -> tuple:
+    """Sort key of the validation choice: best validation AUC first, ties by lower validation loss, then the
+    first config in grid order (head_dim, in every record, separates ramsauer shapes; elsewhere it is a
+    function of the shape keys)."""
+    return (-_nan_to(record["val_auc"], -1.0), _nan_to(record["val_loss"], math.inf),
+            [record[k] for k in SHAPE_KEYS], record.get("head_dim", 0), record["variant"])
+
+
 def select_configs(records: Sequence[dict]) -> list[dict]:
     """Per (seed, fold): the record with the best validation AUC (ties: lower validation loss, then
     the first config in grid order). Only validation metrics enter the choice."""
-    # head_dim (in every record) separates ramsauer shapes; elsewhere it is a function of the shape keys
-    ordered = sorted(records, key=lambda r: (r["seed"], r["fold"], [r[k] for k in SHAPE_KEYS], r.get("head_dim", 0),
-                                             r["variant"]))
     chosen: dict[tuple, dict] = {}
-    for record in ordered:
+    for record in records:
         key = (record["seed"], record["fold"])
-        score = (_nan_to(record["val_auc"], -1.0), -_nan_to(record["val_loss"], math.inf))
-        if key not in chosen or score > chosen[key][0]:
-            chosen[key] = (score, record)
-    return [chosen[k][1] for k in sorted(chosen)]
+        if key not in chosen or _choice_order(record) < _choice_order(chosen[key]):
+            chosen[key] = record
+    return [chosen[k] for k in sorted(chosen)]
 
 
 def summarize(chosen: Sequence[dict]) -> dict:
@@ -415,6 +420,70 @@ def summarize(chosen: Sequence[dict]) -> dict:
     aucs, accs = [s["auc"] for s in per_seed], [s["acc"] for s in per_seed]
     return {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "acc_mean": float(np.mean(accs)),
             "acc_std": float(np.std(accs)), "n_seeds": len(seeds), "per_seed": per_seed}
+
+
+def _fold_selection(rows: Sequence[dict], chosen: dict) -> dict:
+    """One outer fold's configs: what choosing on validation bought (see ``selection_diagnostics``)."""
+    val = np.array([_nan_to(r["val_auc"], -1.0) for r in rows])
+    test = np.array([r["test_auc"] for r in rows], dtype=float)
+    top = sorted(range(len(rows)), key=lambda i: _choice_order(rows[i]))[:SELECTION_TOP]
+    finite = ~np.isnan(test) & (val >= 0)
+    rho = (scipy.stats.spearmanr(val[finite], test[finite]).statistic
+           if finite.sum() >= 3 and np.ptp(val[finite]) > 0 and np.ptp(test[finite]) > 0 else math.nan)
+    return {"chosen_val_auc": chosen["val_auc"], "chosen_test_auc": chosen["test_auc"],
+            "optimism": chosen["val_auc"] - chosen["test_auc"], "top_test_auc": float(np.nanmean(test[top])),
+            "median_test_auc": float(np.nanmedian(test)), "hindsight_test_auc": float(np.nanmax(test)),
+            "val_test_spearman": float(rho)}
+
+
+SELECTION_TOP = 10  # the configs with the best validation AUC whose mean test AUC shows how stable the choice is
+SELECTION_KEYS = ("chosen_val_auc", "chosen_test_auc", "optimism", "top_test_auc", "median_test_auc",
+                  "hindsight_test_auc", "val_test_spearman")
+
+
+def _mean_of_finite(values: Sequence[float]) -> float:
+    """Mean of the non-NaN values; NaN if there are none (rho is undefined for folds of < 3 distinct configs)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def selection_diagnostics(records: Sequence[dict]) -> dict:
+    """What the validation choice buys, per outer fold over its configs, then as ``summarize`` does (fold mean
+    per repetition, mean +- std over repetitions; AUCs x 100): the chosen config's validation and test AUC
+    and their gap (optimism = val - test, the winner's curse of choosing the max of many noisy validation
+    scores), the mean test AUC of the ``SELECTION_TOP`` best configs by validation, the median config's test
+    AUC (no selection), the best test AUC in hindsight (a ceiling, not an estimate) and Spearman's rho
+    between validation and test AUC across the configs."""
+    folds: dict[tuple, list[dict]] = {}
+    for record in records:
+        folds.setdefault((record["seed"], record["fold"]), []).append(record)
+    chosen = {(r["seed"], r["fold"]): r for r in select_configs(records)}
+    per_fold = {key: _fold_selection(rows, chosen[key]) for key, rows in folds.items()}
+    out = {}
+    for name in SELECTION_KEYS:
+        scale = 1.0 if name == "val_test_spearman" else 100.0
+        per_seed = [scale * _mean_of_finite([v[name] for (s, _), v in per_fold.items() if s == seed])
+                    for seed in sorted({s for s, _ in per_fold})]
+        out[name] = {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed))}
+    out["configs_per_fold"] = int(np.median([len(rows) for rows in folds.values()]))
+    return out
+
+
+def selection_table(results: Sequence[dict]) -> str:
+    """README block ``real_world_selection``: ``selection_diagnostics`` of every full-protocol result."""
+    rows = [r for r in results if r["protocol"]["search"] == "hu" and "selection" in r]
+    if not rows:
+        return ("No full-protocol result yet (`python3 real_world_mil.py --dataset fox --mode sparse`); the table "
+                "appears when one is written.")
+    names = ("chosen: val AUC", "chosen: test AUC", "optimism (val - test)", f"top {SELECTION_TOP} by val: test AUC",
+             "median config: test AUC", "best in hindsight: test AUC", "Spearman val/test")
+    lines = ["| dataset / mode | configs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in sorted(rows, key=lambda r: (DATASETS.index(r["dataset"]), r["mode"])):
+        sel = r["selection"]
+        cells = ["–" if math.isnan(sel[k]["mean"]) else f"{sel[k]['mean']:.{2 if k == 'val_test_spearman' else 1}f} ± "
+                 f"{sel[k]['std']:.{2 if k == 'val_test_spearman' else 1}f}" for k in SELECTION_KEYS]
+        lines.append(f"| {r['dataset']} / {r['mode']} | {sel['configs_per_fold']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def results_stem(dataset: str, mode: str, search: str, num_samples: int) -> str:
@@ -594,7 +663,7 @@ def build_report(results_dir: Path, img_dir: Path) -> str:
     print(f"wrote {training.repo_relative(Path(results_dir) / 'table.md')} and {training.repo_relative(plot)}")
     if Path(results_dir).resolve() == (training.REPO_DIR / "results" / "real_world_mil").resolve():
         for block, text in (("real_world_table", table), ("real_world_engine_checks", engine_checks_table()),
-                            ("real_world_cost", sweep_cost_table())):
+                            ("real_world_cost", sweep_cost_table()), ("real_world_selection", selection_table(results))):
             if training.write_readme_block(block, text):
                 print(f"wrote the README's {block}")
     return table
@@ -809,7 +878,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
                "wall_time_this_run_s": elapsed, "n_trainings": len(records),
                "model_epochs": int(sum(r["epochs_trained"] for r in records)),
                "git_commits": sorted({t["git_commit"] for t in trials}), "experiment": training.repo_relative(trial_dir),
-               "folds": chosen}
+               "selection": selection_diagnostics(records), "folds": chosen}
     paths = write_results(Path(args.results_dir) / results_stem(args.dataset, mode, args.search, args.num_samples), payload)
     ref = PUBLISHED_AUC.get(args.dataset)
     print(f"[{args.dataset}/{mode}] test AUC x100 = {summary['auc_mean']:.2f} ± {summary['auc_std']:.2f}, "

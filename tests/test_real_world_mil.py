@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 
@@ -281,6 +282,42 @@ def test_selection_uses_validation_only():
     assert [(r["fold"], r["variant"]) for r in chosen] == [(0, 2), (1, 1)]
     summary = rw.summarize(chosen)
     assert summary["auc_mean"] == pytest.approx(60.0) and summary["n_seeds"] == 1
+
+
+def test_selection_diagnostics_closed_form():
+    """Two repetitions x one fold of 12 configs: val AUC i/12, test AUC (i/12 + 0.1 or - 0.1 by parity in
+    repetition 0; reversed order in repetition 1), so chosen, optimism, top-10, median, hindsight and rho are
+    known in closed form."""
+    base = {"fold": 0, "emb_dims": 32, "emb_layers": 1, "hidden_dim": 16, "n_heads": 8, "batch_size": 4,
+            "val_loss": 0.5, "test_acc": 0.5}
+    records = [{**base, "seed": 0, "variant": i, "val_auc": i / 12, "test_auc": i / 12 + (0.1 if i % 2 else -0.1)}
+               for i in range(12)]
+    records += [{**base, "seed": 1, "variant": i, "val_auc": i / 12, "test_auc": 1 - i / 12} for i in range(12)]
+    sel = rw.selection_diagnostics(records)
+    chosen_test = [11 / 12 + 0.1, 1 / 12]  # repetition 0: variant 11 (odd); repetition 1: test 1 - 11/12
+    assert sel["chosen_test_auc"]["mean"] == pytest.approx(100 * np.mean(chosen_test))
+    assert sel["chosen_val_auc"]["mean"] == pytest.approx(100 * 11 / 12) and sel["chosen_val_auc"]["std"] == 0
+    assert sel["optimism"]["mean"] == pytest.approx(100 * (11 / 12 - np.mean(chosen_test)))
+    top0 = np.mean([i / 12 + (0.1 if i % 2 else -0.1) for i in range(2, 12)])
+    top1 = np.mean([1 - i / 12 for i in range(2, 12)])
+    assert sel["top_test_auc"]["mean"] == pytest.approx(100 * (top0 + top1) / 2)
+    median0 = np.median([i / 12 + (0.1 if i % 2 else -0.1) for i in range(12)])
+    assert sel["median_test_auc"]["mean"] == pytest.approx(100 * (median0 + 13 / 24) / 2)
+    assert sel["hindsight_test_auc"]["mean"] == pytest.approx(100 * (11 / 12 + 0.1 + 1.0) / 2)
+    rho0 = scipy.stats.spearmanr(range(12), [i / 12 + (0.1 if i % 2 else -0.1) for i in range(12)]).statistic
+    assert sel["val_test_spearman"]["mean"] == pytest.approx((rho0 - 1.0) / 2)
+    assert sel["configs_per_fold"] == 12
+    # the chosen config is select_configs' choice (validation only)
+    assert [r["test_auc"] for r in rw.select_configs(records)] == pytest.approx(chosen_test)
+
+
+def test_selection_table_lists_full_protocol_results_only():
+    sel = {k: {"mean": 0.5, "std": 0.3} for k in rw.SELECTION_KEYS} | {"configs_per_fold": 864}
+    full = {"dataset": "fox", "mode": "sparse", "protocol": {"search": "hu"}, "selection": sel}
+    small = {**full, "protocol": {"search": "small"}}
+    assert "No full-protocol result yet" in rw.selection_table([small])
+    lines = rw.selection_table([small, full]).splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| fox / sparse | 864 | 0.5 ± 0.3 |") and lines[2].endswith("| 0.50 ± 0.30 |")
 
 
 def test_search_spaces_and_widths():
