@@ -304,11 +304,21 @@ def test_selection_diagnostics_closed_form():
     median0 = np.median([i / 12 + (0.1 if i % 2 else -0.1) for i in range(12)])
     assert sel["median_test_auc"]["mean"] == pytest.approx(100 * (median0 + 13 / 24) / 2)
     assert sel["hindsight_test_auc"]["mean"] == pytest.approx(100 * (11 / 12 + 0.1 + 1.0) / 2)
+    # one fold per repetition: the best single config is the per-fold best
+    assert sel["fixed_hindsight_test_auc"]["mean"] == pytest.approx(sel["hindsight_test_auc"]["mean"])
     rho0 = scipy.stats.spearmanr(range(12), [i / 12 + (0.1 if i % 2 else -0.1) for i in range(12)]).statistic
     assert sel["val_test_spearman"]["mean"] == pytest.approx((rho0 - 1.0) / 2)
     assert sel["configs_per_fold"] == 12
     # the chosen config is select_configs' choice (validation only)
     assert [r["test_auc"] for r in rw.select_configs(records)] == pytest.approx(chosen_test)
+
+
+def test_best_fixed_config_is_chosen_on_the_fold_mean():
+    """Config 0 wins fold 0, config 1 wins fold 1, config 2 is best on average; config 3 misses a fold."""
+    base = {"seed": 0, "emb_dims": 32, "emb_layers": 1, "hidden_dim": 16, "n_heads": 8, "batch_size": 4}
+    tests = {0: (0.9, 0.1), 1: (0.2, 0.9), 2: (0.7, 0.7), 3: (1.0,)}
+    records = [{**base, "variant": v, "fold": f, "test_auc": a} for v, aucs in tests.items() for f, a in enumerate(aucs)]
+    assert rw._best_fixed_config_auc(records) == pytest.approx(0.7)
 
 
 def test_selection_table_lists_full_protocol_results_only():
