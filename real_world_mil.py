@@ -422,6 +422,11 @@ def summarize(chosen: Sequence[dict]) -> dict:
             "acc_std": float(np.std(accs)), "n_seeds": len(seeds), "per_seed": per_seed}
 
 
+SELECTION_TOP = 10  # the configs with the best validation AUC whose mean test AUC shows how stable the choice is
+SELECTION_KEYS = ("chosen_val_auc", "chosen_test_auc", "optimism", "top_test_auc", "median_test_auc",
+                  "hindsight_test_auc", "fixed_hindsight_test_auc", "val_test_spearman")
+
+
 def _fold_selection(rows: Sequence[dict], chosen: dict) -> dict:
     """One outer fold's configs: what choosing on validation bought (see ``selection_diagnostics``)."""
     val = np.array([_nan_to(r["val_auc"], -1.0) for r in rows])
@@ -434,11 +439,6 @@ def _fold_selection(rows: Sequence[dict], chosen: dict) -> dict:
             "optimism": chosen["val_auc"] - chosen["test_auc"], "top_test_auc": float(np.nanmean(test[top])),
             "median_test_auc": float(np.nanmedian(test)), "hindsight_test_auc": float(np.nanmax(test)),
             "val_test_spearman": float(rho)}
-
-
-SELECTION_TOP = 10  # the configs with the best validation AUC whose mean test AUC shows how stable the choice is
-SELECTION_KEYS = ("chosen_val_auc", "chosen_test_auc", "optimism", "top_test_auc", "median_test_auc",
-                  "hindsight_test_auc", "fixed_hindsight_test_auc", "val_test_spearman")
 
 
 def _mean_of_finite(values: Sequence[float]) -> float:
@@ -484,6 +484,10 @@ def _best_fixed_config_auc(records: Sequence[dict]) -> float:
     return max(means) if means else math.nan
 
 
+def _mean_std_cell(stat: dict, digits: int) -> str:
+    return "–" if math.isnan(stat["mean"]) else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
 def selection_table(results: Sequence[dict]) -> str:
     """README block ``real_world_selection``: ``selection_diagnostics`` of every full-protocol result."""
     rows = [r for r in results if r["protocol"]["search"] == "hu" and "selection" in r]
@@ -496,8 +500,7 @@ def selection_table(results: Sequence[dict]) -> str:
     lines = ["| dataset / mode | configs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for r in sorted(rows, key=lambda r: (DATASETS.index(r["dataset"]), r["mode"])):
         sel = r["selection"]
-        cells = ["–" if math.isnan(sel[k]["mean"]) else f"{sel[k]['mean']:.{2 if k == 'val_test_spearman' else 1}f} ± "
-                 f"{sel[k]['std']:.{2 if k == 'val_test_spearman' else 1}f}" for k in SELECTION_KEYS]
+        cells = [_mean_std_cell(sel[k], digits=2 if k == "val_test_spearman" else 1) for k in SELECTION_KEYS]
         lines.append(f"| {r['dataset']} / {r['mode']} | {sel['configs_per_fold']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
