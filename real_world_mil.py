@@ -390,12 +390,16 @@ def _nan_to(value: float, default: float) -> float:
     return default if value is None or math.isnan(value) else value
 
 
+def _config_key(record: dict) -> tuple:
+    """A record's config in grid order: shape, head_dim (in every record; it separates ramsauer shapes,
+    elsewhere it is a function of the shape keys), variant."""
+    return (*[record[k] for k in SHAPE_KEYS], record.get("head_dim", 0), record["variant"])
+
+
 def _choice_order(record: dict) -> tuple:
     """Sort key of the validation choice: best validation AUC first, ties by lower validation loss, then the
-    first config in grid order (head_dim, in every record, separates ramsauer shapes; elsewhere it is a
-    function of the shape keys)."""
-    return (-_nan_to(record["val_auc"], -1.0), _nan_to(record["val_loss"], math.inf),
-            [record[k] for k in SHAPE_KEYS], record.get("head_dim", 0), record["variant"])
+    first config in grid order."""
+    return (-_nan_to(record["val_auc"], -1.0), _nan_to(record["val_loss"], math.inf), _config_key(record))
 
 
 def select_configs(records: Sequence[dict]) -> list[dict]:
@@ -427,16 +431,18 @@ SELECTION_KEYS = ("chosen_val_auc", "chosen_test_auc", "optimism", "top_test_auc
                   "hindsight_test_auc", "fixed_hindsight_test_auc", "val_test_spearman")
 
 
-def _fold_selection(rows: Sequence[dict], chosen: dict) -> dict:
-    """One outer fold's configs: what choosing on validation bought (see ``selection_diagnostics``)."""
+def _fold_selection(rows: Sequence[dict]) -> dict:
+    """One outer fold's configs: what choosing on validation bought (see ``selection_diagnostics``); the
+    chosen config is the first in ``_choice_order``, as in ``select_configs``."""
+    rows = sorted(rows, key=_choice_order)
+    chosen = rows[0]
     val = np.array([_nan_to(r["val_auc"], -1.0) for r in rows])
     test = np.array([r["test_auc"] for r in rows], dtype=float)
-    top = sorted(range(len(rows)), key=lambda i: _choice_order(rows[i]))[:SELECTION_TOP]
     finite = ~np.isnan(test) & (val >= 0)
     rho = (scipy.stats.spearmanr(val[finite], test[finite]).statistic
            if finite.sum() >= 3 and np.ptp(val[finite]) > 0 and np.ptp(test[finite]) > 0 else math.nan)
     return {"chosen_val_auc": chosen["val_auc"], "chosen_test_auc": chosen["test_auc"],
-            "optimism": chosen["val_auc"] - chosen["test_auc"], "top_test_auc": float(np.nanmean(test[top])),
+            "optimism": chosen["val_auc"] - chosen["test_auc"], "top_test_auc": float(np.nanmean(test[:SELECTION_TOP])),
             "median_test_auc": float(np.nanmedian(test)), "hindsight_test_auc": float(np.nanmax(test)),
             "val_test_spearman": float(rho)}
 
@@ -458,8 +464,7 @@ def selection_diagnostics(records: Sequence[dict]) -> dict:
     folds: dict[tuple, list[dict]] = {}
     for record in records:
         folds.setdefault((record["seed"], record["fold"]), []).append(record)
-    chosen = {(r["seed"], r["fold"]): r for r in select_configs(records)}
-    per_fold = {key: _fold_selection(rows, chosen[key]) for key, rows in folds.items()}
+    per_fold = {key: _fold_selection(rows) for key, rows in folds.items()}
     seeds = sorted({s for s, _ in per_fold})
     per_seed = {name: [_mean_of_finite([v[name] for (s, _), v in per_fold.items() if s == seed]) for seed in seeds]
                 for name in SELECTION_KEYS if name != "fixed_hindsight_test_auc"}
@@ -478,8 +483,7 @@ def _best_fixed_config_auc(records: Sequence[dict]) -> float:
     n_folds = len({r["fold"] for r in records})
     by_config: dict[tuple, list[float]] = {}
     for r in records:
-        key = (*[r[k] for k in SHAPE_KEYS], r.get("head_dim", 0), r["variant"])
-        by_config.setdefault(key, []).append(r["test_auc"])
+        by_config.setdefault(_config_key(r), []).append(r["test_auc"])
     means = [float(np.nanmean(v)) for v in by_config.values() if len(v) == n_folds]
     return max(means) if means else math.nan
 
