@@ -24,7 +24,7 @@ test: install
 reproduce: install
 	for n in 5 20 30 50 80 100 10; do $(PY) mnist_mil_main.py --bag_size $$n || exit 1; done
 	$(PY) mnist_mil_main.py --bag_size 5 --precision fp32 --tag 5_fp32
-	for k in 2 3 5; do $(PY) mnist_mil_main.py --k_mil $$k || exit 1; done
+	for k in 2 3 5; do $(PY) mnist_mil_main.py --k_mil $$k --precision fp32 || exit 1; done
 	for d in fox tiger elephant ucsb musk1 musk2; do for m in sparse standard; do \
 		$(PY) real_world_mil.py --dataset $$d --mode $$m || exit 1; done; done
 	$(PY) hopfield_deq.py --full

@@ -783,7 +783,7 @@ def kmil_report(results_dir: Path) -> str:
     Santos et al.'s SparseMAP rows; then per K the precision, epochs x seeds and summed trial time."""
     summaries = load_kmil_summaries(results_dir)
     if not summaries:
-        return "No K-MIL run is committed yet (`for K in 2 3 5; do python3 mnist_mil_main.py --k_mil $K; done`)."
+        return "No K-MIL run is committed yet (`for K in 2 3 5; do python3 mnist_mil_main.py --k_mil $K --precision fp32; done`)."
     ks = sorted(summaries)
     by_k = {k: {s["mode"]: s for s in summaries[k]["summary"]} for k in ks}
     modes = list(KMIL_DEFAULT_MODES) + sorted({m for k in ks for m in by_k[k]} - set(KMIL_DEFAULT_MODES))
