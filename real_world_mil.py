@@ -429,6 +429,25 @@ def summarize(chosen: Sequence[dict]) -> dict:
 SELECTION_TOP = 10  # the configs with the best validation AUC whose mean test AUC shows how stable the choice is
 SELECTION_KEYS = ("chosen_val_auc", "chosen_test_auc", "optimism", "top_test_auc", "median_test_auc",
                   "hindsight_test_auc", "fixed_hindsight_test_auc", "val_test_spearman")
+SEARCH_SIZES = (1, 4, 16, 64, 256)  # smaller searches whose expected validation choice the diagnostics report
+
+
+def expected_choice_test_auc(rows: Sequence[dict], n: int) -> float:
+    """Expected test AUC of the validation choice among ``n`` of a fold's N configs drawn uniformly without
+    replacement (a smaller search of the same grid), exactly: with the configs in ``_choice_order`` (rank r = 0
+    the best), rank r is chosen iff it is drawn and none of the r better ones is,
+
+        E[test AUC] = sum_r C(N-1-r, n-1) / C(N, n) * test_r,
+
+    so n = 1 is the mean config and n = N the chosen one. Configs without a test AUC are left out (weights renormalized)."""
+    rows = sorted(rows, key=_choice_order)
+    total = len(rows)
+    if not 1 <= n <= total:
+        raise ValueError(f"n={n} configs: choose 1 <= n <= {total} (the fold's configs)")
+    weights = np.array([math.comb(total - 1 - r, n - 1) / math.comb(total, n) for r in range(total)])
+    test = np.array([r["test_auc"] for r in rows], dtype=float)
+    finite = ~np.isnan(test)
+    return float(np.sum(weights[finite] * test[finite]) / np.sum(weights[finite])) if finite.any() else math.nan
 
 
 def _fold_selection(rows: Sequence[dict]) -> dict:
@@ -459,8 +478,9 @@ def selection_diagnostics(records: Sequence[dict]) -> dict:
     and their gap (optimism = val - test, the winner's curse of choosing the max of many noisy validation
     scores), the mean test AUC of the ``SELECTION_TOP`` best configs by validation, the median config's test
     AUC (no selection), the best test AUC in hindsight per fold and that of the best single config for all
-    folds of a repetition (ceilings chosen on test data, not estimates) and Spearman's rho between
-    validation and test AUC across the configs."""
+    folds of a repetition (ceilings chosen on test data, not estimates), Spearman's rho between
+    validation and test AUC across the configs, and (``by_search_size``) the expected test AUC of the
+    validation choice had the search drawn only n of the configs (``expected_choice_test_auc``)."""
     folds: dict[tuple, list[dict]] = {}
     for record in records:
         folds.setdefault((record["seed"], record["fold"]), []).append(record)
@@ -475,6 +495,11 @@ def selection_diagnostics(records: Sequence[dict]) -> dict:
         values = [(1.0 if name == "val_test_spearman" else 100.0) * v for v in per_seed[name]]
         out[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
     out["configs_per_fold"] = int(np.median([len(rows) for rows in folds.values()]))
+    out["by_search_size"] = {}
+    for n in [n for n in SEARCH_SIZES if n < min(len(rows) for rows in folds.values())]:
+        values = [100.0 * _mean_of_finite([expected_choice_test_auc(rows, n) for (s, _), rows in folds.items() if s == seed])
+                  for seed in seeds]
+        out["by_search_size"][str(n)] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
     return out
 
 
@@ -506,6 +531,22 @@ def selection_table(results: Sequence[dict]) -> str:
         sel = r["selection"]
         cells = [_mean_std_cell(sel[k], digits=2 if k == "val_test_spearman" else 1) for k in SELECTION_KEYS]
         lines.append(f"| {r['dataset']} / {r['mode']} | {sel['configs_per_fold']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", search_size_table(rows)])
+
+
+def search_size_table(rows: Sequence[dict]) -> str:
+    """Expected test AUC of the validation choice among n random configs of the grid, per full-protocol result
+    (``selection["by_search_size"]``; the last column is the full search's choice)."""
+    lines = ["Expected test AUC of the validation choice had the search drawn n of the configs at random "
+             "(`expected_choice_test_auc`; n = 1 is the mean config):", "",
+             "| dataset / mode | " + " | ".join(f"n = {n}" for n in SEARCH_SIZES) + " | all configs |",
+             "|---|" + "---|" * (len(SEARCH_SIZES) + 1)]
+    nan = {"mean": math.nan, "std": math.nan}
+    for r in sorted(rows, key=lambda r: (DATASETS.index(r["dataset"]), r["mode"])):
+        sizes = r["selection"].get("by_search_size", {})
+        cells = [_mean_std_cell(sizes.get(str(n), nan), 1) for n in SEARCH_SIZES]
+        lines.append(f"| {r['dataset']} / {r['mode']} | " + " | ".join(cells)
+                     + f" | {_mean_std_cell(r['selection']['chosen_test_auc'], 1)} |")
     return "\n".join(lines)
 
 

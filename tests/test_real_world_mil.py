@@ -1,5 +1,6 @@
 """Tests of the real-world MIL benchmark: split logic (no leakage), batched == unbatched model,
 optimizer equivalence, metrics, selection on validation only, CLI errors, and a real small Ray run."""
+import itertools
 import json
 
 import numpy as np
@@ -323,11 +324,46 @@ def test_best_fixed_config_is_chosen_on_the_fold_mean():
 
 def test_selection_table_lists_full_protocol_results_only():
     sel = {k: {"mean": 0.5, "std": 0.3} for k in rw.SELECTION_KEYS} | {"configs_per_fold": 864}
+    sel["by_search_size"] = {str(n): {"mean": float(n), "std": 0.0} for n in rw.SEARCH_SIZES}
     full = {"dataset": "fox", "mode": "sparse", "protocol": {"search": "hu"}, "selection": sel}
     small = {**full, "protocol": {"search": "small"}}
     assert "No full-protocol result yet" in rw.selection_table([small])
     lines = rw.selection_table([small, full]).splitlines()
-    assert len(lines) == 3 and lines[2].startswith("| fox / sparse | 864 | 0.5 ± 0.3 |") and lines[2].endswith("| 0.50 ± 0.30 |")
+    assert lines[2].startswith("| fox / sparse | 864 | 0.5 ± 0.3 |") and lines[2].endswith("| 0.50 ± 0.30 |")
+    assert lines[-1] == "| fox / sparse | 1.0 ± 0.0 | 4.0 ± 0.0 | 16.0 ± 0.0 | 64.0 ± 0.0 | 256.0 ± 0.0 | 0.5 ± 0.3 |"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_expected_choice_over_random_subsets_equals_brute_force(n):
+    """The closed form of ``expected_choice_test_auc`` = the mean over all C(6, n) subsets of select_configs'
+    choice within the subset (ties in validation AUC broken by validation loss, as in the real choice)."""
+    rng = np.random.default_rng(n)
+    base = {"seed": 0, "fold": 0, "emb_dims": 32, "emb_layers": 1, "hidden_dim": 16, "n_heads": 8, "batch_size": 4}
+    val = [0.5, 0.8, 0.8, 0.3, 0.9, 0.6]  # a tie at 0.8, decided by the loss
+    rows = [{**base, "variant": i, "val_auc": v, "val_loss": float(rng.random()), "test_auc": float(rng.random())}
+            for i, v in enumerate(val)]
+    brute = np.mean([rw.select_configs([rows[i] for i in subset])[0]["test_auc"]
+                     for subset in itertools.combinations(range(6), n)])
+    assert rw.expected_choice_test_auc(rows, n) == pytest.approx(brute, abs=1e-12)
+    if n == 1:
+        assert rw.expected_choice_test_auc(rows, 1) == pytest.approx(np.mean([r["test_auc"] for r in rows]))
+    if n == 6:
+        assert rw.expected_choice_test_auc(rows, 6) == rw.select_configs(rows)[0]["test_auc"]
+    with pytest.raises(ValueError, match="1 <= n <= 6"):
+        rw.expected_choice_test_auc(rows, 7)
+
+
+def test_selection_diagnostics_by_search_size():
+    """12 configs with val AUC i/12 and test AUC = val: the choice among n random configs has the expected
+    maximum rank of a uniform n-subset, E[max] = n (N + 1) / (n + 1) (in ranks 1..N), so the curve rises to the
+    chosen config's test AUC; sizes >= the fold's configs are left out."""
+    base = {"seed": 0, "fold": 0, "emb_dims": 32, "emb_layers": 1, "hidden_dim": 16, "n_heads": 8, "batch_size": 4,
+            "val_loss": 0.5, "test_acc": 0.5}
+    records = [{**base, "variant": i, "val_auc": (i + 1) / 12, "test_auc": (i + 1) / 12} for i in range(12)]
+    sizes = rw.selection_diagnostics(records)["by_search_size"]
+    assert sorted(sizes, key=int) == ["1", "4"]
+    for n in (1, 4):
+        assert sizes[str(n)]["mean"] == pytest.approx(100 * n * 13 / (n + 1) / 12)
 
 
 def test_search_spaces_and_widths():
