@@ -593,7 +593,8 @@ def _preferred(results: Sequence[dict]) -> dict:
 
 def markdown_table(results: Sequence[dict]) -> str:
     """Datasets x modes table of test AUC x 100 (mean +- std over repetitions; the published protocol where it
-    has run, see ``_preferred``) with the Hopfield-pooling reference of Ramsauer et al. (2021, Table 1)."""
+    has run, see ``_preferred``, then the other searches' results) with the Hopfield-pooling reference of
+    Ramsauer et al. (2021, Table 1)."""
     modes = [m for m in MODES if any(r["mode"] == m for r in results)]
     datasets = [d for d in DATASETS if any(r["dataset"] == d for r in results)]
     header = "| dataset | " + " | ".join(modes) + " | published (Ramsauer et al. 2021) |"
@@ -606,15 +607,18 @@ def markdown_table(results: Sequence[dict]) -> str:
                 chosen = _preferred(match)
                 s, p = chosen["summary"], chosen["protocol"]
                 stopping = ", stop" if p.get("patience") or p.get("halving_rungs") else ""
+                others = "".join(f"; {r['protocol']['search']}: {r['summary']['auc_mean']:.1f} ± {r['summary']['auc_std']:.1f}"
+                                 for r in sorted(match, key=lambda r: -r.get("n_trainings", 0)) if r is not chosen)
                 cells.append(f"{s['auc_mean']:.1f} ± {s['auc_std']:.1f} ({p['search']}, {s['n_seeds']}x{p['n_folds']}"
-                             f"{stopping})")
+                             f"{stopping}){others}")
             else:
                 cells.append("–")
         ref = PUBLISHED_AUC.get(dataset)
         lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {f'{ref[0]} ± {ref[1]}' if ref else '–'} |")
     lines.append("")
     lines.append("Test AUC x 100, mean ± std over repetitions (search space, repetitions x outer folds; 'stop': with "
-                 "early stopping and successive halving); nested CV, configs chosen on inner validation splits only.")
+                 "early stopping and successive halving; after ';': the same cell's other searches); nested CV, configs chosen "
+                 "on inner validation splits only.")
     return "\n".join(lines)
 
 

@@ -458,8 +458,9 @@ def test_result_files_are_named_by_search_and_the_table_prefers_the_published_pr
                 "summary": {"auc_mean": auc, "auc_std": 1.0, "n_seeds": 5}}
 
     small, random32, full = result("small", 64.2, 200), result("random", 61.8, 1600), result("hu", 66.0, 43200)
-    assert "| 61.8 ± 1.0 (random, 5x10) |" in rw.markdown_table([small, random32])
-    assert "| 66.0 ± 1.0 (hu, 5x10) |" in rw.markdown_table([full, small, random32])
+    assert "| 61.8 ± 1.0 (random, 5x10); small: 64.2 ± 1.0 |" in rw.markdown_table([small, random32])
+    assert "| 66.0 ± 1.0 (hu, 5x10); random: 61.8 ± 1.0; small: 64.2 ± 1.0 |" in rw.markdown_table([full, small, random32])
+    assert "| 64.2 ± 1.0 (small, 5x10) |" in rw.markdown_table([small])
 
 
 def test_small_real_run_writes_results(local_ray, tmp_path, capsys):
