@@ -532,7 +532,7 @@ def ray_trainable(config: dict, data: dict) -> None:
 def run_locally(configs: list[dict], data: dict) -> list[dict]:
     """``--no_ray``: every trial in this process, one after another (records shaped as ``run_trials``'s;
     no trial files, nothing resumed)."""
-    from training import git_commit
+    from training import cpu_model, git_commit
 
     trials = []
     for config in configs:
@@ -540,7 +540,7 @@ def run_locally(configs: list[dict], data: dict) -> list[dict]:
         start = time.perf_counter()
         metrics = train_and_evaluate(config, data)
         trials.append({"config": config, "metrics": metrics, "history": [metrics],
-                       "wall_time_s": time.perf_counter() - start, "git_commit": git_commit()})
+                       "wall_time_s": time.perf_counter() - start, "git_commit": git_commit(), "cpu": cpu_model()})
     return trials
 
 
@@ -764,7 +764,7 @@ def write_outputs(rows: list[dict], trials: list[dict], args: argparse.Namespace
     files = {name: results_dir / name for name in ("runs.csv", "summary.csv", "summary.md", "summary.json")}
     files["residuals.png"] = imgs_dir / "hopfield_deq_residuals.png"
     pd.DataFrame([{**t["config"], "wall_time_s": t["wall_time_s"], "git_commit": t["git_commit"],
-                   **{k: v for k, v in t["metrics"].items() if not isinstance(v, list)}}
+                   "cpu": t.get("cpu", "unrecorded"), **{k: v for k, v in t["metrics"].items() if not isinstance(v, list)}}
                   for t in trials]).to_csv(files["runs.csv"], index=False)
     pd.DataFrame(rows).to_csv(files["summary.csv"], index=False)
     files["summary.md"].write_text(markdown_table(rows, settings))

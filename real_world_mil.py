@@ -945,7 +945,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
                "published_auc": PUBLISHED_AUC.get(args.dataset), "wall_time_s": compute,
                "wall_time_this_run_s": elapsed, "n_trainings": len(records),
                "model_epochs": int(sum(r["epochs_trained"] for r in records)),
-               "git_commits": sorted({t["git_commit"] for t in trials}), "experiment": training.repo_relative(trial_dir),
+               "git_commits": sorted({t["git_commit"] for t in trials}), "cpus": training.trial_cpus(trials),
+               "experiment": training.repo_relative(trial_dir),
                "selection": selection_diagnostics(records), "folds": chosen}
     paths = write_results(Path(args.results_dir) / results_stem(args.dataset, mode, args.search, args.num_samples), payload)
     ref = PUBLISHED_AUC.get(args.dataset)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import subprocess
 import time
@@ -169,6 +170,17 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
 
 
+def cpu_model() -> str:
+    """This machine's CPU as /proc/cpuinfo names it (``platform.processor()`` elsewhere), with whether it has
+    native bf16: float rounding of the same code differs between CPU kinds (their MKL/oneDNN kernels differ)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or 'unknown'} (native bf16: {'yes' if cpu_has_bf16() else 'no'})"
+
+
 def resolve_precision(requested: str, use_gpu: bool, cpu_auto: str = "bf16") -> str:
     """The concrete precision of ``--precision`` for trials on a GPU (``use_gpu``) or the CPU.
 
@@ -317,7 +329,8 @@ def _trial_file_writer(files: dict[str, tuple[Path, dict]]) -> Any:
             path, config = files[key]
             history = self.history.pop(key, [])
             wall = float((trial.last_result or {}).get("time_total_s", float("nan")))
-            record = {"config": config, "key": key, "history": history, "wall_time_s": wall, "git_commit": git_commit(), "host_cpus": os.cpu_count(),
+            record = {"config": config, "key": key, "history": history, "wall_time_s": wall, "git_commit": git_commit(),
+                      "host_cpus": os.cpu_count(), "cpu": cpu_model(), "node": (trial.last_result or {}).get("hostname"),
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             _write_atomically(path, json.dumps(_canonical(record), indent=1, sort_keys=True))
             print(f"trial finished in {wall:.0f} s: {repo_relative(path)}", flush=True)
@@ -347,8 +360,9 @@ def run_trials(trainable: Callable[..., Any], configs: Sequence[dict], args: arg
                params: dict | None = None) -> list[dict]:
     """Run each config of ``configs`` as a Ray Tune trial ``trainable(config, **params)`` unless its trial
     file already exists, and return one dict per config, in order:
-    ``{"config", "metrics": last report, "history": [reports], "wall_time_s", "git_commit", "key"}``
-    (the file stores the history; ``metrics`` is its last entry).
+    ``{"config", "metrics": last report, "history": [reports], "wall_time_s", "git_commit", "key", "cpu",
+    "node"}`` (the file stores the history; ``metrics`` is its last entry; ``cpu``: ``cpu_model()`` of the
+    driver, i.e. of the trial on a local run; ``node``: the host Ray ran it on).
 
     Checkpointing: each finished trial writes ``trial_dir/<label>_<hash of its config>.json`` (atomically,
     from the driver); a rerun, on any machine, skips the trials whose file holds the same config, so
@@ -589,13 +603,19 @@ def sweep_wall_clock_s(trials: Sequence[dict]) -> float | None:
 def trial_provenance(trials: Sequence[dict]) -> dict:
     """Compute and code behind a set of ``run_trials`` records: trial wall times (their sum = the sweep's
     compute on one trial slot each), the sweep's wall clock (``sweep_wall_clock_s``), the git commits and precisions
-    that produced them."""
+    that produced them and the CPUs they ran on."""
     walls = [float(t["wall_time_s"]) for t in trials]
     return {"precision": sorted({str(t["config"].get("precision")) for t in trials}),
             "trial_wall_time_s": {"sum": float(np.sum(walls)), "mean": float(np.mean(walls)),
                                   "max": float(np.max(walls))} if walls else {},
             "wall_clock_s": sweep_wall_clock_s(trials),
-            "git_commits": sorted({t["git_commit"] for t in trials}), "n_trials": len(trials)}
+            "git_commits": sorted({t["git_commit"] for t in trials}), "cpus": trial_cpus(trials), "n_trials": len(trials)}
+
+
+def trial_cpus(trials: Sequence[dict]) -> list[str]:
+    """The CPUs (``cpu_model``) that ran a set of trials; trial files written before it was recorded count as
+    'unrecorded'."""
+    return sorted({str(t.get("cpu", "unrecorded")) for t in trials})
 
 
 # --------------------------------------------------------------------------------------------------

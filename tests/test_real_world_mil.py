@@ -477,6 +477,7 @@ def test_small_real_run_writes_results(local_ray, tmp_path, capsys):
     assert len(csv_lines) == 1 + 6 and csv_lines[0].startswith("seed,fold,emb_dims")
     assert "64.05" in (tmp_path / "res" / "table.md").read_text()
     assert saved["protocol"]["precision"] == payload["protocol"]["precision"] and saved["git_commits"]
+    assert saved["cpus"] == [training.cpu_model()]  # the trials ran here (a local Ray)
     capsys.readouterr()
     (again,) = rw.main(argv)  # rerun: the trial files are reused, nothing is trained
     assert "2 of 2 trials already in" in capsys.readouterr().out

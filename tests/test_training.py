@@ -33,6 +33,18 @@ def _tiny_bags(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, None, torch.Te
 
 
 # ------------------------------------------------------------------ precision
+def test_cpu_model_names_the_cpu_and_its_bf16(monkeypatch):
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert training.cpu_model().endswith(" (native bf16: yes)")
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    name = training.cpu_model().removesuffix(" (native bf16: no)")
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    if names:
+        assert name == names[0]
+    assert name and training.trial_cpus([{"cpu": "b"}, {}, {"cpu": "a"}, {"cpu": "b"}]) == ["a", "b", "unrecorded"]
+
+
 def test_resolve_precision_rules(monkeypatch):
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
     assert training.resolve_precision("auto", use_gpu=False) == "bf16"
