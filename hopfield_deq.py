@@ -40,7 +40,10 @@ Precision: float32 throughout (no --precision choice but fp32). Convergence is a
 
 Every (model, variant, seed) run is a Ray Tune trial (``training.run_trials``); each finished run writes
 ``<results_dir>/<exp_name>/trials/<model>_<variant>_seed<k>_<hash>.json`` and a rerun skips those (commit
-them to checkpoint a long sweep). Reopening an experiment with other settings is refused.
+them to checkpoint a long sweep). Between epochs a run keeps its training state in the git-ignored
+``<results_dir>/<exp_name>/partial/``, so a run interrupted on this machine resumes after its last epoch,
+bit for bit (``train_and_evaluate``); on another machine it starts over. Reopening an experiment with other
+settings is refused.
 
     python3 hopfield_deq.py --quick      # seconds; writes results/quick/ (git-ignored)
     python3 hopfield_deq.py              # reduced budget: CHN, 1 epoch on 10,000 images, 5 runs
@@ -484,13 +487,17 @@ def data_digest() -> str:
 # --------------------------------------------------------------------------------------------------
 # Trial
 # --------------------------------------------------------------------------------------------------
-def train_and_evaluate(config: dict, data: dict, report=None) -> dict:
+def train_and_evaluate(config: dict, data: dict, report=None, resume_path: Path | None = None) -> dict:
     """One run: train a HopfieldClassifier (config: model, variant, layers, lr, epochs, batch_size,
     forward_iter, backward_iter, seed, train_size, test_size, conv_tol; precision must be fp32) on
     ``data`` (``load_data``) and evaluate it. The training subset is drawn with the run's seed, the test
     subset with seed 0 (the same for every run). The training forward solves stop early once every sample
     of a batch has residual < conv_tol (hopdeq always runs the full budget; the fixed point, hence the
-    gradient, is the same to that tolerance)."""
+    gradient, is the same to that tolerance).
+
+    ``resume_path``: after every epoch the training state (weights, Madam and schedule state, shuffling and
+    global RNG, the epoch reports) is saved there atomically, and a run whose file holds the same config
+    continues after its last saved epoch: bit for bit the run it would have been without the interruption."""
     from training import seed_everything
 
     if config.get("precision", "fp32") != "fp32":
@@ -504,12 +511,22 @@ def train_and_evaluate(config: dict, data: dict, report=None) -> dict:
     epochs = config["epochs"]
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=max(epochs - 1, 1))
     generator = torch.Generator().manual_seed(config["seed"])
-    start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    identity = {k: v for k, v in config.items() if k not in RESOURCE_KEYS}
+    state = TrainingState(identity, model, optimizer, scheduler, generator)
+    done, reports, seconds_before = state.load(resume_path)
+    for past in reports:  # the interrupted run's epochs, so the trial's history is complete
+        if report is not None:
+            report(past)
+    start = time.perf_counter() - seconds_before
+    train_loss = reports[-1]["train_loss"] if reports else math.nan
+    for epoch in range(done + 1, epochs + 1):
         train_loss = train_epoch(model, optimizer, train_x, train_y, config["batch_size"], generator)
         scheduler.step()
-        if report is not None and epoch < epochs:
-            report({"epoch": epoch, "train_loss": train_loss, "train_seconds": time.perf_counter() - start})
+        if epoch < epochs:
+            reports.append({"epoch": epoch, "train_loss": train_loss, "train_seconds": time.perf_counter() - start})
+            if report is not None:
+                report(reports[-1])
+            state.save(resume_path, epoch, reports, time.perf_counter() - start)
     train_seconds = time.perf_counter() - start
     metrics = evaluate(model, test_x, test_y, config["batch_size"], config["conv_tol"])
     metrics.update(epoch=epochs, train_loss=train_loss, train_seconds=train_seconds,
@@ -519,14 +536,58 @@ def train_and_evaluate(config: dict, data: dict, report=None) -> dict:
     return metrics
 
 
-def ray_trainable(config: dict, data: dict) -> None:
-    """Ray Tune trial: one (model, variant, seed) run, reporting per epoch and the final metrics."""
+RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial")  # added to a trial's config by run_trials, not its identity
+
+
+class TrainingState:
+    """The resumable state of one run between epochs (``train_and_evaluate``'s ``resume_path``)."""
+
+    def __init__(self, config: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> None:
+        self.config, self.model, self.optimizer, self.scheduler, self.generator = config, model, optimizer, scheduler, generator
+
+    def save(self, path: Path | None, epoch: int, reports: list[dict], train_seconds: float) -> None:
+        """Write the state after ``epoch`` to ``path`` (a temporary file renamed over it: never half-written)."""
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"config": self.config, "epoch": epoch, "reports": reports, "train_seconds": train_seconds,
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                    "torch_rng": torch.get_rng_state()}, tmp)
+        tmp.replace(path)
+
+    def load(self, path: Path | None) -> tuple[int, list[dict], float]:
+        """Restore the state saved at ``path`` if it belongs to this config: (epochs done, their reports, train
+        seconds so far); (0, [], 0.0) when there is none."""
+        if path is None or not path.exists():
+            return 0, [], 0.0
+        saved = torch.load(path, weights_only=False)
+        if saved["config"] != self.config:
+            return 0, [], 0.0
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        print(f"resuming after epoch {saved['epoch']} from {path}", flush=True)
+        return saved["epoch"], saved["reports"], saved["train_seconds"]
+
+
+def ray_trainable(config: dict, data: dict, resume_dir: str | None = None) -> None:
+    """Ray Tune trial: one (model, variant, seed) run, reporting per epoch and the final metrics; with
+    ``resume_dir`` its training state is kept there between epochs (``train_and_evaluate``)."""
     from ray import tune
 
-    from training import trial_device
+    from training import trial_device, trial_key
 
     trial_device(config)
-    train_and_evaluate(config, data, report=tune.report)
+    identity = {k: v for k, v in config.items() if k not in RESOURCE_KEYS}
+    path = None if resume_dir is None else Path(resume_dir) / f"{trial_label(config)}_{trial_key(identity)}.pt"
+    train_and_evaluate(config, data, report=tune.report, resume_path=path)
+    if path is not None:  # finished: its trial file (written by the driver) replaces the saved state
+        path.unlink(missing_ok=True)
 
 
 def run_locally(configs: list[dict], data: dict) -> list[dict]:
@@ -792,8 +853,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.no_ray:
         trials = run_locally(configs, data)
     else:
+        resume_dir = trial_dir.parent / "partial"  # git-ignored: resumes a run on this machine only
         trials = training.run_trials(ray_trainable, configs, args, trial_dir, label=trial_label,
-                                     params={"data": data})
+                                     params={"data": data, "resume_dir": str(resume_dir)})
     rows = aggregate(trials)
     files = write_outputs(rows, trials, args, config, settings)
     print(markdown_table(rows, settings))

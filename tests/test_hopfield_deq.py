@@ -316,3 +316,46 @@ def test_no_ray_run_writes_outputs(tmp_path):
     assert [(r["model"], r["variant"]) for r in rows] == [("ham", "eo_deq")]
     assert not (tmp_path / "res" / hd.parse_args(["--quick"]).exp_name).exists()  # no trial files
     assert json.loads((tmp_path / "res" / "config.json").read_text())["precision"] == "fp32"
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _untimed(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("train_seconds", "ms_per_batch")}
+
+
+def test_interrupted_run_resumes_bit_for_bit(tmp_path):
+    """A run stopped after its first epoch and restarted from its saved state ends with the same metrics (test
+    accuracy, iterations, residual curve) and epoch reports as the uninterrupted run; a state saved for
+    another config is not resumed."""
+    args = hd.parse_args(["--quick", "--model", "ham", "--variant", "eo", "--epochs", "3", "--train_size", "128",
+                          "--test_size", "64", "--layers", "784,32,10", "--forward_iter", "6", "--backward_iter", "2"])
+    config = {**hd.trial_configs(args, hd.data_digest())[0], "cpus_per_trial": 1}
+    data = hd.load_data(None)
+    plain_reports: list[dict] = []
+    plain = hd.train_and_evaluate(config, data, report=plain_reports.append)
+
+    path = tmp_path / "partial" / "run.pt"
+    first: list[dict] = []
+
+    def stop_at_epoch_2(metrics: dict) -> None:
+        if metrics.get("epoch") == 2:
+            raise _Interrupted
+        first.append(metrics)
+
+    with pytest.raises(_Interrupted):
+        hd.train_and_evaluate(config, data, report=stop_at_epoch_2, resume_path=path)
+    assert path.exists() and torch.load(path, weights_only=False)["epoch"] == 1
+    resumed_reports: list[dict] = []
+    resumed = hd.train_and_evaluate({**config, "cpus_per_trial": 2}, data, report=resumed_reports.append,
+                                    resume_path=path)  # resources are not the run's identity
+    assert resumed_reports[0] == first[0]  # the saved epoch is reported again
+    assert [_untimed(r) for r in resumed_reports] == [_untimed(r) for r in plain_reports]
+    assert _untimed(resumed) == _untimed(plain)
+    # another config (lr) ignores the saved state: it trains from scratch, as without the file
+    other = {**config, "lr": config["lr"] / 2}
+    fresh = hd.train_and_evaluate(other, data)
+    ignored = hd.train_and_evaluate(other, data, resume_path=path)
+    assert _untimed(ignored) == _untimed(fresh)
