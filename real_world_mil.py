@@ -661,6 +661,41 @@ def plot_results(results: Sequence[dict], path: Path) -> Path:
     return path
 
 
+def plot_search_size(results: Sequence[dict], path: Path) -> Path | None:
+    """The search-size curve of every full-protocol result (``selection["by_search_size"]`` and the full search's
+    choice): expected test AUC of the validation choice against the number of configs searched (log scale), mean
+    +- std over repetitions, beside the published AUC; None (nothing drawn) without a full-protocol result."""
+    rows = [r for r in results if r["protocol"]["search"] == "hu" and "by_search_size" in r.get("selection", {})]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(1.0 + 3.6 * len(datasets), 3.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):  # one panel per dataset (their AUC ranges differ), a line per mode
+        for r in sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: r["mode"]):
+            sel = r["selection"]
+            sizes = sorted(sel["by_search_size"], key=int)
+            stats = [sel["by_search_size"][n] for n in sizes] + [sel["chosen_test_auc"]]
+            ax.errorbar([int(n) for n in sizes] + [sel["configs_per_fold"]], [s["mean"] for s in stats],
+                        yerr=[s["std"] for s in stats], marker="o", capsize=3, label=r["mode"])
+        if dataset in PUBLISHED_AUC:
+            ax.axhline(PUBLISHED_AUC[dataset][0], color="k", linestyle=":", linewidth=1, label="Ramsauer et al. 2021")
+        ax.set_xscale("log")
+        ax.set_xlabel("configs searched (at random from the grid)", fontsize=8)
+        ax.set_title(f"{dataset}: the choice vs the search size", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test AUC x 100 of the validation choice\n(mean ± std over repetitions)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
 ENGINE_CHECKS_DIR = training.REPO_DIR / "results" / "engine_checks"
 
 
@@ -727,8 +762,10 @@ def build_report(results_dir: Path, img_dir: Path) -> str:
     table = markdown_table(results)
     (Path(results_dir) / "table.md").write_text(table + "\n")
     plot = plot_results(results, Path(img_dir) / "real_world_mil_auc.png")
+    curve = plot_search_size(results, Path(img_dir) / "real_world_search_size.png")
     print(table)
-    print(f"wrote {training.repo_relative(Path(results_dir) / 'table.md')} and {training.repo_relative(plot)}")
+    print(f"wrote {training.repo_relative(Path(results_dir) / 'table.md')} and {training.repo_relative(plot)}"
+          + (f" and {training.repo_relative(curve)}" if curve else ""))
     if Path(results_dir).resolve() == (training.REPO_DIR / "results" / "real_world_mil").resolve():
         for block, text in (("real_world_table", table), ("real_world_engine_checks", engine_checks_table()),
                             ("real_world_cost", sweep_cost_table()), ("real_world_selection", selection_table(results))):

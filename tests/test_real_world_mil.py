@@ -333,6 +333,16 @@ def test_selection_table_lists_full_protocol_results_only():
     assert lines[-1] == "| fox / sparse | 1.0 ± 0.0 | 4.0 ± 0.0 | 16.0 ± 0.0 | 64.0 ± 0.0 | 256.0 ± 0.0 | 0.5 ± 0.3 |"
 
 
+def test_search_size_plot_needs_a_full_protocol_result(tmp_path):
+    sel = {k: {"mean": 60.0, "std": 1.0} for k in rw.SELECTION_KEYS} | {"configs_per_fold": 864}
+    sel["by_search_size"] = {str(n): {"mean": 60.0 + n / 100, "std": 1.0} for n in rw.SEARCH_SIZES}
+    full = {"dataset": "fox", "mode": "sparse", "protocol": {"search": "hu"}, "selection": sel}
+    small = {**full, "protocol": {"search": "small"}}
+    assert rw.plot_search_size([small], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    path = rw.plot_search_size([small, full, {**full, "dataset": "tiger"}], tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 6])
 def test_expected_choice_over_random_subsets_equals_brute_force(n):
     """The closed form of ``expected_choice_test_auc`` = the mean over all C(6, n) subsets of select_configs'
