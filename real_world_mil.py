@@ -439,7 +439,8 @@ def expected_choice_test_auc(rows: Sequence[dict], n: int) -> float:
 
         E[test AUC] = sum_r C(N-1-r, n-1) / C(N, n) * test_r,
 
-    so n = 1 is the mean config and n = N the chosen one. Configs without a test AUC are left out (weights renormalized)."""
+    so n = 1 is the mean config and n = N the chosen one. Configs without a test AUC are left out (weights
+    renormalized)."""
     rows = sorted(rows, key=_choice_order)
     total = len(rows)
     if not 1 <= n <= total:
@@ -497,8 +498,8 @@ def selection_diagnostics(records: Sequence[dict]) -> dict:
     out["configs_per_fold"] = int(np.median([len(rows) for rows in folds.values()]))
     out["by_search_size"] = {}
     for n in [n for n in SEARCH_SIZES if n < min(len(rows) for rows in folds.values())]:
-        values = [100.0 * _mean_of_finite([expected_choice_test_auc(rows, n) for (s, _), rows in folds.items() if s == seed])
-                  for seed in seeds]
+        values = [100.0 * _mean_of_finite([expected_choice_test_auc(rows, n)
+                                           for (s, _), rows in folds.items() if s == seed]) for seed in seeds]
         out["by_search_size"][str(n)] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
     return out
 
@@ -607,7 +608,8 @@ def markdown_table(results: Sequence[dict]) -> str:
                 chosen = _preferred(match)
                 s, p = chosen["summary"], chosen["protocol"]
                 stopping = ", stop" if p.get("patience") or p.get("halving_rungs") else ""
-                others = "".join(f"; {r['protocol']['search']}: {r['summary']['auc_mean']:.1f} ± {r['summary']['auc_std']:.1f}"
+                others = "".join(f"; {r['protocol']['search']}: {r['summary']['auc_mean']:.1f} ± "
+                                 f"{r['summary']['auc_std']:.1f}"
                                  for r in sorted(match, key=lambda r: -r.get("n_trainings", 0)) if r is not chosen)
                 cells.append(f"{s['auc_mean']:.1f} ± {s['auc_std']:.1f} ({p['search']}, {s['n_seeds']}x{p['n_folds']}"
                              f"{stopping}){others}")
@@ -617,8 +619,8 @@ def markdown_table(results: Sequence[dict]) -> str:
         lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {f'{ref[0]} ± {ref[1]}' if ref else '–'} |")
     lines.append("")
     lines.append("Test AUC x 100, mean ± std over repetitions (search space, repetitions x outer folds; 'stop': with "
-                 "early stopping and successive halving; after ';': the same cell's other searches); nested CV, configs chosen "
-                 "on inner validation splits only.")
+                 "early stopping and successive halving; after ';': the same cell's other searches); nested CV, "
+                 "configs chosen on inner validation splits only.")
     return "\n".join(lines)
 
 
