@@ -544,7 +544,8 @@ class TrainingState:
 
     def __init__(self, config: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> None:
-        self.config, self.model, self.optimizer, self.scheduler, self.generator = config, model, optimizer, scheduler, generator
+        self.config, self.model, self.optimizer = config, model, optimizer
+        self.scheduler, self.generator = scheduler, generator
 
     def save(self, path: Path | None, epoch: int, reports: list[dict], train_seconds: float) -> None:
         """Write the state after ``epoch`` to ``path`` (a temporary file renamed over it: never half-written)."""
@@ -825,7 +826,8 @@ def write_outputs(rows: list[dict], trials: list[dict], args: argparse.Namespace
     files = {name: results_dir / name for name in ("runs.csv", "summary.csv", "summary.md", "summary.json")}
     files["residuals.png"] = imgs_dir / "hopfield_deq_residuals.png"
     pd.DataFrame([{**t["config"], "wall_time_s": t["wall_time_s"], "git_commit": t["git_commit"],
-                   "cpu": t.get("cpu", "unrecorded"), **{k: v for k, v in t["metrics"].items() if not isinstance(v, list)}}
+                   "cpu": t.get("cpu", "unrecorded"),
+                   **{k: v for k, v in t["metrics"].items() if not isinstance(v, list)}}
                   for t in trials]).to_csv(files["runs.csv"], index=False)
     pd.DataFrame(rows).to_csv(files["summary.csv"], index=False)
     files["summary.md"].write_text(markdown_table(rows, settings))

@@ -330,7 +330,8 @@ def _trial_file_writer(files: dict[str, tuple[Path, dict]]) -> Any:
             history = self.history.pop(key, [])
             wall = float((trial.last_result or {}).get("time_total_s", float("nan")))
             record = {"config": config, "key": key, "history": history, "wall_time_s": wall, "git_commit": git_commit(),
-                      "host_cpus": os.cpu_count(), "cpu": cpu_model(), "node": (trial.last_result or {}).get("hostname"),
+                      "host_cpus": os.cpu_count(), "cpu": cpu_model(),
+                      "node": (trial.last_result or {}).get("hostname"),
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             _write_atomically(path, json.dumps(_canonical(record), indent=1, sort_keys=True))
             print(f"trial finished in {wall:.0f} s: {repo_relative(path)}", flush=True)
@@ -609,7 +610,8 @@ def trial_provenance(trials: Sequence[dict]) -> dict:
             "trial_wall_time_s": {"sum": float(np.sum(walls)), "mean": float(np.mean(walls)),
                                   "max": float(np.max(walls))} if walls else {},
             "wall_clock_s": sweep_wall_clock_s(trials),
-            "git_commits": sorted({t["git_commit"] for t in trials}), "cpus": trial_cpus(trials), "n_trials": len(trials)}
+            "git_commits": sorted({t["git_commit"] for t in trials}), "cpus": trial_cpus(trials),
+            "n_trials": len(trials)}
 
 
 def trial_cpus(trials: Sequence[dict]) -> list[str]:
