@@ -282,13 +282,16 @@ def test_trial_identity_separates_models_variants_and_budgets():
 
 
 def test_ray_run_trial_files_resume_and_refusal(local_ray, tmp_path, monkeypatch):
-    common = ["--quick", "--variant", "sync", "--train_size", "64", "--test_size", "64", "--forward_iter", "5",
+    common = ["--quick", "--epochs", "2", "--variant", "sync", "--train_size", "64", "--test_size", "64",
+              "--forward_iter", "5",
               "--backward_iter", "2", "--results_dir", str(tmp_path / "res"), "--imgs_dir", str(tmp_path / "imgs"),
               "--ray_dir", str(tmp_path / "ray"), "--exp_name", "tiny"]
     rows = main(common + ["--model", "both"])
     assert [(r["model"], r["variant"], r["runs"], r["precision"]) for r in rows] == \
         [("chn", "sync", 1, "fp32"), ("ham", "sync", 1, "fp32")]
     files = sorted((tmp_path / "res" / "tiny" / "trials").glob("*.json"))
+    assert (tmp_path / "res" / "tiny" / "partial").is_dir()  # epoch 1's state was saved ...
+    assert not list((tmp_path / "res" / "tiny" / "partial").iterdir())  # ... and removed when the run finished
     assert [f.name.split("_seed")[0] for f in files] == ["chn_sync", "ham_sync"]
     record = json.loads(files[1].read_text())
     assert record["config"]["precision"] == "fp32" and record["config"]["data"] == hd.data_digest()
@@ -303,7 +306,7 @@ def test_ray_run_trial_files_resume_and_refusal(local_ray, tmp_path, monkeypatch
     monkeypatch.setattr(training, "_fit", lambda *a, **k: pytest.fail("a finished trial was run again"))
     again = main(common + ["--model", "ham"])
     assert [(r["model"], r["acc_mean"]) for r in again] == [("ham", rows[1]["acc_mean"])]
-    for changed, setting in ((["--epochs", "2"], "epochs"), (["--train_size", "128"], "train_size"),
+    for changed, setting in ((["--epochs", "3"], "epochs"), (["--train_size", "128"], "train_size"),
                              (["--forward_iter", "6"], "forward_iter")):
         with pytest.raises(SystemExit, match=setting):
             main(common + ["--model", "ham"] + changed)
