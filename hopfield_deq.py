@@ -498,7 +498,7 @@ def train_and_evaluate(config: dict, data: dict, report=None, resume_path: Path 
     ``resume_path``: after every epoch the training state (weights, Madam and schedule state, shuffling and
     global RNG, the epoch reports) is saved there atomically, and a run whose file holds the same config
     continues after its last saved epoch: bit for bit the run it would have been without the interruption."""
-    from training import seed_everything
+    from training import seed_everything, trial_identity
 
     if config.get("precision", "fp32") != "fp32":
         raise ValueError(f"hopfield_deq runs in float32 only, got precision {config['precision']!r}")
@@ -511,8 +511,7 @@ def train_and_evaluate(config: dict, data: dict, report=None, resume_path: Path 
     epochs = config["epochs"]
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=max(epochs - 1, 1))
     generator = torch.Generator().manual_seed(config["seed"])
-    identity = {k: v for k, v in config.items() if k not in RESOURCE_KEYS}
-    state = TrainingState(identity, model, optimizer, scheduler, generator)
+    state = TrainingState(trial_identity(config), model, optimizer, scheduler, generator)
     done, reports, seconds_before = state.load(resume_path)
     for past in reports:  # the interrupted run's epochs, so the trial's history is complete
         if report is not None:
@@ -534,9 +533,6 @@ def train_and_evaluate(config: dict, data: dict, report=None, resume_path: Path 
     if report is not None:
         report(metrics)
     return metrics
-
-
-RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial")  # added to a trial's config by run_trials, not its identity
 
 
 class TrainingState:
@@ -581,11 +577,11 @@ def ray_trainable(config: dict, data: dict, resume_dir: str | None = None) -> No
     ``resume_dir`` its training state is kept there between epochs (``train_and_evaluate``)."""
     from ray import tune
 
-    from training import trial_device, trial_key
+    from training import trial_device, trial_identity, trial_key
 
     trial_device(config)
-    identity = {k: v for k, v in config.items() if k not in RESOURCE_KEYS}
-    path = None if resume_dir is None else Path(resume_dir) / f"{trial_label(config)}_{trial_key(identity)}.pt"
+    name = f"{trial_label(config)}_{trial_key(trial_identity(config))}.pt"
+    path = None if resume_dir is None else Path(resume_dir) / name
     train_and_evaluate(config, data, report=tune.report, resume_path=path)
     if path is not None:  # finished: its trial file (written by the driver) replaces the saved state
         path.unlink(missing_ok=True)

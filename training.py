@@ -347,8 +347,16 @@ def _own_metrics(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in skip}
 
 
+RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial")  # added to a trial's config by run_trials, not its identity
+
+
 def _with_resources(config: dict, args: argparse.Namespace) -> dict:
-    return {**config, "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}
+    return {**config, **{key: getattr(args, key) for key in RESOURCE_KEYS}}
+
+
+def trial_identity(config: dict) -> dict:
+    """A trainable's config without the resources ``run_trials`` added to it: the trial's own config."""
+    return {k: v for k, v in config.items() if k not in RESOURCE_KEYS}
 
 
 def _run_config_trial(config: dict, script_trainable: Callable[..., Any], params: dict) -> Any:
