@@ -399,3 +399,32 @@ def test_committed_experiments_reopen_with_the_current_code():
         assert training._canonical(mm.experiment_settings(args, stored["data"])) == stored, path
         if bag == "5":
             assert mm.data_digest(mm.build_bag_data(args)) == stored["data"]
+
+
+def test_kmil_progress_reads_finished_seeds(tmp_path):
+    """The in-progress block: per mode the finished seeds' test accuracy at their best-validation epoch (first on
+    ties), from separate and stacked trial files; a K with a summary is left to the K-MIL table."""
+    def history(val, test):
+        return [{"epoch": e + 1, "val_acc": v, "test_acc": t} for e, (v, t) in enumerate(zip(val, test))]
+
+    config = {"lr": 1e-4, "weight_decay": 1e-4, "dropout": 0.0, "scale": None, "d_model": 500, "n_heads": 4,
+              "num_pattern": 1}
+    experiment = tmp_path / "mnist_mil_kmil3_fp32"
+    (experiment / "trials").mkdir(parents=True)
+    (experiment / "experiment.json").write_text(json.dumps({"epochs": 3}))
+    separate = {"config": {**config, "mode": "k_subsets:3", "seed": 0},
+                "history": history([0.5, 0.9, 0.9], [0.6, 0.80, 0.99])}  # tie at 0.9: epoch 2 counts
+    stacked = {"config": {**config, "mode": "k_subsets:3", "seeds": [1, 2]},
+               "history": [{"epoch": e + 1, "per_seed": [h1, h2]} for e, (h1, h2) in
+                           enumerate(zip(history([0.7, 0.6, 0.8], [0.7, 0.9, 0.9]), history([0.9, 0.1, 0.2], [0.7, 0.1, 0.1])))]}
+    softmax = {"config": {**config, "mode": "softmax", "seed": 0}, "history": history([0.1, 0.2, 0.3], [0.1, 0.2, 0.5])}
+    for name, trial in [("a", separate), ("b", stacked), ("c", softmax)]:
+        (experiment / "trials" / f"{name}.json").write_text(json.dumps(trial))
+    lines = mm.kmil_progress(tmp_path).splitlines()
+    rows = [line for line in lines if line.startswith("| 3 |")]
+    expected = np.array([0.80, 0.9, 0.7])
+    assert rows[0] == "| 3 | softmax | 1 of 5 | 3 | 50.0 ± 0.0 | 50.0 | 3 | – |"  # default modes' order first
+    assert rows[1] == (f"| 3 | k_subsets:3 | 3 of 5 | 3 | {100 * expected.mean():.1f} ± {100 * expected.std():.1f} | "
+                       "80.0, 90.0, 70.0 | 2, 3, 1 | 96.5 ± 0.5 |")
+    assert mm.kmil_progress(tmp_path, skip=[3]) == "" and mm.kmil_progress(tmp_path / "none") == ""
+    assert "No K-MIL table yet" in mm.kmil_report(tmp_path) and rows[1] in mm.kmil_report(tmp_path)
