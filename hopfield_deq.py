@@ -676,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CSV/JSON/markdown results and the trial files under <exp_name>/trials/ (default: "
                           + _by_budget(0) + ")")
     out.add_argument("--imgs_dir", default=None, help="residual plot (default: " + _by_budget(1) + ")")
+    out.add_argument("--report", action="store_true",
+                     help="only rebuild the README's hopdeq tables from the committed results (paper-budget trial "
+                          "files, reduced-budget summaries) and print them; runs nothing")
     out.add_argument("--no_ray", action="store_true",
                      help="run the trials one after another in this process instead of as Ray Tune trials "
                           "(no trial files, no resume; for tests and debugging)")
@@ -689,6 +692,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.report:
+        others = sorted(k for k, v in vars(args).items() if k != "report" and v != parser.get_default(k))
+        if others:
+            parser.error("--report rebuilds the README tables from the committed results and takes no other flag "
+                         f"(got {', '.join('--' + k for k in others)})")
+        return args
     budget = "quick" if args.quick else "full" if args.full else "default"
     for name, value in {**DEFAULTS, **{"quick": QUICK, "full": FULL}.get(budget, {})}.items():
         if getattr(args, name) is None:
@@ -780,6 +789,81 @@ def markdown_table(rows: list[dict], settings: dict) -> str:
                      f"| {paper} | {r['not_converged_pct_mean']:.1f} | {r['ms_per_batch_mean']:.1f} "
                      f"| {r['train_seconds_mean']:.0f} |")
     return "\n".join(lines) + "\n"
+def load_experiment_trials(experiment_dir: Path) -> list[dict]:
+    """The finished runs whose trial files lie in ``experiment_dir/trials/`` (``metrics`` = last report)."""
+    records = [json.loads(path.read_text()) for path in sorted((experiment_dir / "trials").glob("*.json"))]
+    return [{**r, "metrics": r["history"][-1]} for r in records]
+
+
+def full_report(results_dir: Path = REPO_DIR / OUTPUT_DIRS["full"][0]) -> str:
+    """Markdown for the README's paper-budget table: per (model, variant) the runs committed so far (of
+    ``FULL['runs']``) with mean ± std over them, from the trial files of every experiment under
+    ``results_dir``; a pair with no finished run is listed as such."""
+    from training import repo_relative, trial_provenance
+
+    blocks = []
+    for experiment in sorted(d for d in results_dir.glob("*") if (d / "experiment.json").exists()):
+        settings, trials = json.loads((experiment / "experiment.json").read_text()), load_experiment_trials(experiment)
+        rows = {(r["model"], r["variant"]): r for r in aggregate(trials)}
+        total, prov = len(MODELS) * len(VARIANTS) * FULL["runs"], trial_provenance(trials)
+        walls = [t["wall_time_s"] / 60 for t in trials] or [0.0]
+        lines = [f"{len(trials)} of {total} runs committed (`{repo_relative(experiment)}/trials/`): "
+                 f"{budget_label(settings)}; {prov['trial_wall_time_s'].get('sum', 0) / 3600:.1f} trial hours, "
+                 f"{min(walls):.0f}-{max(walls):.0f} min wall per run, on {', '.join(prov['cpus']) or '-'} "
+                 "(mean ± std over the runs done)", "",
+                 "| model | variant | runs done | test acc % | iterations to res < 1e-4 | forward-Euler time (t2c) "
+                 "| paper t2c (hopdeq, CHN) | not converged % | ms / test batch | train s / run |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for model in MODELS:
+            for variant in VARIANTS:
+                paper = f"{PAPER_T2C[variant]:.1f}" if model == "chn" else ""
+                r = rows.get((model, variant))
+                if r is None:
+                    lines.append(f"| {model} | {variant} | 0 of {FULL['runs']} | not yet run | | | {paper} | | | |")
+                    continue
+                lines.append(f"| {model} | {variant} | {r['runs']} of {FULL['runs']} | {r['acc_mean']:.2f} ± "
+                             f"{r['acc_std']:.2f} | {r['iters_mean']:.1f} ± {r['iters_std']:.1f} | {r['t2c_mean']:.1f} "
+                             f"± {r['t2c_std']:.1f} | {paper} | {r['not_converged_pct_mean']:.1f} | "
+                             f"{r['ms_per_batch_mean']:.1f} | {r['train_seconds_mean']:.0f} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) or "No paper-budget run committed yet (`python3 hopfield_deq.py --full`)."
+
+
+def reduced_report(results_dir: Path = REPO_DIR / "results") -> str:
+    """Markdown for the README's reduced-budget CHN table (``results/hopfield_deq/``: labels, mean ± std, the
+    sweep's span from its runs.csv) and the HAM iteration means of ``results/hopfield_deq_reduced/``."""
+    import pandas as pd
+
+    labels = {"sync": "sync (damping 0.5)", "deq": "deq (Anderson)", "eo": "eo (even/odd)", "eo_deq": "eo_deq"}
+    summary = pd.read_csv(results_dir / "hopfield_deq" / "summary.csv")
+    runs = pd.read_csv(results_dir / "hopfield_deq" / "runs.csv")
+    span = float(runs.timestamp.max() - (runs.timestamp - runs.time_total_s).min())
+    chn = summary[summary.model == "chn"]
+    lines = [f"{len(runs)} trainings, {int(chn.runs.max())} runs per variant, {span // 60:.0f} min {span % 60:.0f} s "
+             "from the first run's start to the last run's end on 2 CPU cores (`results/hopfield_deq/runs.csv`):", "",
+             "| variant | test acc % | iterations to residual < 1e-4 | forward-Euler time (t2c) "
+             "| paper t2c (hopdeq notebook) | ms / test batch |", "|---|---|---|---|---|---|"]
+    for r in chn.itertuples():
+        lines.append(f"| {labels[r.variant]} | {r.acc_mean:.1f} ± {r.acc_std:.1f} | {r.iters_mean:.1f} ± {r.iters_std:.1f} "
+                     f"| {r.t2c_mean:.1f} ± {r.t2c_std:.1f} | {r.paper_t2c:.1f} | {r.ms_per_batch_mean:.1f} |")
+    ham = pd.read_csv(results_dir / "hopfield_deq_reduced" / "summary.csv").set_index(["model", "variant"])
+    ham_iters = [ham.loc[("ham", v), "iters_mean"] for v in VARIANTS]
+    lines += ["", f"HAM, reduced run (`results/hopfield_deq_reduced/`, {int(ham.loc[('ham', 'sync'), 'runs'])} runs): "
+              f"iterations {' / '.join(VARIANTS)} = {' / '.join(f'{i:.1f}' for i in ham_iters)}."]
+    return "\n".join(lines)
+
+
+def write_report() -> dict[str, str]:
+    """Both README blocks (``hopdeq_full``, ``hopdeq_reduced``) from the committed results; prints them."""
+    import training
+
+    tables = {"hopdeq_full": full_report(), "hopdeq_reduced": reduced_report()}
+    for name, table in tables.items():
+        written = training.write_readme_block(name, table)
+        print(table + f"\n\n{'wrote' if written else 'no block for'} README block {name}\n")
+    return tables
+
+
 def plot_residuals(trials: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -835,12 +919,15 @@ def write_outputs(rows: list[dict], trials: list[dict], args: argparse.Namespace
     return files
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def main(argv: Sequence[str] | None = None) -> list[dict] | dict[str, str]:
     """Check the flags, open the experiment (refused if it was started with other settings), run the trials
-    that have no trial file yet, write the results and print the table and where it wrote them."""
+    that have no trial file yet, write the results and print the table and where it wrote them; returns the
+    summary rows. ``--report``: only the README's tables (returned by block name)."""
     import training
 
     args = parse_args(argv)
+    if args.report:
+        return write_report()
     digest = data_digest()
     settings = experiment_settings(args, digest)
     if not args.no_ray:

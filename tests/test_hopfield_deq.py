@@ -235,7 +235,8 @@ BAD_ARGS = [  # (argv, the flag the message must name)
     (["--conv_tol", "0"], "--conv_tol"), (["--conv_tol", "1"], "--conv_tol"), (["--precision", "bf16"], "--precision"),
     (["--quick", "--full"], "--full"), (["--model", "xyz"], "--model"), (["--cpus_per_trial", "0"], "--cpus_per_trial"),
     (["--cpus_per_trial", "999"], "--cpus_per_trial"), (["--ray_address", "127.0.0.1:1"], "--ray_address"),
-    (["--ray_address", "nonsense"], "--ray_address"),
+    (["--ray_address", "nonsense"], "--ray_address"), (["--report", "--full"], "--report"),
+    (["--report", "--runs", "2"], "--runs"),
 ]
 if torch.cuda.device_count() == 0:
     BAD_ARGS.append((["--gpus_per_trial", "1"], "--gpus_per_trial"))
@@ -319,6 +320,26 @@ def test_no_ray_run_writes_outputs(tmp_path):
     assert [(r["model"], r["variant"]) for r in rows] == [("ham", "eo_deq")]
     assert not (tmp_path / "res" / hd.parse_args(["--quick"]).exp_name).exists()  # no trial files
     assert json.loads((tmp_path / "res" / "config.json").read_text())["precision"] == "fp32"
+
+
+def test_full_report_counts_and_averages_the_committed_runs(tmp_path):
+    experiment = tmp_path / "layers784-1990-10_epochs10_train60000"
+    (experiment / "trials").mkdir(parents=True)
+    settings = {"layers": [784, 1990, 10], "lr": 0.01, "epochs": 10, "batch_size": 64, "forward_iter": 40,
+                "backward_iter": 8, "train_size": None, "test_size": None, "precision": "fp32"}
+    (experiment / "experiment.json").write_text(json.dumps(settings))
+    for seed, acc, iters, wall in ((0, 97.0, 14.0, 600.0), (1, 98.0, 16.0, 1200.0)):
+        metrics = {"acc": acc, "iters": iters, "t2c": iters, "not_converged_pct": 1.0, "ms_per_batch": 40.0,
+                   "train_seconds": wall - 60}
+        record = {"config": {**settings, "model": "ham", "variant": "sync", "seed": seed}, "wall_time_s": wall,
+                  "history": [{"acc": 10.0}, metrics], "git_commit": "abc", "cpu": "test cpu",
+                  "finished": "2026-12-03T10:00:00+0000"}
+        (experiment / "trials" / f"ham_sync_seed{seed}_x.json").write_text(json.dumps(record))
+    table = hd.full_report(tmp_path)
+    assert table.startswith("2 of 24 runs committed") and "0.5 trial hours, 10-20 min wall per run, on test cpu" in table
+    assert "| ham | sync | 2 of 3 | 97.50 ± 0.71 | 15.0 ± 1.4 | 15.0 ± 1.4 |  | 1.0 | 40.0 | 840 |" in table
+    assert "| chn | sync | 0 of 3 | not yet run | | | 39.1 |" in table and "| ham | eo_deq | 0 of 3 | not yet run |" in table
+    assert "No paper-budget run" in hd.full_report(tmp_path / "empty")
 
 
 class _Interrupted(Exception):
