@@ -17,6 +17,7 @@ same relative residual, all in one process; prints ratios against the Picard / s
     python3 bench/bench_deq.py                                 # ~1-2 minutes on one core
     python3 bench/bench_deq.py --eo_cost --estimate_full       # + the EO breakdown and the estimate
     python3 bench/bench_deq.py --quick                         # seconds; writes results/quick/
+    python3 bench/bench_deq.py --report                        # the README block, from results/bench/bench_deq.json
 """
 from __future__ import annotations
 
@@ -26,17 +27,20 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))
 
 from deq import fixed_point  # noqa: E402
 from hopfield_deq import (VARIANTS, HopfieldClassifier, chn_block_solve, convergence_iterations,  # noqa: E402
                           load_split, train_epoch)
 from madam import Madam  # noqa: E402
 import training  # noqa: E402
-from bench.common import fastest_seconds  # noqa: E402
+from bench.common import (committed_report as common_report, fastest_seconds, measured_at, provenance,  # noqa: E402
+                          report_block, write_result)
 
 
 def synthetic_rows(dim: int, batch: int, norm: float, tol: float, repeats: int, seed: int) -> list[dict]:
@@ -180,7 +184,7 @@ def print_with_ratios(rows: list[dict]) -> None:
               f"| {r['iter_ratio']:.2f} | {r['time_ratio']:.2f} |")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dim", type=training.positive_int, default=500)
@@ -204,11 +208,21 @@ def main(argv: list[str] | None = None) -> dict:
                         help="CSV output (default results/bench/bench_deq.csv; --quick: results/quick/bench_deq.csv); "
                              "the EO breakdown and the estimate go to the .json beside it")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
+    parser.add_argument("--report", action="store_true",
+                        help="only write the README block bench_deq from results/bench/bench_deq.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.dim, args.train_batches, args.n_test, args.repeats, args.train_timing_batches = 100, 5, 64, 1, 2
-    repo = Path(__file__).resolve().parents[1]
-    out = Path(args.out or repo / "results" / ("quick" if args.quick else "bench") / "bench_deq.csv")
+    args.out = str(args.out or REPO_DIR / "results" / ("quick" if args.quick else "bench") / "bench_deq.csv")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.report:
+        report_block("bench_deq", markdown)
+        return {}
+    start = time.perf_counter()
     torch.set_num_threads(args.threads)
     config = training.log_config(args)
     layers = [int(v) for v in args.layers.split(",")]
@@ -219,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += hopfield_rows(model, layers, states[model], args.train_batches, args.n_test, args.tol,
                               args.repeats)
     print_with_ratios(rows)
-    extra: dict = {"config": config, "git_commit": training.git_commit(), "threads": args.threads}
+    extra: dict = {"config": config, "threads": args.threads}
     if args.eo_cost and "chn" in states:
         extra["eo_cost"] = eo_cost_rows(layers, states["chn"], max(args.repeats, 5))
         print("\n| CHN step part (64 images) | ms | x sync step |\n|---|---|---|")
@@ -234,15 +248,48 @@ def main(argv: list[str] | None = None) -> dict:
         est = extra["full_budget_estimate"]
         print(f"\nhopfield_deq.py --full ({est['protocol']}): {est['compute_hours']:.1f} compute hours, "
               f"~{est['wall_hours_on_slots']:.1f} h wall on 2 cores (<= {est['wall_hours_upper']:.1f} h)")
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for r in rows for k in r})
     with open(out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    out.with_suffix(".json").write_text(json.dumps({**extra, "rows": rows}, indent=2, default=str))
-    print(f"wrote {training.repo_relative(out)}, {training.repo_relative(out.with_suffix('.json'))}")
-    return {"rows": rows, **extra}
+    result = {**extra, "rows": rows, **provenance(start)}
+    write_result(result, out.parent, out.stem, markdown)
+    return result
+
+
+def markdown(result: dict) -> str:
+    """One line per benchmark (the synthetic DEQ, each Hopfield net): its variants' iterations and wall time
+    against the first variant's (Picard, sync) on the same problem, and where it was measured."""
+    cfg = result["config"]
+    lines = [f"Iterations and wall time to relative residual {cfg['tol']:g}, best of {cfg['repeats']}, "
+             f"{cfg['threads']} thread(s); Hopfield nets: one set of weights ({cfg['train_batches']} Madam batches "
+             f"of {cfg['train_variant']} dynamics) solving the same {cfg['n_test']} test images with every variant", "",
+             "| benchmark | variants | iterations (whole batch) | iterations vs the first | mean per sample "
+             "| wall time vs the first |", "|---|---|---|---|---|---|"]
+    groups: dict[str, list[dict]] = {}
+    for r in result["rows"]:
+        groups.setdefault(r["bench"], []).append(r)
+    lines += [_bench_line(bench, rows) for bench, rows in groups.items()]
+    return "\n".join(lines + ["", measured_at(result)])
+
+
+def _bench_line(bench: str, rows: list[dict]) -> str:
+    """A table line: each column lists the variants' values in order, "a / b / ..."."""
+    def joined(fmt: Callable[[dict], str]) -> str:
+        return " / ".join(fmt(r) for r in rows)
+    per_sample = joined(lambda r: f"{r['mean_sample_iterations']:.1f}") if "mean_sample_iterations" in rows[0] else "-"
+    cells = [bench.replace("|", "\\|"), joined(lambda r: r["method"] + ("" if r["converged"] else " (not converged)")),
+             joined(lambda r: str(r["iterations"])), joined(lambda r: f"{r['iter_ratio']:.2f}"), per_sample,
+             joined(lambda r: f"{r['time_ratio']:.2f}")]
+    return "| " + " | ".join(cells) + " |"
+
+
+def committed_report() -> str:
+    """The README block ``bench_deq``: the table of the committed full run."""
+    return common_report("bench_deq", markdown)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ import datasets  # noqa: E402
 import mnist_mil_main as mm  # noqa: E402
 import real_world_mil as rw  # noqa: E402
 import training  # noqa: E402
-from bench.common import committed_report as common_report, fastest_seconds, report_block, write_result  # noqa: E402
+from bench.common import (committed_report as common_report, fastest_seconds, measured_at, provenance,  # noqa: E402
+                          report_block, target_cell, write_result)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -159,9 +161,10 @@ def main(argv=None) -> dict:
     if args.report:
         report_block("bench_engine", markdown)
         return {}
+    start = time.perf_counter()
     torch.set_num_threads(args.threads)
     config = training.log_config(args)
-    result = {"config": config, "git_commit": training.git_commit(), "cpu_has_bf16": training.cpu_has_bf16(),
+    result = {"config": config, "cpu_has_bf16": training.cpu_has_bf16(),
               "mnist_step": [], "kmil": [], "kmil_setting": {"width": KMIL_WIDTH, **mm.KMIL_BAGS}}
     for bag in args.bag_sizes:
         (fp32, _), (bf16, bf16_eval) = (mnist_step_seconds(bag, p, args) for p in ("fp32", "bf16"))
@@ -186,19 +189,13 @@ def main(argv=None) -> dict:
                "bf16_s": bf16, "speedup_bf16": fp32 / bf16}
         result["real_world"].append(row)
         print(json.dumps(row), flush=True)
+    result.update(provenance(start))
     write_result(result, args.out_dir, "bench_engine", markdown)
     return result
 
 
 # Issue targets (paper-scale training): bf16 step speedup per bag size, bf16 step / matmul floor, stacked K-MIL speedup
 TARGETS = {"speedup_bf16": {5: 2.0, 100: 3.0}, "bf16_vs_floor": {100: 2.0}, "speedup_stacked": 5.0}
-
-
-def _target(value: float, target: float | None, at_least: bool = True) -> str:
-    if target is None:
-        return "-"
-    met = value >= target if at_least else value <= target
-    return f"{'>=' if at_least else '<='} {target:g}x ({'met' if met else 'not met'})"
 
 
 def markdown(result: dict) -> str:
@@ -212,9 +209,9 @@ def markdown(result: dict) -> str:
     for r in result["mnist_step"]:
         bag = r["bag_size"]
         lines.append(f"| {bag} | {1e3 * r['fp32_s']:.0f} | {1e3 * r['bf16_s']:.0f} | {r['speedup_bf16']:.2f}x | "
-                     f"{_target(r['speedup_bf16'], TARGETS['speedup_bf16'].get(bag))} | "
+                     f"{target_cell(r['speedup_bf16'], TARGETS['speedup_bf16'].get(bag))} | "
                      f"{1e3 * r['bf16_matmul_floor_s']:.0f} | {r['bf16_vs_floor']:.1f}x | "
-                     f"{_target(r['bf16_vs_floor'], TARGETS['bf16_vs_floor'].get(bag), at_least=False)} | "
+                     f"{target_cell(r['bf16_vs_floor'], TARGETS['bf16_vs_floor'].get(bag), at_least=False)} | "
                      f"{100 * r['train_eval_pass_share']:.0f} % |")
     # runs before kmil_setting was recorded used LeNet width 128 and datasets.make_kmil_bags' default bag sizes
     kmil = result.get("kmil_setting", {"width": 128, "mean_bag_size": 10.0, "std_bag_size": 2.0, "rounding": "nearest"})
@@ -224,15 +221,14 @@ def markdown(result: dict) -> str:
               "| precision | separate (bags/s) | stacked (bags/s) | speedup | target |", "|---|---|---|---|---|"]
     for r in result["kmil"]:
         lines.append(f"| {r['precision']} | {r['separate_bags_per_s']:.0f} | {r['stacked_bags_per_s']:.0f} | "
-                     f"{r['speedup_stacked']:.2f}x | {_target(r['speedup_stacked'], TARGETS['speedup_stacked'])} |")
+                     f"{r['speedup_stacked']:.2f}x | {target_cell(r['speedup_stacked'], TARGETS['speedup_stacked'])} |")
     lines += ["", f"Real-world MIL (Fox, fold 0): {cfg['rw_models']} models of one shape, {cfg['rw_epochs']} epochs "
               "with validation", "", "| shape (emb_dims, hidden per head, 8 heads) | fp32 (s) | bf16 (s) | bf16 speedup |",
               "|---|---|---|---|"]
     for r in result["real_world"]:
         lines.append(f"| {r['emb_dims']}, {r['hidden_dim']} | {r['fp32_s']:.2f} | {r['bf16_s']:.2f} | "
                      f"{r['speedup_bf16']:.2f}x |")
-    lines += ["", f"Measured at commit {result['git_commit']}."]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", measured_at(result)])
 
 
 def committed_report() -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ sys.path.insert(0, str(REPO_DIR))
 
 import mnist_mil_main as mm  # noqa: E402
 import training  # noqa: E402
-from bench.common import committed_report as common_report, fastest_seconds, report_block, write_result  # noqa: E402
+from bench.common import (committed_report as common_report, fastest_seconds, measured_at, provenance,  # noqa: E402
+                          report_block, write_result)
 
 LAYOUTS = ("textbook", "fast")
 
@@ -86,6 +88,7 @@ def main(argv=None) -> dict:
     if args.report:
         report_block("bench_lenet", markdown)
         return {}
+    start = time.perf_counter()
     torch.set_num_threads(args.threads)
     config = training.log_config(args)
     rows = []
@@ -97,7 +100,7 @@ def main(argv=None) -> dict:
                          "speedup": ms["textbook"] / ms["fast"]})
             print(f"{part:36s} {precision}: textbook {ms['textbook']:.1f} ms, fast {ms['fast']:.1f} ms, "
                   f"{rows[-1]['speedup']:.2f}x", flush=True)
-    result = {"config": config, "git_commit": training.git_commit(), "rows": rows}
+    result = {"config": config, "rows": rows, **provenance(start)}
     write_result(result, args.out_dir, "bench_lenet", markdown)
     return result
 
@@ -108,7 +111,7 @@ def markdown(result: dict) -> str:
              "| part | precision | textbook (ms) | fast (ms) | speedup |", "|---|---|---|---|---|"]
     lines += [f"| {r['part']} | {r['precision']} | {r['textbook_ms']:.1f} | {r['fast_ms']:.1f} | {r['speedup']:.2f}x |"
               for r in result["rows"]]
-    return "\n".join(lines + ["", f"Measured at commit {result['git_commit']}."])
+    return "\n".join(lines + ["", measured_at(result)])
 
 
 def committed_report() -> str:

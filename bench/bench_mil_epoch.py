@@ -7,18 +7,17 @@ process, interleaving modes over ``--repeats`` rounds and keeping each mode's fa
 markdown table of bags/s and the ratio  epoch time(mode) / epoch time(softmax)  (target: <= 1.5 for the
 sparse maps), and writes it as CSV/JSON.
 
-    python3 bench/bench_mil_epoch.py                       # bag sizes 5 and 100, all modes, 1 thread
-    python3 bench/bench_mil_epoch.py --quick               # smaller, seconds
+    python3 bench/bench_mil_epoch.py            # bag sizes 5 and 100, all modes, 1 thread; writes results/bench/
+    python3 bench/bench_mil_epoch.py --quick    # smaller, seconds; writes results/quick/bench/
+    python3 bench/bench_mil_epoch.py --report   # the README block, from results/bench/bench_mil_epoch.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -28,6 +27,8 @@ import datasets  # noqa: E402
 import mnist_mil_main as mm  # noqa: E402
 import sparsemax  # noqa: E402
 import training  # noqa: E402
+from bench.common import (committed_report as common_report, measured_at, provenance, report_block,  # noqa: E402
+                          write_result)
 
 
 DEFAULT_MODES = tuple(m for m in sparsemax.MODES if m != "sequential_k_subsets")
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="n_bags 128, repeats 2, bag sizes 5 and 50")
     parser.add_argument("--out_dir", default=None, help="default results/bench (--quick: results/quick/bench)")
+    parser.add_argument("--report", action="store_true",
+                        help="only write the README block bench_mil_epoch from results/bench/bench_mil_epoch.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.n_bags, args.repeats, args.bag_sizes = 128, 2, [5, 50]
@@ -86,10 +89,14 @@ def make_bags(bag_size: int, args: argparse.Namespace):
     return (x[:n], None, y[:n]), (x[n:], None, y[n:])
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.report:
+        report_block("bench_mil_epoch", markdown)
+        return {}
+    start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    training.log_config(args)
+    config = training.log_config(args)
     rows = []
     for bag_size in args.bag_sizes:
         bags = make_bags(bag_size, args)
@@ -103,34 +110,38 @@ def main(argv=None) -> list[dict]:
             best = min(times[mode])
             rows.append({"bag_size": bag_size, "mode": mode, "epoch_s": best, "bags_per_s": args.n_bags / best,
                          "ratio_vs_softmax": best / base, "all_epoch_s": times[mode]})
-    table = format_table(rows, args)
-    print("\n" + table)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_mil_epoch.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2))
+    result = {"config": config, "rows": rows, **provenance(start)}
+    write_result(result, args.out_dir, "bench_mil_epoch", markdown)
     import pandas as pd
 
-    pd.DataFrame(rows).drop(columns="all_epoch_s").to_csv(out_dir / "bench_mil_epoch.csv", index=False)
-    (out_dir / "bench_mil_epoch.md").write_text(table + "\n")
-    print(f"\nwrote {out_dir / 'bench_mil_epoch.csv'}, .json and .md")
-    return rows
+    pd.DataFrame(rows).drop(columns="all_epoch_s").to_csv(Path(args.out_dir) / "bench_mil_epoch.csv", index=False)
+    return result
 
 
-def format_table(rows: list[dict], args: argparse.Namespace) -> str:
+def markdown(result: dict) -> str:
+    """bags/s and epoch time / softmax's per mode and bag size, the slowest mode, and where it was measured."""
+    cfg, rows = result["config"], result["rows"]
     sizes = sorted({r["bag_size"] for r in rows})
     by = {(r["bag_size"], r["mode"]): r for r in rows}
-    head = "| mode | " + " | ".join(f"bag {s}: bags/s | bag {s}: x softmax" for s in sizes) + " |"
-    lines = [f"One training epoch of the MNIST-bag classifier ({args.n_bags} bags, batch {args.batch_size}, "
-             f"d_model {args.d_model}, {args.n_heads} heads, {args.num_pattern} patterns; {args.device}, "
-             f"{args.threads} thread(s); fastest of {args.repeats}); ratio = epoch time / softmax epoch time",
-             "", head, "|---|" + "---|---|" * len(sizes)]
-    for mode in args.modes:
-        cells = []
-        for s in sizes:
-            r = by[(s, mode)]
-            cells.append(f"{r['bags_per_s']:.0f} | {r['ratio_vs_softmax']:.2f}")
+    lines = [f"One training epoch of the MNIST-bag classifier ({cfg['n_bags']} bags, batch {cfg['batch_size']}, "
+             f"d_model {cfg['d_model']}, {cfg['n_heads']} heads, {cfg['num_pattern']} patterns; {cfg['device']}, "
+             f"{cfg['threads']} thread(s); fastest of {cfg['repeats']}); ratio = epoch time / softmax epoch time",
+             "", "| mode | " + " | ".join(f"bag {s}: bags/s | bag {s}: x softmax" for s in sizes) + " |",
+             "|---|" + "---|---|" * len(sizes)]
+    for mode in cfg["modes"]:
+        cells = [f"{by[s, mode]['bags_per_s']:.0f} | {by[s, mode]['ratio_vs_softmax']:.2f}" for s in sizes]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    slowest = max(rows, key=lambda r: r["ratio_vs_softmax"])
+    others = max(r["ratio_vs_softmax"] for r in rows if r["mode"] != slowest["mode"])
+    lines += ["", f"Slowest: {slowest['mode']}, {slowest['ratio_vs_softmax']:.2f}x softmax at bag "
+              f"{slowest['bag_size']}; every other mode within {others:.2f}x at every bag size."]
+    tail = measured_at(result)
+    return "\n".join(lines + (["", tail] if tail else []))
+
+
+def committed_report() -> str:
+    """The README block ``bench_mil_epoch``: the table of the committed full run."""
+    return common_report("bench_mil_epoch", markdown)
 
 
 if __name__ == "__main__":

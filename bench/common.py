@@ -1,10 +1,11 @@
 """What every benchmark shares: one timing rule, the result files, the README block from the committed result.
 
-    from bench.common import fastest_seconds, write_result, report_block
+    from bench.common import fastest_seconds, provenance, write_result, report_block
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,33 @@ def fastest_seconds(fn: Callable[[], object], rounds: int, calls: int = 1, warmu
             fn()
         best = min(best, (time.perf_counter() - start) / calls)
     return best
+
+
+def provenance(start: float) -> dict:
+    """Where and how long a result was measured, as trial files record it: the commit, the CPU (its model, its
+    ``host_cpus`` cores and their 1-minute load average at the end, which counts other jobs sharing them) and the
+    wall time since ``start`` (a ``time.perf_counter()``)."""
+    return {"git_commit": training.git_commit(), "cpu": training.cpu_model(), "host_cpus": os.cpu_count(),
+            "load_average": os.getloadavg()[0], "wall_time_s": time.perf_counter() - start}
+
+
+def target_cell(value: float, target: float | None, at_least: bool = True) -> str:
+    """A table's target column: ">= 2x (met)", "<= 6x (not met)", or "-" without a target."""
+    if target is None:
+        return "-"
+    met = value >= target if at_least else value <= target
+    return f"{'>=' if at_least else '<='} {target:g}x ({'met' if met else 'not met'})"
+
+
+def measured_at(result: dict) -> str:
+    """The provenance line under a table: "Measured at commit ..." and, where recorded, the CPU, its load and the
+    wall time ("" for a result that recorded no commit)."""
+    if "git_commit" not in result:
+        return ""
+    where = (f" on {result['cpu']} ({result['host_cpus']} cores, 1-minute load average {result['load_average']:.1f} "
+             "at the end)" if "cpu" in result else "")
+    wall = f", {result['wall_time_s']:.0f} s wall" if "wall_time_s" in result else ""
+    return f"Measured at commit {result['git_commit']}{where}{wall}."
 
 
 def write_result(result: dict, out_dir: str | Path, name: str, markdown: Callable[[dict], str]) -> None:

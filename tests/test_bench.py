@@ -1,18 +1,23 @@
 """Smoke tests of the benches' quick settings: bench_maps runs every map against torch.softmax (and the
-entmax package) and writes the table files with finite, positive ratios; bench_engine and bench_lenet record
-positive ratios."""
-import csv
+entmax package) and writes the result and table files with finite, positive ratios; bench_engine and bench_lenet
+record positive ratios; no bench's --quick setting writes over the committed results/bench/ files."""
+import json
 import math
+from pathlib import Path
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parents[1]
 
 
 def test_bench_maps_quick_writes_ratios(tmp_path, capsys, load_bench):
-    rows = load_bench("bench_maps").main(["--quick", "--out_dir", str(tmp_path)])
+    rows = load_bench("bench_maps").main(["--quick", "--out_dir", str(tmp_path)])["rows"]
     assert {"sparsemax", "entmax15", "k_subsets k=3", "sequential_k_subsets k=3"} <= {r["map"] for r in rows}
     assert all(r["ours_vs_softmax"] > 0 and math.isfinite(r["ours_vs_softmax"]) for r in rows)
-    with open(tmp_path / "bench_maps.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == len(rows)
+    saved = json.loads((tmp_path / "bench_maps.json").read_text())
+    assert saved["rows"] == rows and {"git_commit", "cpu", "wall_time_s"} <= set(saved)
     table = (tmp_path / "bench_maps.md").read_text()
-    assert "numba CPU kernels" in table and "| sparsemax |" in table
+    assert "numba CPU kernels" in table and "| sparsemax |" in table and "Measured at commit" in table
     assert f"wrote {tmp_path}" in capsys.readouterr().out
 
 
@@ -33,3 +38,12 @@ def test_bench_lenet_smoke_compares_both_layouts(tmp_path, load_bench):
         [("encoder", "fp32"), ("encoder", "bf16"), ("K-MIL", "fp32"), ("K-MIL", "bf16")]
     assert all(r["speedup"] > 0 and r["speedup"] == r["textbook_ms"] / r["fast_ms"] for r in result["rows"])
     assert "| K-MIL training step" in (tmp_path / "bench_lenet.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["bench_deq", "bench_engine", "bench_fixed_point_modes", "bench_lenet", "bench_maps",
+                                  "bench_mil_epoch"])
+def test_quick_settings_never_write_over_the_committed_results(name, load_bench):
+    """--quick writes under results/quick/ (git-ignored), not over the full runs committed in results/bench/."""
+    args = load_bench(name).parse_args(["--quick"])
+    out = Path(getattr(args, "out_dir", None) or args.out).resolve()
+    assert out.is_relative_to(REPO_DIR / "results" / "quick"), out
