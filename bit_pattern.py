@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--seed", type=int, default=0, help="data seed; trial i trains with seed + i")
     task.add_argument("--trials", type=pint, default=None,
                       help=f"seeds per mode and setting (default {DEFAULTS['trials']})")
+    parser.add_argument("--report", action="store_true",
+                        help="only write the README block bit_pattern_table from results/bit_pattern_summary.json")
     task.add_argument("--quick", action="store_true",
                       help=f"smoke setting {QUICK} written to results/quick/ (git-ignored); explicit flags win")
     task.add_argument("--chance_margin", type=training.probability, default=0.1,
@@ -403,6 +405,36 @@ def format_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def mode_label(mode: str) -> str:
+    """A mode with its fixed map parameters: "k_subsets (k=2)"."""
+    params = ", ".join(f"{k}={v}" for k, v in MODE_PARAMS.get(mode, {}).items())
+    return f"{mode} ({params})" if params else mode
+
+
+def readme_report(path: Path = REPO_DIR / "results" / "bit_pattern_summary.json") -> str:
+    """The README block ``bit_pattern_table``: per setting of the committed run, each mode's final-epoch test
+    accuracy and its seeds that miss a whole signal or end below 95 %."""
+    payload = json.loads(path.read_text())
+    c = payload["config"]
+    lines = [f"Committed run (`{training.repo_relative(path)}`): bag {c['bag_size']}, {c['n_bits']} bits, "
+             f"{c['n_signals']} signals, {c['n_train']}/{c['n_test']} bags, {c['epochs']} epochs, {c['trials']} seeds; "
+             "final-epoch test accuracy %, mean ± std over seeds (seeds that miss a whole signal / end below 95 %):"]
+    for setting in dict.fromkeys(s["setting"] for s in payload["summary"]):
+        cells = [f"{mode_label(s['mode'])} {100 * s['test_acc_mean']:.1f} ± {100 * s['test_acc_std']:.1f} "
+                 f"({round(s['frac_missing_a_signal'] * s['n_seeds'])} / {round(s['frac_below_95'] * s['n_seeds'])} "
+                 f"of {s['n_seeds']})" for s in payload["summary"] if s["setting"] == setting]
+        lines += ["", f"{setting}: " + ", ".join(cells) + "."]
+    return "\n".join(lines)
+
+
+def write_report() -> str:
+    """``--report``: rewrite the README block ``bit_pattern_table`` from the committed summary; prints it."""
+    table = readme_report()
+    written = training.write_readme_block("bit_pattern_table", table)
+    print(table + f"\n\n{'wrote' if written else 'no block for'} README block bit_pattern_table")
+    return table
+
+
 def plot_curves(records: list[dict], args: argparse.Namespace) -> list[Path]:
     """``{img_dir}/bit_pattern_{test_acc,train_loss}.png``: mean +- std over seeds per mode (one panel per setting)."""
     import matplotlib
@@ -468,6 +500,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Check the flags, open the experiment (refused if it was started with other settings), run the trials
     without a trial file, write curves/CSV/JSON, print the table and where it wrote them."""
     args = parse_args(argv)
+    if args.report:
+        write_report()
+        return {}
     training.seed_everything(args.seed)
     data = build_data(args)
     digest = training.array_digest(data)

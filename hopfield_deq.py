@@ -831,7 +831,8 @@ def full_report(results_dir: Path = REPO_DIR / OUTPUT_DIRS["full"][0]) -> str:
 
 def reduced_report(results_dir: Path = REPO_DIR / "results") -> str:
     """Markdown for the README's reduced-budget CHN table (``results/hopfield_deq/``: labels, mean ± std, the
-    sweep's span from its runs.csv) and the HAM iteration means of ``results/hopfield_deq_reduced/``."""
+    sweep's span from its runs.csv) and the HAM iteration and ms / test batch means of
+    ``results/hopfield_deq_reduced/``."""
     import pandas as pd
 
     labels = {"sync": "sync (damping 0.5)", "deq": "deq (Anderson)", "eo": "eo (even/odd)", "eo_deq": "eo_deq"}
@@ -847,9 +848,12 @@ def reduced_report(results_dir: Path = REPO_DIR / "results") -> str:
         lines.append(f"| {labels[r.variant]} | {r.acc_mean:.1f} ± {r.acc_std:.1f} | {r.iters_mean:.1f} ± {r.iters_std:.1f} "
                      f"| {r.t2c_mean:.1f} ± {r.t2c_std:.1f} | {r.paper_t2c:.1f} | {r.ms_per_batch_mean:.1f} |")
     ham = pd.read_csv(results_dir / "hopfield_deq_reduced" / "summary.csv").set_index(["model", "variant"])
-    ham_iters = [ham.loc[("ham", v), "iters_mean"] for v in VARIANTS]
-    lines += ["", f"HAM, reduced run (`results/hopfield_deq_reduced/`, {int(ham.loc[('ham', 'sync'), 'runs'])} runs): "
-              f"iterations {' / '.join(VARIANTS)} = {' / '.join(f'{i:.1f}' for i in ham_iters)}."]
+
+    def per_variant(column: str) -> str:
+        return " / ".join(f"{ham.loc[('ham', v), column]:.1f}" for v in VARIANTS)
+    lines += ["", f"HAM, reduced run (`results/hopfield_deq_reduced/`, {int(ham.loc[('ham', 'sync'), 'runs'])} runs), "
+              f"{' / '.join(VARIANTS)}: iterations {per_variant('iters_mean')}, ms / test batch "
+              f"{per_variant('ms_per_batch_mean')}."]
     return "\n".join(lines)
 
 

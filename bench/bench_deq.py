@@ -273,7 +273,34 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         groups.setdefault(r["bench"], []).append(r)
     lines += [_bench_line(bench, rows) for bench, rows in groups.items()]
+    lines += _eo_cost_lines(result.get("eo_cost", [])) + _training_cost_lines(result.get("training_cost", []))
     return "\n".join(lines + ["", measured_at(result)])
+
+
+def _eo_cost_lines(rows: list[dict]) -> list[str]:
+    """Part 3's table: one CHN map evaluation, sync vs even/odd, and the even/odd step's parts ([] if not run)."""
+    if not rows:
+        return []
+    lines = ["", f"{rows[0]['bench']} (`--eo_cost`): one map evaluation, sync vs even/odd, and the even/odd step's parts:",
+             "", "| part | ms | x sync step |", "|---|---|---|"]
+    return lines + [f"| {r['part'].strip()} | {r['ms']:.2f} | {r['x_sync_step']:.2f} |" for r in rows]
+
+
+def _training_cost_lines(rows: list[dict]) -> list[str]:
+    """Part 4's table: ms per training and per test batch of 64 for every model x variant, and the CHN's
+    training batch over the HAM's of the same variant ([] if not run)."""
+    if not rows:
+        return []
+    train = {(r["model"], r["variant"]): r["train_ms_per_batch"] for r in rows}
+    lines = ["", "Cost per batch of 64 (`--estimate_full`: forward solve + recurrent backprop + Madam step; test: "
+             "the solve alone):", "", "| model | variant | ms / training batch | ms / test batch "
+             "| training batch: CHN / HAM |", "|---|---|---|---|---|"]
+    for r in rows:
+        ratio = (f"{train[r['model'], r['variant']] / train['ham', r['variant']]:.1f}x"
+                 if r["model"] == "chn" and ("ham", r["variant"]) in train else "")
+        lines.append(f"| {r['model']} | {r['variant']} | {r['train_ms_per_batch']:.0f} | "
+                     f"{r['test_ms_per_batch']:.0f} | {ratio} |")
+    return lines
 
 
 def _bench_line(bench: str, rows: list[dict]) -> str:

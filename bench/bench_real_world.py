@@ -4,6 +4,7 @@ one, in one process, on a real MIL dataset; and an extrapolation of the full pro
     python3 bench/bench_real_world.py                       # ratio table (fox, 3 shapes) + extrapolation
     python3 bench/bench_real_world.py --quick               # seconds
     python3 bench/bench_real_world.py --datasets fox,ucsb --shapes 6 --pool_width total
+    python3 bench/bench_real_world.py --report              # the README block bench_real_world (committed runs)
 
 Timings use the process's CPU seconds by default (``--clock cpu``; the fair measure on a shared
 machine, since one trial runs on one core); ``--clock wall`` for elapsed time.
@@ -42,9 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import batched_mil as bm  # noqa: E402
 import real_world_mil as rw  # noqa: E402
 import training  # noqa: E402
+from bench.common import COMMITTED_DIR, write_block  # noqa: E402
 
 
 KEY = "cpu"  # which clock the tables use (set by --clock)
+ALL_DATASETS = COMMITTED_DIR / "bench_real_world_per_head_all_datasets.json"  # parts 2 and 3, every dataset
+RATIOS = COMMITTED_DIR / "bench_real_world_per_head.json"  # part 1 (fox)
 
 
 def load(dataset: str):
@@ -310,7 +314,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one per core as in a trial)")
     parser.add_argument("--out_dir", default=None, help="default results/bench (--quick: results/quick/bench)")
+    parser.add_argument("--report", action="store_true",
+                        help="only write the README block bench_real_world from the committed results/bench/ runs")
     args = parser.parse_args(argv)
+    if args.report:
+        write_block("bench_real_world", committed_report())
+        return {}
     if args.quick:
         args.models, args.epochs, args.shapes = 8, 1, 3
     args.out_dir = args.out_dir or str(training.REPO_DIR / "results" / ("quick/bench" if args.quick else "bench"))
@@ -366,6 +375,54 @@ def main(argv: list[str] | None = None) -> dict:
             writer.writerows(result["ratios"])
     print(f"wrote {path}")
     return result
+
+
+def extrapolation_table(rows: list[dict]) -> list[str]:
+    """Part 2: the full grid's extrapolated hours per dataset and how many of its shapes were timed."""
+    lines = ["| dataset | full grid (extrapolated, h) | shapes timed |", "|---|---|---|"]
+    return lines + [f"| {r['dataset']} | {r['extrapolated_full_protocol_s'] / 3600:.1f} | "
+                    f"{r['sampled_shapes']} of {r['of_shapes']} |" for r in rows]
+
+
+def ratio_line(rows: list[dict]) -> str:
+    """Part 1: batched trainer vs the same configs one by one, per shape."""
+    speedups = ", ".join(f"{r['speedup_vs_reference']:.1f}x ({r['shape']})" for r in rows)
+    return (f"Batched training vs the same {rows[0]['models']} configs one by one (`layers.HopfieldPooling` + "
+            f"`torch.optim.AdamW`), {rows[0]['dataset']}, {rows[0]['epochs']} epoch(s): {speedups} "
+            f"(`{training.repo_relative(RATIOS)}`).")
+
+
+def floor_line(bound: dict, parallel: int, extrapolated_s: float) -> str:
+    """Part 3: the counted work of the full grid, the measured rates, and the floor they give."""
+    adamw_bytes = 28 * bound["param_element_steps"]
+    return (f"Floor of the {bound['dataset']} full grid on {parallel} cores (part 3, counted work / measured rates): "
+            f"{bound['model_steps'] / 1e6:.1f} M model steps over {bound['param_element_steps']:.3g} parameter-element "
+            f"steps ({bound['param_element_steps'] / bound['model_steps'] / 1e3:.0f}k parameters per model on "
+            f"average); a single-pass AdamW moves {adamw_bytes:.2g} bytes "
+            f"({bound['optimizer_floor_cache_s'] / 60:.0f} min at {bound['adamw_GBps_cache']:.0f} GB/s per core "
+            f"with a cache-resident working set, {bound['optimizer_floor_s'] / 60:.0f} min from DRAM at "
+            f"{bound['adamw_GBps_dram']:.0f} GB/s), forward+backward need {bound['fwd_bwd_flops']['real']:.2g} FLOPs "
+            f"({bound['fwd_bwd_floor_s'] / 60:.0f} min at {bound['bmm_gflops']:.0f} GFLOP/s per core, the encoder's "
+            f"batched matmul): a floor of {bound['floor_s'] / 3600:.1f} h before any per-step overhead; the "
+            f"extrapolated plain grid is {extrapolated_s / bound['floor_s']:.1f}x that floor.")
+
+
+def markdown(result: dict, ratios: list[dict]) -> str:
+    """The README block: part 2's extrapolation for every dataset, part 1's speed-ups, part 3's floor."""
+    parts = result["extrapolation"]
+    config = next(iter(result["configs"].values()))
+    parallel = config["parallel"]
+    fox = next(e for e in parts if e["dataset"] == result["lower_bound"][0]["dataset"])
+    head = (f"Plain protocol (no early stopping or halving), full grid = {parts[0]['trainings']:,} trainings, "
+            f"{parallel} trials in parallel, EXTRAPOLATED from one timed epoch per sampled shape ({config['clock']} "
+            f"clock, {config['threads']} thread(s) per trial; `{training.repo_relative(ALL_DATASETS)}`):")
+    return "\n".join([head, "", *extrapolation_table(parts), "", ratio_line(ratios), "",
+                      floor_line(result["lower_bound"][0], parallel, fox["extrapolated_full_protocol_s"])])
+
+
+def committed_report() -> str:
+    """The README block ``bench_real_world``, from the committed runs under results/bench/."""
+    return markdown(json.loads(ALL_DATASETS.read_text()), json.loads(RATIOS.read_text())["ratios"])
 
 
 if __name__ == "__main__":

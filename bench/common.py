@@ -76,8 +76,13 @@ def committed_report(name: str, markdown: Callable[[dict], str], results_dir: Pa
     return markdown(json.loads(path.read_text()))
 
 
-def report_block(name: str, markdown: Callable[[dict], str]) -> None:
-    """``--report``: rewrite the README block ``name`` from the committed result (no timing is run)."""
-    if not training.write_readme_block(name, committed_report(name, markdown)):
+def write_block(name: str, content: str) -> None:
+    """Rewrite the README block ``name`` with ``content`` (refused if the README has no such block)."""
+    if not training.write_readme_block(name, content):
         raise SystemExit(f"README.md has no <!-- BEGIN {name} --> block")
     print(f"wrote the README block {name}")
+
+
+def report_block(name: str, markdown: Callable[[dict], str]) -> None:
+    """``--report``: rewrite the README block ``name`` from the committed result (no timing is run)."""
+    write_block(name, committed_report(name, markdown))
