@@ -811,7 +811,7 @@ def full_report(results_dir: Path = REPO_DIR / OUTPUT_DIRS["full"][0]) -> str:
                  f"{budget_label(settings)}; {prov['trial_wall_time_s'].get('sum', 0) / 3600:.1f} trial hours, "
                  f"{min(walls):.0f}-{max(walls):.0f} min wall per run, on {', '.join(prov['cpus']) or '-'} "
                  "(mean ± std over the runs done)", "",
-                 "| model | variant | runs done | test acc % | iterations to res < 1e-4 | forward-Euler time (t2c) "
+                 "| model | variant | runs done | test acc % | iterations to res < 1e-4 (the budget if not reached) | forward-Euler time (t2c) "
                  "| paper t2c (hopdeq, CHN) | not converged % | ms / test batch | train s / run |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for model in MODELS:
