@@ -430,8 +430,7 @@ def readme_report(path: Path = REPO_DIR / "results" / "bit_pattern_summary.json"
 def write_report() -> str:
     """``--report``: rewrite the README block ``bit_pattern_table`` from the committed summary; prints it."""
     table = readme_report()
-    written = training.write_readme_block("bit_pattern_table", table)
-    print(table + f"\n\n{'wrote' if written else 'no block for'} README block bit_pattern_table")
+    training.write_readme_blocks({"bit_pattern_table": table})
     return table
 
 

@@ -783,16 +783,24 @@ def markdown_table(rows: list[dict], settings: dict) -> str:
              "| paper t2c (CHN) | not converged % | ms / batch | train s / run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        paper = "" if math.isnan(r["paper_t2c"]) else f"{r['paper_t2c']:.1f}"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['runs']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
-                     f"| {r['iters_mean']:.1f} ± {r['iters_std']:.1f} | {r['t2c_mean']:.1f} ± {r['t2c_std']:.1f} "
-                     f"| {paper} | {r['not_converged_pct_mean']:.1f} | {r['ms_per_batch_mean']:.1f} "
-                     f"| {r['train_seconds_mean']:.0f} |")
+        lines.append(f"| {r['model']} | {r['variant']} | {r['runs']} | {metric_cells(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def metric_cells(r: dict) -> str:
+    """The table cells of one ``aggregate`` row after its runs: acc | iterations | t2c | paper t2c (empty for
+    the HAM) | not converged % | ms / batch | train s / run."""
+    paper = "" if math.isnan(r["paper_t2c"]) else f"{r['paper_t2c']:.1f}"
+    return (f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {r['iters_mean']:.1f} ± {r['iters_std']:.1f} | "
+            f"{r['t2c_mean']:.1f} ± {r['t2c_std']:.1f} | {paper} | {r['not_converged_pct_mean']:.1f} | "
+            f"{r['ms_per_batch_mean']:.1f} | {r['train_seconds_mean']:.0f}")
+
+
 def load_experiment_trials(experiment_dir: Path) -> list[dict]:
     """The finished runs whose trial files lie in ``experiment_dir/trials/`` (``metrics`` = last report)."""
-    records = [json.loads(path.read_text()) for path in sorted((experiment_dir / "trials").glob("*.json"))]
-    return [{**r, "metrics": r["history"][-1]} for r in records]
+    from training import finished_trial
+
+    return [finished_trial(json.loads(path.read_text())) for path in sorted((experiment_dir / "trials").glob("*.json"))]
 
 
 def full_report(results_dir: Path = REPO_DIR / OUTPUT_DIRS["full"][0]) -> str:
@@ -816,15 +824,12 @@ def full_report(results_dir: Path = REPO_DIR / OUTPUT_DIRS["full"][0]) -> str:
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for model in MODELS:
             for variant in VARIANTS:
-                paper = f"{PAPER_T2C[variant]:.1f}" if model == "chn" else ""
                 r = rows.get((model, variant))
                 if r is None:
+                    paper = f"{PAPER_T2C[variant]:.1f}" if model == "chn" else ""
                     lines.append(f"| {model} | {variant} | 0 of {FULL['runs']} | not yet run | | | {paper} | | | |")
                     continue
-                lines.append(f"| {model} | {variant} | {r['runs']} of {FULL['runs']} | {r['acc_mean']:.2f} ± "
-                             f"{r['acc_std']:.2f} | {r['iters_mean']:.1f} ± {r['iters_std']:.1f} | {r['t2c_mean']:.1f} "
-                             f"± {r['t2c_std']:.1f} | {paper} | {r['not_converged_pct_mean']:.1f} | "
-                             f"{r['ms_per_batch_mean']:.1f} | {r['train_seconds_mean']:.0f} |")
+                lines.append(f"| {model} | {variant} | {r['runs']} of {FULL['runs']} | {metric_cells(r)} |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) or "No paper-budget run committed yet (`python3 hopfield_deq.py --full`)."
 
@@ -862,9 +867,7 @@ def write_report() -> dict[str, str]:
     import training
 
     tables = {"hopdeq_full": full_report(), "hopdeq_reduced": reduced_report()}
-    for name, table in tables.items():
-        written = training.write_readme_block(name, table)
-        print(table + f"\n\n{'wrote' if written else 'no block for'} README block {name}\n")
+    training.write_readme_blocks(tables)
     return tables
 
 

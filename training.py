@@ -309,6 +309,11 @@ def load_trial(path: Path, config: dict) -> dict | None:
     record = json.loads(path.read_text())
     if record.get("config") != _canonical(config):
         return None
+    return finished_trial(record)
+
+
+def finished_trial(record: dict) -> dict:
+    """A trial file's record with ``metrics`` = its last report ({} if it reported nothing)."""
     return {**record, "metrics": record["history"][-1] if record["history"] else {}}
 
 
@@ -649,4 +654,12 @@ def write_readme_block(name: str, content: str, readme: Path = REPO_DIR / "READM
     text = readme.read_text()
     readme.write_text(text.replace(f"<!-- BEGIN {name} -->\n{old}", f"<!-- BEGIN {name} -->\n{content.rstrip()}\n", 1))
     return True
+
+
+def write_readme_blocks(tables: dict[str, str], readme: Path = REPO_DIR / "README.md") -> None:
+    """``--report``: write each table into its README block (``write_readme_block``) and print it, saying
+    whether the README has that block."""
+    for name, table in tables.items():
+        written = write_readme_block(name, table, readme)
+        print(table + f"\n\n{'wrote' if written else 'no block for'} README block {name}\n")
 

@@ -47,6 +47,7 @@ from bench.common import COMMITTED_DIR, write_block  # noqa: E402
 
 
 KEY = "cpu"  # which clock the tables use (set by --clock)
+ADAMW_BYTES_PER_ELEMENT = 28  # fused AdamW step: read p, g, m, v; write p, m, v (4 B each)
 ALL_DATASETS = COMMITTED_DIR / "bench_real_world_per_head_all_datasets.json"  # parts 2 and 3, every dataset
 RATIOS = COMMITTED_DIR / "bench_real_world_per_head.json"  # part 1 (fox)
 
@@ -276,7 +277,7 @@ def machine_rates(d_in: int, n_inst: int) -> dict:
         step = lambda: bm._adamw_update(p, g, mom, var, one, one, -1e-3 * one, 0.3 * one,  # noqa: E731
                                         np.ones(m, bool), consts)
         step()
-        rates[f"adamw_GBps_{label}"] = 28 * m * n / _median_seconds(step) / 1e9
+        rates[f"adamw_GBps_{label}"] = ADAMW_BYTES_PER_ELEMENT * m * n / _median_seconds(step) / 1e9
     return rates
 
 
@@ -285,8 +286,8 @@ def lower_bound(dataset: str, how: str, parallel: int) -> dict:
     (28 B per parameter element per step) / AdamW bandwidth + forward/backward FLOPs / GFLOP/s."""
     work = grid_work(dataset, how)
     rates = machine_rates(int(load(dataset)[0][0].shape[-1]), int(4 * round(work["mean_padded_bag_len"])))
-    optimizer_s = 28 * work["param_element_steps"] / (rates["adamw_GBps_dram"] * 1e9) / parallel
-    optimizer_cache_s = 28 * work["param_element_steps"] / (rates["adamw_GBps_cache"] * 1e9) / parallel
+    optimizer_s = ADAMW_BYTES_PER_ELEMENT * work["param_element_steps"] / (rates["adamw_GBps_dram"] * 1e9) / parallel
+    optimizer_cache_s = ADAMW_BYTES_PER_ELEMENT * work["param_element_steps"] / (rates["adamw_GBps_cache"] * 1e9) / parallel
     compute_s = work["fwd_bwd_flops"]["real"] / (rates["bmm_gflops"] * 1e9) / parallel
     return {**work, **rates, "optimizer_floor_s": optimizer_s, "optimizer_floor_cache_s": optimizer_cache_s,
             "fwd_bwd_floor_s": compute_s, "floor_s": compute_s + optimizer_cache_s}
@@ -394,7 +395,7 @@ def ratio_line(rows: list[dict]) -> str:
 
 def floor_line(bound: dict, parallel: int, extrapolated_s: float) -> str:
     """Part 3: the counted work of the full grid, the measured rates, and the floor they give."""
-    adamw_bytes = 28 * bound["param_element_steps"]
+    adamw_bytes = ADAMW_BYTES_PER_ELEMENT * bound["param_element_steps"]
     return (f"Floor of the {bound['dataset']} full grid on {parallel} cores (part 3, counted work / measured rates): "
             f"{bound['model_steps'] / 1e6:.1f} M model steps over {bound['param_element_steps']:.3g} parameter-element "
             f"steps ({bound['param_element_steps'] / bound['model_steps'] / 1e3:.0f}k parameters per model on "
