@@ -3,8 +3,9 @@
 A DEQ layer outputs the fixed point z* = f(z*, x) of a map f instead of a fixed number of layer
 applications (Bai et al. 2019). This module provides
 
-* two solvers on batched states: ``picard`` (z <- f(z)) and ``anderson`` (Anderson acceleration with
-  memory m and a regularised least-squares mixing, Walker & Ni 2011), both with an optional early stop
+* three solvers on batched states: ``picard`` (z <- f(z)), ``anderson`` (Anderson acceleration with
+  memory m and a regularised least-squares mixing, Walker & Ni 2011) and ``anderson_hopdeq`` (hopdeq's
+  own Anderson, for comparison: memory 4, fixed Tikhonov term, its safeguard), all with an optional early stop
   at a relative residual ||f(z) - z|| / ||f(z)|| < tol per sample and a per-iteration residual log;
 * two ways to differentiate z*: recurrent backprop through the last few map applications started at
   the (detached) fixed point ('backprop' / 'unroll'), and implicit differentiation ('full_adjoint' /
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 State = Union[Tensor, Sequence[Tensor]]
-SOLVERS = ("picard", "anderson")
+SOLVERS = ("picard", "anderson", "anderson_hopdeq")
 EPS = 1e-12
 
 
@@ -175,6 +176,52 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: floa
     return gx
 
 
+def anderson_hopdeq(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: float | None = None,
+                    m: int = 4, lam: float = 1e-10, stats: dict | None = None) -> Tensor:
+    """hopdeq's Anderson acceleration (``deq_core/solvers.py``, Walker & Ni 2011 form 1.1), one f call per
+    iteration as in ``anderson``, for comparing the two on the Hopfield nets.
+
+    The first step is Picard, x_1 = g(x_0). Then with the last n <= m iterates x_i (x_0 included) and
+    images g_i = g(x_i), F_i = g_i - x_i: alpha ∝ (F F^T + lam I)^{-1} 1 (lam absolute, 1e-10 as in
+    hopdeq), x~ = sum_i alpha_i g_i, and the safeguard keeps x~ only where
+    ||g(x_k) - x~|| / ||x~|| < ||g(x_k) - x_k|| / ||x_k|| (the last Picard residual), else takes the Picard
+    step g(x_k); the history is never cleared. Where the m x m system is numerically singular (which
+    hopdeq does not check) the sample takes the Picard step. Returns f(x_K); residual logging and early
+    stop as in ``picard``."""
+    stats = _new_stats() if stats is None else stats
+    start = time.perf_counter()
+    xs: list[Tensor] = []
+    gs: list[Tensor] = []
+    x, gx = z0, z0
+    for _ in range(max_iter):
+        gx = f(x)
+        res = relative_residual(x, gx)
+        _log(stats, res)
+        if tol is not None and bool((res < tol).all()):
+            break
+        xs, gs = (xs + [x])[-m:], (gs + [gx])[-m:]
+        x = gx if len(xs) < 2 else _hopdeq_step(torch.stack(xs, 1), torch.stack(gs, 1), lam)
+    _finish_stats(stats, start, tol)
+    return gx
+
+
+def _hopdeq_step(x_hist: Tensor, g_hist: Tensor, lam: float) -> Tensor:
+    """One safeguarded Anderson step of ``anderson_hopdeq`` from histories (B, n, D), newest last."""
+    resid = (g_hist - x_hist).detach()
+    gram = resid @ resid.transpose(1, 2)
+    gram = gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    ones = torch.ones(*gram.shape[:2], 1, dtype=gram.dtype, device=gram.device)
+    alpha, info = torch.linalg.solve_ex(gram, ones)
+    alpha = (alpha / alpha.sum(dim=1, keepdim=True)).squeeze(-1)
+    x_tilde = torch.einsum("bm,bmd->bd", alpha, g_hist)
+    g_last, x_last = g_hist[:, -1], x_hist[:, -1]
+    with torch.no_grad():
+        aa_res = (g_last - x_tilde).norm(dim=-1) / x_tilde.norm(dim=-1).clamp_min(EPS)
+        picard_res = (g_last - x_last).norm(dim=-1) / x_last.norm(dim=-1).clamp_min(EPS)
+        take = (aa_res < picard_res) & (info == 0) & torch.isfinite(alpha).all(dim=1)
+    return torch.where(take[:, None], x_tilde, g_last)
+
+
 def _set_slot(hist: Tensor, slot: int, value: Tensor, out_of_place: bool) -> Tensor:
     """hist[:, slot] = value, on a copy when autograd needs the old history (grad mode)."""
     if out_of_place:
@@ -208,11 +255,14 @@ def _anderson_mix(f_hist: Tensor, g_hist: Tensor, valid: Tensor, lam: float, eye
 
 def solve(f: Callable[[Tensor], Tensor], z0: Tensor, solver: str = "anderson", max_iter: int = 50,
           tol: float | None = None, m: int = 5, lam: float = 1e-6, stats: dict | None = None) -> Tensor:
-    """Dispatch to ``picard`` or ``anderson`` on a flat (B, D) state."""
+    """Dispatch to ``picard``, ``anderson`` or ``anderson_hopdeq`` on a flat (B, D) state (``lam`` applies to
+    ``anderson``; ``anderson_hopdeq`` keeps hopdeq's fixed 1e-10)."""
     if solver == "picard":
         return picard(f, z0, max_iter, tol, stats)
     if solver == "anderson":
         return anderson(f, z0, max_iter, tol, m=m, lam=lam, stats=stats)
+    if solver == "anderson_hopdeq":
+        return anderson_hopdeq(f, z0, max_iter, tol, m=m, stats=stats)
     raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
 
 
@@ -278,7 +328,7 @@ def fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, solver: str = "anders
             which receive gradients. It is called without grad during the solve.
         z0: initial state; dim 0 is the batch (residuals, early stop are per sample; a 1-d z0 is one
             sample). z0 receives no gradient (the fixed point does not depend on it).
-        solver: 'picard' or 'anderson' (memory m).
+        solver: 'picard', 'anderson' (memory m) or 'anderson_hopdeq' (hopdeq's variant, memory m).
         max_iter, tol: forward budget; stop once every sample has ||f_d(z) - z|| / ||f_d(z)|| < tol
             (tol=None: always run max_iter iterations).
         backward: 'implicit' -> returned z* = f_d(z*) carries a hook that solves the adjoint fixed point
@@ -329,7 +379,7 @@ class DEQ(nn.Module):
             be a tensor (B, ...) or a tuple/list of per-layer tensors (flattened internally).
         z_init: initial state (batch dim may be 1 and is then broadcast to the input's batch size), or
             None when every call passes its own ``z_init``.
-        forward_kwargs: dict(solver='anderson'|'picard', iter=40, tol=None, m=5).
+        forward_kwargs: dict(solver='anderson'|'picard'|'anderson_hopdeq', iter=40, tol=None, m=5).
         backward_kwargs: dict(solver='picard'|'anderson', iter=8, method='backprop'|'full_adjoint',
             tol=None). 'backprop' (as in hopdeq): backpropagation through ``iter`` iterations of
             ``solver`` on the damped map, started at the detached z* (Picard steps, or Anderson steps

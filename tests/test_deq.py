@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
-from deq import DEQ, _anderson_mix, anderson, fixed_point, picard, relative_residual
+from deq import DEQ, _anderson_mix, _hopdeq_step, anderson, anderson_hopdeq, fixed_point, picard, relative_residual
 
 torch.set_num_threads(1)
 
@@ -23,7 +24,7 @@ def tanh_map(w, ux):
     return lambda z: torch.tanh(z @ w.T + ux)
 
 
-@pytest.mark.parametrize("solver", ["picard", "anderson"])
+@pytest.mark.parametrize("solver", ["picard", "anderson", "anderson_hopdeq"])
 def test_solvers_reach_fixed_point_of_contraction(solver):
     w, ux = contractive_problem()
     f = tanh_map(w, ux)
@@ -131,6 +132,68 @@ def test_anderson_needs_fewer_iterations_than_picard():
     _, st_a = fixed_point(f, torch.zeros_like(ux), solver="anderson", max_iter=2000, tol=1e-8, m=5)
     assert st_p["converged"] and st_a["converged"]
     assert st_a["iterations"] * 2 < st_p["iterations"]
+
+
+def test_hopdeq_anderson_starts_with_two_picard_images():
+    """x_1 = g(x_0): two iterations return g(g(x_0)), and each iteration costs one call of f."""
+    w, ux = contractive_problem()
+    calls = []
+    f = tanh_map(w, ux)
+    out = anderson_hopdeq(lambda z: calls.append(1) or f(z), torch.zeros_like(ux), max_iter=2)
+    assert len(calls) == 2
+    assert torch.equal(out, f(f(torch.zeros_like(ux))))
+
+
+def test_hopdeq_anderson_keeps_the_last_m_iterates_including_x0():
+    """With m = 2 and 4 iterations: x1 = g(x0), x2 = step([x0, x1]), x3 = step([x1, x2]), returns g(x3)."""
+    w, ux = contractive_problem()
+    f = tanh_map(w, ux)
+    x0 = 0.1 * torch.ones_like(ux)
+    x1 = f(x0)
+    x2 = _hopdeq_step(torch.stack([x0, x1], 1), torch.stack([f(x0), f(x1)], 1), 1e-10)
+    x3 = _hopdeq_step(torch.stack([x1, x2], 1), torch.stack([f(x1), f(x2)], 1), 1e-10)
+    assert torch.equal(anderson_hopdeq(f, x0, max_iter=4, m=2), f(x3))
+    assert not torch.equal(x3, f(x2))  # the mix was taken somewhere, so the history mattered
+
+
+def mixed_histories(batch: int, n: int, dim: int) -> tuple[Tensor, Tensor]:
+    """(B, n, D) iterate / image histories: the first half n Picard steps of affine contractions
+    x -> rho Q x + c (rho from 0.05 to 0.95, Q orthogonal), where the mix lands near the fixed point, the
+    second half random pairs, where it does not."""
+    gen = torch.Generator().manual_seed(1)
+    xs, gs = [], []
+    for b in range(batch):
+        if b < batch // 2:
+            rho = 0.05 + 0.9 * b / max(batch // 2 - 1, 1)
+            q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+            c, x = torch.randn(2, dim, generator=gen, dtype=torch.float64)
+            hist = []
+            for _ in range(n):
+                hist.append((x, rho * q @ x + c))
+                x = hist[-1][1]
+            xs.append(torch.stack([h[0] for h in hist]))
+            gs.append(torch.stack([h[1] for h in hist]))
+        else:
+            xs.append(torch.randn(n, dim, generator=gen, dtype=torch.float64))
+            gs.append(xs[-1] + 0.3 * torch.randn(n, dim, generator=gen, dtype=torch.float64))
+    return torch.stack(xs), torch.stack(gs)
+
+
+def test_hopdeq_step_is_the_constrained_least_squares_mix_behind_the_picard_safeguard():
+    """alpha = argmin ||sum alpha_i F_i|| s.t. sum alpha = 1 (brute force by elimination), kept only where
+    ||g_last - x~|| / ||x~|| < ||g_last - x_last|| / ||x_last||; elsewhere the Picard image g_last."""
+    x_hist, g_hist = mixed_histories(64, 3, 5)
+    out = _hopdeq_step(x_hist, g_hist, lam=0.0)
+    kept = 0
+    for b in range(64):
+        resid = g_hist[b] - x_hist[b]
+        a = torch.linalg.lstsq(torch.stack([resid[0] - resid[2], resid[1] - resid[2]], 1), -resid[2]).solution
+        x_tilde = torch.cat([a, 1 - a.sum(0, keepdim=True)]) @ g_hist[b]
+        g_last, x_last = g_hist[b, -1], x_hist[b, -1]
+        accept = (g_last - x_tilde).norm() / x_tilde.norm() < (g_last - x_last).norm() / x_last.norm()
+        assert torch.allclose(out[b], x_tilde if accept else g_last, atol=1e-10)
+        kept += int(accept)
+    assert 0 < kept < 64  # both branches were exercised
 
 
 def test_anderson_on_linear_map_is_exact_after_dim_plus_two_steps():
