@@ -69,6 +69,8 @@ from madam import Madam
 REPO_DIR = Path(__file__).resolve().parent
 
 VARIANTS = ("sync", "deq", "eo", "eo_deq")
+# The deq variants' forward solver (deq.py): ours, or hopdeq's own Anderson (memory 4, as hopdeq) to compare.
+DEQ_SOLVERS = {"anderson": {"m": 5}, "anderson_hopdeq": {"m": 4}}
 MODELS = ("chn", "ham")
 PAPER_ARCHITECTURES = {3: ([784, 1990, 10], 0.01), 5: ([784, 1280, 510, 200, 10], 0.005),
                        7: ([784, 1024, 512, 256, 128, 70, 10], 0.005)}
@@ -319,30 +321,34 @@ class _EvenOddFunction(_SyncFunction):
 
 
 def variant_settings(model: str, variant: str, n_layers: int, forward_iter: int = 40,
-                     backward_iter: int = 8) -> dict:
-    """Solver, damping and (hopdeq-scaled) iteration budgets of a variant."""
+                     backward_iter: int = 8, deq_solver: str = "anderson") -> dict:
+    """Solver (``deq_solver`` for the deq variants, Picard otherwise), its memory, damping and
+    (hopdeq-scaled) iteration budgets of a variant."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if deq_solver not in DEQ_SOLVERS:
+        raise ValueError(f"deq_solver must be one of {tuple(DEQ_SOLVERS)}, got {deq_solver!r}")
     even_odd = variant.startswith("eo")
     damping = 0.5 if (model == "chn" and not even_odd) else 0.0
     scale = int((n_layers // 2) / (1.0 - damping))
-    return {"solver": "anderson" if variant.endswith("deq") else "picard", "even_odd": even_odd,
-            "damping": damping, "forward_iter": forward_iter * scale, "backward_iter": backward_iter * scale}
+    return {"solver": deq_solver if variant.endswith("deq") else "picard", "m": DEQ_SOLVERS[deq_solver]["m"],
+            "even_odd": even_odd, "damping": damping, "forward_iter": forward_iter * scale, "backward_iter": backward_iter * scale}
 
 
 class HopfieldClassifier(nn.Module):
     """MNIST classifier: image -> equilibrium of a HopfieldNet (one variant) -> output-layer state."""
 
     def __init__(self, layers: Sequence[int], model: str = "chn", variant: str = "sync",
-                 forward_iter: int = 40, backward_iter: int = 8, tol: float | None = None) -> None:
+                 forward_iter: int = 40, backward_iter: int = 8, tol: float | None = None,
+                 deq_solver: str = "anderson") -> None:
         super().__init__()
         self.net = HopfieldNet(layers, model)
-        self.settings = variant_settings(model, variant, len(layers), forward_iter, backward_iter)
+        self.settings = variant_settings(model, variant, len(layers), forward_iter, backward_iter, deq_solver)
         if self.settings["even_odd"] and self.net.n_states % 2:
             raise ValueError("even/odd variants need an odd number of layers (input and output even)")
         fmod = (_EvenOddFunction if self.settings["even_odd"] else _SyncFunction)(self.net)
         s = self.settings
-        self.deq = DEQ(fmod, None, forward_kwargs=dict(solver=s["solver"], iter=s["forward_iter"], tol=tol),
+        self.deq = DEQ(fmod, None, forward_kwargs=dict(solver=s["solver"], iter=s["forward_iter"], tol=tol, m=s["m"]),
                        backward_kwargs=dict(solver="picard", iter=s["backward_iter"], method="backprop"),
                        damping_factor=s["damping"])
 
@@ -489,7 +495,8 @@ def data_digest() -> str:
 # --------------------------------------------------------------------------------------------------
 def train_and_evaluate(config: dict, data: dict, report=None, resume_path: Path | None = None) -> dict:
     """One run: train a HopfieldClassifier (config: model, variant, layers, lr, epochs, batch_size,
-    forward_iter, backward_iter, seed, train_size, test_size, conv_tol; precision must be fp32) on
+    forward_iter, backward_iter, seed, train_size, test_size, conv_tol, optional deq_solver (default
+    'anderson'); precision must be fp32) on
     ``data`` (``load_data``) and evaluate it. The training subset is drawn with the run's seed, the test
     subset with seed 0 (the same for every run). The training forward solves stop early once every sample
     of a batch has residual < conv_tol (hopdeq always runs the full budget; the fixed point, hence the
@@ -506,7 +513,8 @@ def train_and_evaluate(config: dict, data: dict, report=None, resume_path: Path 
     train_x, train_y = subset(*data["train"], config["train_size"], config["seed"])
     test_x, test_y = subset(*data["test"], config["test_size"], 0)
     model = HopfieldClassifier(config["layers"], config["model"], config["variant"],
-                               config["forward_iter"], config["backward_iter"], tol=config["conv_tol"])
+                               config["forward_iter"], config["backward_iter"], tol=config["conv_tol"],
+                               deq_solver=config.get("deq_solver", "anderson"))
     optimizer = Madam(model.parameters(), lr=config["lr"], p_scale=1024.0, g_bound=3.0)
     epochs = config["epochs"]
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=max(epochs - 1, 1))
@@ -664,6 +672,11 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--conv_tol", type=open_fraction, default=1e-4,
                       help="relative residual counted as converged (default 1e-4)")
     task.add_argument("--seed", type=int, default=0, help="runs use seeds seed, seed+1, ... (default 0)")
+    task.add_argument("--deq_solver", default="anderson", choices=tuple(DEQ_SOLVERS),
+                      help="forward solver of the deq variants: ours (default, memory 5) or hopdeq's own Anderson "
+                           "(memory 4, fixed 1e-10 Tikhonov term, its Picard safeguard; deq.anderson_hopdeq), to "
+                           "compare the two; with --variant deq or eo_deq only, written beside the budget's "
+                           "results as <results_dir>_anderson_hopdeq/")
     preset = task.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help=f"seconds-long smoke run {QUICK}, written to "
                         f"{OUTPUT_DIRS['quick'][0]}/ (git-ignored)")
@@ -715,7 +728,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if 0 < args.train_size < args.batch_size:
         parser.error(f"--train_size {args.train_size} is below --batch_size {args.batch_size}: no full batch to "
                      "train on (the last partial batch is dropped)")
+    if args.deq_solver != "anderson" and args.variant not in ("deq", "eo_deq"):
+        parser.error(f"--deq_solver {args.deq_solver} is the forward solver of the deq variants; give --variant deq "
+                     f"or eo_deq (got --variant {args.variant}: sync and eo use Picard steps)")
     results_dir, imgs_dir = OUTPUT_DIRS[budget]
+    if args.deq_solver != "anderson":  # its own directory: the solver comparison never touches the tables
+        results_dir = imgs_dir = f"{results_dir}_{args.deq_solver}"
     args.results_dir = args.results_dir or str(REPO_DIR / results_dir)
     args.imgs_dir = args.imgs_dir or str(REPO_DIR / imgs_dir)
     if args.exp_name == "auto":  # named after the budget; other settings under a reused name are refused
@@ -731,10 +749,13 @@ def experiment_settings(args: argparse.Namespace, digest: str) -> dict:
     def size(value: int, split: str) -> int | None:
         return None if value in (0, MNIST_SIZES[split]) else value
 
-    return {"layers": list(args.layers), "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
-            "forward_iter": args.forward_iter, "backward_iter": args.backward_iter,
-            "train_size": size(args.train_size, "train"), "test_size": size(args.test_size, "test"),
-            "conv_tol": args.conv_tol, "precision": args.precision, "data": digest}
+    settings = {"layers": list(args.layers), "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
+                "forward_iter": args.forward_iter, "backward_iter": args.backward_iter,
+                "train_size": size(args.train_size, "train"), "test_size": size(args.test_size, "test"),
+                "conv_tol": args.conv_tol, "precision": args.precision, "data": digest}
+    if args.deq_solver != "anderson":  # absent for ours, so the trial keys of the runs made before it stay
+        settings["deq_solver"] = args.deq_solver
+    return settings
 
 
 def trial_configs(args: argparse.Namespace, digest: str) -> list[dict]:
@@ -834,6 +855,42 @@ def full_report(results_dir: Path = REPO_DIR / OUTPUT_DIRS["full"][0]) -> str:
     return "\n\n".join(blocks) or "No paper-budget run committed yet (`python3 hopfield_deq.py --full`)."
 
 
+def solver_report(full_dir: Path = REPO_DIR / OUTPUT_DIRS["full"][0], solver: str = "anderson_hopdeq") -> str:
+    """Markdown for the README's solver comparison at the paper's budget: every finished run of
+    ``--full --deq_solver <solver>`` (under ``<full_dir>_<solver>/``) beside our Anderson's run of the same
+    experiment, model, variant and seed (under ``full_dir``): test accuracy, the training loss of every
+    epoch, iterations and not-converged share on the test set."""
+    from training import repo_relative
+
+    solver_dir = full_dir.with_name(f"{full_dir.name}_{solver}")
+    lines = []
+    for experiment in sorted(d for d in solver_dir.glob("*") if (d / "experiment.json").exists()):
+        ours = {trial_label(t["config"]): t for t in load_experiment_trials(full_dir / experiment.name)}
+        for trial in load_experiment_trials(experiment):
+            label = trial_label(trial["config"])
+            pair = [("ours (anderson)", ours.get(label)), (f"hopdeq's ({solver})", trial)]
+            lines += [_solver_row(trial["config"], name, t) for name, t in pair]
+    if not lines:
+        return (f"No paper-budget run with `--deq_solver {solver}` committed yet (`python3 hopfield_deq.py --full "
+                f"--model chn --variant deq --deq_solver {solver} --runs 1`).")
+    epochs = FULL["epochs"]
+    head = [f"Runs of `{repo_relative(solver_dir)}/` beside ours of the same seed (`{repo_relative(full_dir)}/`):", "",
+            f"| model | variant | seed | forward solver | test acc % | training loss, epochs 1-{epochs} "
+            "| iterations to res < 1e-4 (test) | not converged % (test) | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    return "\n".join(head + lines)
+
+
+def _solver_row(config: dict, solver: str, trial: dict | None) -> str:
+    """One line of ``solver_report`` (ours may not have run yet)."""
+    lead = f"| {config['model']} | {config['variant']} | {config['seed']} | {solver} |"
+    if trial is None:
+        return f"{lead} not yet run | | | | |"
+    m = trial["metrics"]
+    losses = " ".join(f"{h['train_loss']:.3f}" for h in trial["history"])
+    return (f"{lead} {m['acc']:.2f} | {losses} | {m['iters']:.1f} | {m['not_converged_pct']:.1f} "
+            f"| {m['train_seconds']:.0f} |")
+
+
 def reduced_report(results_dir: Path = REPO_DIR / "results") -> str:
     """Markdown for the README's reduced-budget CHN table (``results/hopfield_deq/``: labels, mean ± std, the
     sweep's span from its runs.csv) and the HAM iteration and ms / test batch means of
@@ -863,10 +920,11 @@ def reduced_report(results_dir: Path = REPO_DIR / "results") -> str:
 
 
 def write_report() -> dict[str, str]:
-    """Both README blocks (``hopdeq_full``, ``hopdeq_reduced``) from the committed results; prints them."""
+    """The README blocks (``hopdeq_full``, ``hopdeq_solver``, ``hopdeq_reduced``) from the committed results;
+    prints them."""
     import training
 
-    tables = {"hopdeq_full": full_report(), "hopdeq_reduced": reduced_report()}
+    tables = {"hopdeq_full": full_report(), "hopdeq_solver": solver_report(), "hopdeq_reduced": reduced_report()}
     training.write_readme_blocks(tables)
     return tables
 

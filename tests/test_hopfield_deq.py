@@ -153,6 +153,25 @@ def test_all_variants_reach_the_same_fixed_point(model):
     assert iters["eo"] < iters["sync"] and iters["deq"] < iters["sync"] and iters["eo_deq"] <= iters["eo"]
 
 
+@pytest.mark.parametrize("variant", ["deq", "eo_deq"])
+def test_hopdeq_anderson_reaches_the_same_fixed_point_as_ours(variant):
+    torch.manual_seed(1)
+    x = torch.rand(4, LAYERS[0], dtype=torch.float64)
+    states = {}
+    for solver in hd.DEQ_SOLVERS:
+        torch.manual_seed(0)
+        clf = HopfieldClassifier(LAYERS, "chn", variant, forward_iter=500, tol=1e-11, deq_solver=solver).double()
+        with torch.no_grad():
+            for p in list(clf.net.W) + [clf.net.U]:
+                p.mul_(0.6)
+            states[solver] = torch.cat(clf.full_state(x), 1)
+        assert clf.deq.forward_kwargs["solver"] == solver and clf.deq.last_stats["converged"]
+        assert clf.deq.forward_kwargs["m"] == {"anderson": 5, "anderson_hopdeq": 4}[solver]
+    assert torch.allclose(states["anderson"], states["anderson_hopdeq"], atol=1e-8)
+    with pytest.raises(ValueError, match="deq_solver"):
+        HopfieldClassifier(LAYERS, "chn", variant, deq_solver="broyden")
+
+
 def test_madam_multiplicative_update_matches_equations():
     w0 = torch.tensor([0.5, -2.0, 0.0, 1.0])
     p = torch.nn.Parameter(w0.clone())
@@ -236,7 +255,9 @@ BAD_ARGS = [  # (argv, the flag the message must name)
     (["--quick", "--full"], "--full"), (["--model", "xyz"], "--model"), (["--cpus_per_trial", "0"], "--cpus_per_trial"),
     (["--cpus_per_trial", "999"], "--cpus_per_trial"), (["--ray_address", "127.0.0.1:1"], "--ray_address"),
     (["--ray_address", "nonsense"], "--ray_address"), (["--report", "--full"], "--report"),
-    (["--report", "--runs", "2"], "--runs"),
+    (["--report", "--runs", "2"], "--runs"), (["--deq_solver", "broyden"], "--deq_solver"),
+    (["--deq_solver", "anderson_hopdeq"], "--deq_solver"),  # --variant all: sync and eo have no Anderson
+    (["--deq_solver", "anderson_hopdeq", "--variant", "eo"], "--deq_solver"),
 ]
 if torch.cuda.device_count() == 0:
     BAD_ARGS.append((["--gpus_per_trial", "1"], "--gpus_per_trial"))
@@ -280,6 +301,17 @@ def test_trial_identity_separates_models_variants_and_budgets():
     assert training.trial_key(hd.trial_configs(hd.parse_args(["--quick", "--variant", "sync"]), "other")[0]) not in keys
     assert hd.experiment_settings(hd.parse_args(["--quick"]), "d") == \
         hd.experiment_settings(hd.parse_args(["--quick", "--model", "ham", "--runs", "4"]), "d")
+    assert "deq_solver" not in chn[0]  # ours: the keys of the runs made before the option existed stay
+
+
+def test_hopdeq_solver_runs_are_other_trials_in_their_own_directory():
+    ours = hd.parse_args(["--full", "--model", "chn", "--variant", "deq"])
+    theirs = hd.parse_args(["--full", "--model", "chn", "--variant", "deq", "--deq_solver", "anderson_hopdeq"])
+    assert training.repo_relative(theirs.results_dir) == "results/hopfield_deq_full_anderson_hopdeq"
+    assert theirs.imgs_dir == theirs.results_dir and theirs.exp_name == ours.exp_name
+    [config] = [c for c in hd.trial_configs(theirs, "d") if c["seed"] == 0]
+    assert config["deq_solver"] == "anderson_hopdeq"
+    assert training.trial_key(config) != training.trial_key(hd.trial_configs(ours, "d")[0])
 
 
 def test_ray_run_trial_files_resume_and_refusal(local_ray, tmp_path, monkeypatch):
@@ -340,6 +372,25 @@ def test_full_report_counts_and_averages_the_committed_runs(tmp_path):
     assert "| ham | sync | 2 of 3 | 97.50 ± 0.71 | 15.0 ± 1.4 | 15.0 ± 1.4 |  | 1.0 | 40.0 | 840 |" in table
     assert "| chn | sync | 0 of 3 | not yet run | | | 39.1 |" in table and "| ham | eo_deq | 0 of 3 | not yet run |" in table
     assert "No paper-budget run" in hd.full_report(tmp_path / "empty")
+
+
+def test_solver_report_sets_each_run_beside_ours_of_the_same_seed(tmp_path):
+    settings = {"layers": [784, 1990, 10], "epochs": 2}
+    for directory, solver, acc in (("full", None, 88.0), ("full_anderson_hopdeq", "anderson_hopdeq", 97.0)):
+        experiment = tmp_path / directory / "exp"
+        (experiment / "trials").mkdir(parents=True)
+        extra = {"deq_solver": solver} if solver else {}
+        (experiment / "experiment.json").write_text(json.dumps({**settings, **extra}))
+        for seed in ((0,) if solver else (0, 1)):
+            metrics = {"acc": acc, "iters": 10.0, "not_converged_pct": 2.0, "train_seconds": 100.0, "train_loss": 0.2}
+            record = {"config": {**settings, **extra, "model": "chn", "variant": "deq", "seed": seed},
+                      "history": [{"epoch": 1, "train_loss": 0.1}, metrics], "wall_time_s": 120.0}
+            (experiment / "trials" / f"chn_deq_seed{seed}_x.json").write_text(json.dumps(record))
+    table = hd.solver_report(tmp_path / "full")
+    assert "| chn | deq | 0 | ours (anderson) | 88.00 | 0.100 0.200 | 10.0 | 2.0 | 100 |" in table
+    assert "| chn | deq | 0 | hopdeq's (anderson_hopdeq) | 97.00 | 0.100 0.200 | 10.0 | 2.0 | 100 |" in table
+    assert "| 1 |" not in table  # ours alone is not a comparison
+    assert "No paper-budget run" in hd.solver_report(tmp_path / "nothing")
 
 
 class _Interrupted(Exception):
