@@ -105,17 +105,23 @@ def picard(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: float 
     Iteration k logs the relative residual of z_k, so ``stats['iterations']`` = number of f calls.
     Stops early once every sample has residual < tol.
     """
+    return _iterate(f, z0, max_iter, tol, stats, lambda z, fz: fz)
+
+
+def _iterate(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: float | None, stats: dict | None,
+             step: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """z_{k+1} = step(z_k, f(z_k)) with one f call per iteration, logging the relative residual of z_k,
+    until every sample is below tol; returns f(z_K) for the last iterate z_K."""
     stats = _new_stats() if stats is None else stats
     start = time.perf_counter()
-    z = z0
-    fz = z0
+    z, fz = z0, z0
     for _ in range(max_iter):
         fz = f(z)
         res = relative_residual(z, fz)
         _log(stats, res)
         if tol is not None and bool((res < tol).all()):
             break
-        z = fz
+        z = step(z, fz)
     _finish_stats(stats, start, tol)
     return fz
 
@@ -188,21 +194,15 @@ def anderson_hopdeq(f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, to
     step g(x_k); the history is never cleared. Where the m x m system is numerically singular (which
     hopdeq does not check) the sample takes the Picard step. Returns f(x_K); residual logging and early
     stop as in ``picard``."""
-    stats = _new_stats() if stats is None else stats
-    start = time.perf_counter()
     xs: list[Tensor] = []
     gs: list[Tensor] = []
-    x, gx = z0, z0
-    for _ in range(max_iter):
-        gx = f(x)
-        res = relative_residual(x, gx)
-        _log(stats, res)
-        if tol is not None and bool((res < tol).all()):
-            break
-        xs, gs = (xs + [x])[-m:], (gs + [gx])[-m:]
-        x = gx if len(xs) < 2 else _hopdeq_step(torch.stack(xs, 1), torch.stack(gs, 1), lam)
-    _finish_stats(stats, start, tol)
-    return gx
+
+    def step(x: Tensor, gx: Tensor) -> Tensor:
+        xs.append(x)
+        gs.append(gx)
+        del xs[:-m], gs[:-m]
+        return gx if len(xs) < 2 else _hopdeq_step(torch.stack(xs, 1), torch.stack(gs, 1), lam)
+    return _iterate(f, z0, max_iter, tol, stats, step)
 
 
 def _hopdeq_step(x_hist: Tensor, g_hist: Tensor, lam: float) -> Tensor:
