@@ -303,6 +303,18 @@ def test_kmil_tiny_run(stack, local_ray, tmp_path):
     assert (tmp_path / "imgs" / "val_acc_kmil2.png").exists()
 
 
+def test_kmil_against_published_rows():
+    """Only the published (K, k_subsets:k) rows, difference in points, 'within' against the larger std."""
+    by_k = {2: {"softmax": {"test_acc_mean": 0.9, "test_acc_std": 0.01},
+                "k_subsets:2": {"test_acc_mean": 0.975, "test_acc_std": 0.001}},  # 97.7 ± 0.3: 0.2 <= 0.3
+            5: {"k_subsets:3": {"test_acc_mean": 0.93, "test_acc_std": 0.02},  # 92.2 ± 1.2: 0.8 <= 2.0
+                "k_subsets:5": {"test_acc_mean": 0.97, "test_acc_std": 0.001}}}  # 95.1 ± 1.5: 1.9 > 1.5
+    rows = [line for line in mm.kmil_against_published(by_k) if line.startswith("| ") and line[2].isdigit()]
+    assert rows == ["| 2 | k_subsets:2 | 97.5 ± 0.1 | 97.7 ± 0.3 | -0.2 | yes |",
+                    "| 5 | k_subsets:3 | 93.0 ± 2.0 | 92.2 ± 1.2 | +0.8 | yes |",
+                    "| 5 | k_subsets:5 | 97.0 ± 0.1 | 95.1 ± 1.5 | +1.9 | no |"]
+
+
 @pytest.mark.parametrize("mode", ["softmax", "k_subsets:2"])
 def test_stacked_seeds_equal_separate_runs(mode):
     """K-MIL seeds trained as one stacked model (grouped LeNet convolutions, batched pooling, per-model
