@@ -841,7 +841,8 @@ def kmil_against_published(by_k: dict[int, dict[str, dict]]) -> list[str]:
 
 def kmil_report(results_dir: Path) -> str:
     """Markdown: K-MIL modes x K, test accuracy (%) at the best-validation epoch (mean ± std over seeds), beside
-    Santos et al.'s SparseMAP rows; then per K the precision, epochs x seeds and summed trial time; then the
+    Santos et al.'s SparseMAP rows; their differences (``kmil_against_published``); then per K the precision,
+    epochs x seeds and summed trial time; then the
     K-MIL experiments still in progress (``kmil_progress``)."""
     summaries = load_kmil_summaries(results_dir)
     progress = kmil_progress(results_dir, skip=list(summaries))
