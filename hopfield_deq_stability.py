@@ -35,6 +35,8 @@ import hopfield_deq as hd
 REPO_DIR = Path(__file__).resolve().parent
 OUT_DIR = REPO_DIR / "results" / "hopfield_deq_stability"
 PROBE_SOLVERS = (("sync", "anderson"), ("deq", "anderson"), ("deq", "anderson_hopdeq"), ("eo", "anderson"))
+PROBE_IMAGES = 256  # test images of the solver-reach probe
+REACH_TOL = 1e-4  # the relative residual a solve must reach
 
 
 def load_state(path: Path) -> dict:
@@ -49,7 +51,7 @@ def load_state(path: Path) -> dict:
     return saved
 
 
-def classifier(saved: dict, variant: str, solver: str = "anderson", tol: float | None = 1e-4) -> hd.HopfieldClassifier:
+def classifier(saved: dict, variant: str, solver: str = "anderson", tol: float | None = REACH_TOL) -> hd.HopfieldClassifier:
     config = saved["config"]
     clf = hd.HopfieldClassifier(config["layers"], config["model"], variant, config["forward_iter"],
                                 config["backward_iter"], tol=tol, deq_solver=solver)
@@ -69,7 +71,8 @@ def sync_jacobian_spectrum(clf: hd.HopfieldClassifier, x: Tensor, damping: float
             return torch.cat(net.sync_map(ux[b:b + 1], torch.split(z[None], sizes, 1)), 1)[0]
         z = torch.cat([s[b] for s in states])
         with torch.no_grad():
-            residual = float((f_sync(z) - z).norm() / f_sync(z).norm())
+            fz = f_sync(z)
+            residual = float((fz - z).norm() / fz.norm())
         eig = torch.linalg.eigvals(torch.autograd.functional.jacobian(f_sync, z))
         damped = (damping + (1 - damping) * eig).abs()
         rows.append({"fixed_point_residual": residual, "min_real_eigenvalue": float(eig.real.min()),
@@ -80,12 +83,12 @@ def sync_jacobian_spectrum(clf: hd.HopfieldClassifier, x: Tensor, damping: float
 
 @torch.no_grad()
 def solver_reach(saved: dict, x: Tensor) -> dict[str, float]:
-    """% of images whose float32 solve reaches residual < 1e-4 within the training budget, per solver."""
+    """% of images whose float32 solve reaches residual < REACH_TOL within the training budget, per solver."""
     reach = {}
     for variant, solver in PROBE_SOLVERS:
         clf = classifier(saved, variant, solver)
         clf(x)
-        _, ok = hd.convergence_iterations(clf.deq.last_stats["residuals_per_sample"], 1e-4)
+        _, ok = hd.convergence_iterations(clf.deq.last_stats["residuals_per_sample"], REACH_TOL)
         name = f"{variant} ({solver})" if variant.endswith("deq") else variant
         reach[name] = 100.0 * float(ok.float().mean())
     return reach
@@ -99,7 +102,7 @@ def analyse(path: Path, n_images: int) -> dict:
     config = saved["config"]
     if config["model"] != "chn":
         raise ValueError(f"--state {path}: a {config['model']} run; the damped synchronous map is the CHN's")
-    x, _ = hd.load_split("test", 256, None, 0)
+    x, _ = hd.load_split("test", PROBE_IMAGES, None, 0)
     damping = hd.variant_settings("chn", "sync", len(config["layers"]))["damping"]
     clf = classifier(saved, "eo", tol=1e-10).double()
     clf.deq.forward_kwargs["iter"] = 500
@@ -107,7 +110,7 @@ def analyse(path: Path, n_images: int) -> dict:
     return {"state": path.name, "state_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "trial_config": config, "epoch": saved["epoch"],
             "train_loss_by_epoch": [r["train_loss"] for r in saved["reports"]], "damping": damping,
-            "spectrum": spectrum, "solver_reach_pct": solver_reach(saved, x), "n_probe_images": 256,
+            "spectrum": spectrum, "solver_reach_pct": solver_reach(saved, x), "n_probe_images": PROBE_IMAGES,
             "precision": "float64 (fixed point, Jacobian), float32 (solver reach, as in training)",
             "wall_time_s": time.perf_counter() - start, "git_commit": git_commit(), "cpu": cpu_model()}
 
