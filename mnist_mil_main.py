@@ -808,8 +808,11 @@ def kmil_progress(results_dir: Path, skip: Sequence[int] = ()) -> str:
         modes += sorted({t["config"]["mode"] for t in trials} - set(modes))
         summary = summarize(epoch_records(trials), argparse.Namespace(modes=modes, tune=False, k_mil=k))
         for entry in summary:
+            accuracy = f"{100 * entry['test_acc_mean']:.1f}"
+            if entry["n_trials"] > 1:  # one seed has no spread
+                accuracy += f" ± {100 * entry['test_acc_std']:.1f}"
             lines.append(f"| {k} | {entry['mode']} | {entry['n_trials']} of {n_seeds} | {settings['epochs']} | "
-                         f"{100 * entry['test_acc_mean']:.1f} ± {100 * entry['test_acc_std']:.1f} | "
+                         f"{accuracy} | "
                          f"{', '.join(f'{100 * a:.1f}' for a in entry['test_acc_per_trial'])} | "
                          f"{', '.join(map(str, entry['epochs']))} | {published_kmil(entry['mode'], [k])} |")
     if not lines:

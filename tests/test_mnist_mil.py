@@ -435,7 +435,7 @@ def test_kmil_progress_reads_finished_seeds(tmp_path):
     lines = mm.kmil_progress(tmp_path).splitlines()
     rows = [line for line in lines if line.startswith("| 3 |")]
     expected = np.array([0.80, 0.9, 0.7])
-    assert rows[0] == "| 3 | softmax | 1 of 5 | 3 | 50.0 ± 0.0 | 50.0 | 3 | – |"  # default modes' order first
+    assert rows[0] == "| 3 | softmax | 1 of 5 | 3 | 50.0 | 50.0 | 3 | – |"  # default modes' order first; 1 seed: no std
     assert rows[1] == (f"| 3 | k_subsets:3 | 3 of 5 | 3 | {100 * expected.mean():.1f} ± {100 * expected.std():.1f} | "
                        "80.0, 90.0, 70.0 | 2, 3, 1 | 96.5 ± 0.5 |")
     assert mm.kmil_progress(tmp_path, skip=[3]) == "" and mm.kmil_progress(tmp_path / "none") == ""
