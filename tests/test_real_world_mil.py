@@ -314,6 +314,22 @@ def test_selection_diagnostics_closed_form():
     assert [r["test_auc"] for r in rw.select_configs(records)] == pytest.approx(chosen_test)
 
 
+def test_near_best_configs_are_those_within_near_best_of_the_chosen_val_auc():
+    """One fold: val AUCs 0.9, 0.89, 0.881, 0.879, 0.5 with NEAR_BEST = 0.02: the first three are near-ties
+    (0.879 is not), so the count is 3 and their test AUC the mean of theirs; a second repetition with one config
+    alone at the top counts 1."""
+    assert rw.NEAR_BEST == 0.02
+    base = {"fold": 0, "emb_dims": 32, "emb_layers": 1, "hidden_dim": 16, "n_heads": 8, "batch_size": 4,
+            "val_loss": 0.5, "test_acc": 0.5}
+    val, test = [0.9, 0.89, 0.881, 0.879, 0.5], [0.6, 0.9, 0.75, 0.1, 0.2]
+    records = [{**base, "seed": 0, "variant": i, "val_auc": v, "test_auc": t} for i, (v, t) in enumerate(zip(val, test))]
+    records += [{**base, "seed": 1, "variant": i, "val_auc": v, "test_auc": 0.5 + i / 10}
+                for i, v in enumerate([0.95, 0.9, 0.7])]
+    sel = rw.selection_diagnostics(records)
+    assert sel["near_best_configs"]["mean"] == pytest.approx(2.0) and sel["near_best_configs"]["std"] == pytest.approx(1.0)
+    assert sel["near_best_test_auc"]["mean"] == pytest.approx(100 * (np.mean([0.6, 0.9, 0.75]) + 0.5) / 2)
+
+
 def test_best_fixed_config_is_chosen_on_the_fold_mean():
     """Config 0 wins fold 0, config 1 wins fold 1, config 2 is best on average; config 3 misses a fold."""
     base = {"seed": 0, "emb_dims": 32, "emb_layers": 1, "hidden_dim": 16, "n_heads": 8, "batch_size": 4}
