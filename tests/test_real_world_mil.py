@@ -338,6 +338,19 @@ def test_best_fixed_config_is_chosen_on_the_fold_mean():
     assert rw._best_fixed_config_auc(records) == pytest.approx(0.7)
 
 
+def test_best_global_config_is_chosen_on_the_mean_over_repetitions():
+    """Two repetitions x two folds: config 0 is best in repetition 0 (0.9) but poor in 1 (0.3), config 1 is
+    second in both (0.7, 0.7) and best on average; config 2 misses a fold of repetition 1, so it is left out here
+    (while the per-repetition ceiling takes it in repetition 0, where it ran every fold)."""
+    base = {"emb_dims": 32, "emb_layers": 1, "hidden_dim": 16, "n_heads": 8, "batch_size": 4}
+    tests = {0: {0: (0.9, 0.9), 1: (0.2, 0.4)}, 1: {0: (0.6, 0.8), 1: (0.7, 0.7)}, 2: {0: (1.0, 1.0), 1: (1.0,)}}
+    records = [{**base, "variant": v, "seed": s, "fold": f, "test_auc": a}
+               for v, per_seed in tests.items() for s, aucs in per_seed.items() for f, a in enumerate(aucs)]
+    assert rw._best_global_config_aucs(records, [0, 1]) == pytest.approx([0.7, 0.7])
+    assert rw._best_global_config_aucs(records, [1, 0]) == pytest.approx([0.7, 0.7])
+    assert [rw._best_fixed_config_auc([r for r in records if r["seed"] == s]) for s in (0, 1)] == pytest.approx([1.0, 0.7])
+
+
 def test_selection_table_lists_full_protocol_results_only():
     sel = {k: {"mean": 0.5, "std": 0.3} for k in rw.SELECTION_KEYS} | {"configs_per_fold": 864}
     sel["by_search_size"] = {str(n): {"mean": float(n), "std": 0.0} for n in rw.SEARCH_SIZES}
