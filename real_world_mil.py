@@ -269,6 +269,9 @@ def _standardization(padded: torch.Tensor, lengths: torch.Tensor, bags: np.ndarr
     return x.mean(0), torch.where(std > 0, std, torch.ones_like(std))
 
 
+CHUNK_PARAMS, CHUNK_ACTIVATIONS = 3e6, 1e8  # defaults of --chunk_params / --chunk_activations
+
+
 def models_per_chunk(shape: batched_mil.Shape, batch_size: int, max_bag: int, chunk_params: float,
                      chunk_activations: float) -> int:
     """Models trained at once: bounded by parameters (x4 with grads and Adam moments) and by the
@@ -300,26 +303,15 @@ def train_group(config: dict, report: Any = None, bags: list | None = None) -> l
                                     keep=config["halving_keep"])
     for start in range(0, len(jobs), size):
         part = jobs[start:start + size]
-        variants = [group["variants"][v] for _, v in part]
         gens = [torch.Generator().manual_seed(_stable_seed(seed, fold, v, group, config["mode"]))
                 for fold, v in part]
-        tensor = lambda key: torch.tensor([float(var[key]) for var in variants])  # noqa: E731
-        bag_dropout = tensor("bag_dropout") if "bag_dropout" in variants[0] else None
-        model = batched_mil.BatchedBagClassifier.initialized(shape, config["mode"], tensor("scale"),
-                                                             tensor("dropout"), gens, config["map_params"],
-                                                             bag_dropout=bag_dropout)
-        history = batched_mil.train_batched(
-            model.to(device), (padded.to(device), lengths.to(device), pad.to(device)), labels,
-            train_sets=[splits[f]["train"].tolist() for f, _ in part],
-            eval_sets={"val": [splits[f]["val"].tolist() for f, _ in part],
-                       "test": [splits[f]["test"].tolist() for f, _ in part]},
-            lr=tensor("lr"), lr_decay=tensor("lr_decay"), epochs=config["epochs"],
-            batch_size=group["batch_size"], weight_decay=config["weight_decay"],
-            grad_clip=config["grad_clip"], generators=gens,
-            standardize=(torch.stack([stats[f][0] for f, _ in part]).to(device),
-                         torch.stack([stats[f][1] for f, _ in part]).to(device)),
-            stopping=stopping, groups=torch.tensor([f for f, _ in part]), precision=config["precision"])
-        history = {k: v.cpu() for k, v in history.items()}
+        history = fit_models(config, shape, (padded, lengths, pad), labels, [group["variants"][v] for _, v in part],
+                             gens, train_sets=[splits[f]["train"].tolist() for f, _ in part],
+                             eval_sets={"val": [splits[f]["val"].tolist() for f, _ in part],
+                                        "test": [splits[f]["test"].tolist() for f, _ in part]},
+                             standardize=[stats[f] for f, _ in part], batch_size=group["batch_size"],
+                             epochs=config["epochs"], stopping=stopping, groups=torch.tensor([f for f, _ in part]),
+                             device=device)
         best = batched_mil.best_epoch(history["val_auc"], history["val_loss"])
         trained = (~torch.isnan(history["val_loss"])).sum(0)
         for i, (fold, v) in enumerate(part):
@@ -332,6 +324,27 @@ def train_group(config: dict, report: Any = None, bags: list | None = None) -> l
         if report is not None:
             report({"models_done": len(records), "models_total": len(jobs)})
     return records
+
+
+def fit_models(config: dict, shape: batched_mil.Shape, data: tuple, labels: torch.Tensor, variants: Sequence[dict],
+               generators: Sequence[torch.Generator], train_sets: list, eval_sets: dict, standardize: list,
+               batch_size: int, epochs: int, stopping: batched_mil.Stopping = batched_mil.Stopping(),
+               groups: torch.Tensor | None = None, device: torch.device = torch.device("cpu")) -> dict:
+    """Model m (hyperparameters ``variants[m]``, init from ``generators[m]``) trained on ``train_sets[m]``,
+    features standardized by ``standardize[m]`` = (mean, std), as one batched model of ``shape`` with the trial
+    config's map, weight decay, clipping and precision; ``batched_mil.train_batched``'s history, on the CPU."""
+    tensor = lambda key: torch.tensor([float(var[key]) for var in variants])  # noqa: E731
+    bag_dropout = tensor("bag_dropout") if "bag_dropout" in variants[0] else None
+    model = batched_mil.BatchedBagClassifier.initialized(shape, config["mode"], tensor("scale"), tensor("dropout"),
+                                                         generators, config["map_params"], bag_dropout=bag_dropout)
+    history = batched_mil.train_batched(
+        model.to(device), tuple(t.to(device) for t in data), labels, train_sets=train_sets, eval_sets=eval_sets,
+        lr=tensor("lr"), lr_decay=tensor("lr_decay"), epochs=epochs, batch_size=batch_size,
+        weight_decay=config["weight_decay"], grad_clip=config["grad_clip"], generators=generators,
+        standardize=(torch.stack([m for m, _ in standardize]).to(device),
+                     torch.stack([s for _, s in standardize]).to(device)),
+        stopping=stopping, groups=groups, precision=config["precision"])
+    return {k: v.cpu() for k, v in history.items()}
 
 
 def chunk_size(n_jobs: int, n_variants: int, max_models: int) -> int:
@@ -600,6 +613,151 @@ def write_results(path_stem: Path, payload: dict) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Refit diagnostic: the chosen configs retrained on the whole outer training part
+# --------------------------------------------------------------------------------------------------
+REFIT_INITS = 3  # init 0 is the protocol's own; the others are fresh, so an arm's score is not one init's luck
+REFIT_ARMS = {"inner_train": ("train",), "train_val": ("train", "val")}  # the training bags of each arm
+
+
+def _protocol_group(protocol: dict, record: dict) -> dict:
+    """The shape group (with its variant list) of the protocol's search that trained ``record``."""
+    for group in group_by_shape(search_configs(protocol["search"], protocol["num_samples"], protocol["seed"])):
+        if all(group[k] == record[k] for k in SHAPE_KEYS + EXTRA_SHAPE_KEYS if k in group):
+            return group
+    raise ValueError(f"no config of the {protocol['search']!r} search has the shape of the chosen record {record}")
+
+
+def refit_chosen(payload: dict, bags: list, inits: int = REFIT_INITS) -> list[dict]:
+    """Standard nested CV refits the chosen config on the outer fold's whole training part before testing it;
+    this protocol (as Hu et al.'s code) tests the model trained on inner-train. For every fold's chosen config
+    (``payload["folds"]``) and its chosen epoch e: the test AUC after e epochs (no early stopping) trained on
+    each arm of ``REFIT_ARMS`` (inner-train; inner-train + validation), standardized with that arm's bags,
+    from ``inits`` initializations. Init 0 is the protocol's own, so the inner-train arm's init 0 retrains the
+    chosen model itself: the same test AUC where the config has no dropout and was not the first model of its
+    batch in the protocol's run (a batch's dropout masks draw from its first model's generator, which also
+    shuffles that model's bags). One row per (seed, fold, arm, init)."""
+    protocol = payload["protocol"]
+    config = {"mode": payload["map"], "map_params": payload["map_params"],
+              **{k: protocol[k] for k in ("weight_decay", "grad_clip", "precision")}}
+    padded, lengths, pad = batched_mil.pad_dataset([torch.from_numpy(np.array(x)) for x, _ in bags])
+    labels = torch.tensor([y for _, y in bags])
+    splits = {seed: cv_splits(labels.numpy(), protocol["n_folds"], seed, protocol["val_fraction"])
+              for seed in sorted({r["seed"] for r in payload["folds"]})}
+    by_group: dict[str, list] = {}
+    for record in payload["folds"]:
+        group = json.dumps(_protocol_group(protocol, record), sort_keys=True)
+        by_group.setdefault(group, []).extend((record, arm, init) for arm in REFIT_ARMS for init in range(inits))
+    rows = []
+    for key, jobs in by_group.items():
+        group = json.loads(key)
+        shape = model_shape(padded.shape[-1], group, protocol["pool_width"])
+        size = models_per_chunk(shape, group["batch_size"], int(lengths.max()), CHUNK_PARAMS, CHUNK_ACTIVATIONS)
+        for part in (jobs[i:i + size] for i in range(0, len(jobs), size)):
+            # dropout masks of a batch draw from its first model's generator: never a protocol's own model
+            part = sorted(part, key=lambda job: (job[1], job[2]) == ("inner_train", 0))
+            train = [np.concatenate([splits[r["seed"]][r["fold"]][s] for s in REFIT_ARMS[arm]]) for r, arm, _ in part]
+            gens = [torch.Generator().manual_seed(_stable_seed(r["seed"], r["fold"], r["variant"], group,
+                                                               config["mode"], *([init] if init else [])))
+                    for r, _, init in part]
+            history = fit_models(config, shape, (padded, lengths, pad), labels,
+                                 [group["variants"][r["variant"]] for r, _, _ in part], gens,
+                                 train_sets=[t.tolist() for t in train],
+                                 eval_sets={"test": [splits[r["seed"]][r["fold"]]["test"].tolist() for r, _, _ in part]},
+                                 standardize=[_standardization(padded, lengths, t) for t in train],
+                                 batch_size=group["batch_size"], epochs=max(r["best_epoch"] for r, _, _ in part))
+            rows += [{"seed": r["seed"], "fold": r["fold"], "arm": arm, "init": init, "epochs": r["best_epoch"],
+                      "test_auc": float(history["test_auc"][r["best_epoch"] - 1, i])} for i, (r, arm, init) in enumerate(part)]
+    return sorted(rows, key=lambda row: (row["seed"], row["fold"], row["arm"], row["init"]))
+
+
+def _per_seed_auc(rows: Sequence[dict]) -> dict[int, float]:
+    """Test AUC x 100 per repetition: mean over its folds of the fold's mean over the given rows (inits)."""
+    folds: dict[tuple, list[float]] = {}
+    for row in rows:
+        folds.setdefault((row["seed"], row["fold"]), []).append(row["test_auc"])
+    seeds = sorted({s for s, _ in folds})
+    return {s: 100 * float(np.mean([np.mean(v) for (t, _), v in folds.items() if t == s])) for s in seeds}
+
+
+def refit_summary(rows: Sequence[dict]) -> dict:
+    """Mean +- std over repetitions (as ``summarize``) of each arm (inits averaged per fold), of the inner-train
+    arm's init 0 (the protocol's chosen models retrained) and of the paired gain train_val - inner_train."""
+    def stat(values: Sequence[float]) -> dict:
+        return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+    arms = {arm: _per_seed_auc([r for r in rows if r["arm"] == arm]) for arm in REFIT_ARMS}
+    own = _per_seed_auc([r for r in rows if r["arm"] == "inner_train" and r["init"] == 0])
+    return {**{arm: stat(list(per_seed.values())) for arm, per_seed in arms.items()},
+            "inner_train_init0": stat(list(own.values())),
+            "gain": stat([arms["train_val"][s] - arms["inner_train"][s] for s in arms["inner_train"]])}
+
+
+def _reproduced(chosen: Sequence[dict], rows: Sequence[dict]) -> dict:
+    """How many chosen models without dropout the inner-train arm's init 0 retrained to the protocol's test AUC
+    (the others: the first model of their batch, or float rounding of a differently composed batch)."""
+    own = {(r["seed"], r["fold"]): r["test_auc"] for r in rows if (r["arm"], r["init"]) == ("inner_train", 0)}
+    no_dropout = [r for r in chosen if r["dropout"] == 0]
+    same = sum(abs(own[(r["seed"], r["fold"])] - r["test_auc"]) < 1e-6 for r in no_dropout)
+    return {"no_dropout_folds": len(no_dropout), "same_test_auc": int(same)}
+
+
+def run_refit(args: argparse.Namespace, mode: str) -> dict:
+    """``--refit``: ``refit_chosen`` on the result file of (--dataset, mode, --search), written to
+    ``<results_dir>/refit/<stem>.json`` (a diagnostic beside the protocol's result, never in its table)."""
+    stem = results_stem(args.dataset, mode, args.search, args.num_samples)
+    source = Path(args.results_dir) / f"{stem}.json"
+    payload = json.loads(source.read_text())
+    bags = training_data(args.dataset, args.data_dir)
+    if payload["protocol"]["data"] != dataset_digest(bags):
+        raise SystemExit(f"{training.repo_relative(source)} was computed on other data than the embedded "
+                         f"{args.dataset} files: rerun the protocol first")
+    print(f"[{args.dataset}/{mode}] refit of the {len(payload['folds'])} chosen configs of "
+          f"{training.repo_relative(source)}: arms {', '.join(REFIT_ARMS)}, {REFIT_INITS} inits each")
+    training.trial_device({"cpus_per_trial": 1})  # one thread, as the protocol's trials: their float sums
+    start = time.time()
+    rows = refit_chosen(payload, bags)
+    out = {"dataset": args.dataset, "mode": mode, "search": payload["protocol"]["search"],
+           "source": training.repo_relative(source), "inits": REFIT_INITS,
+           "arms": {arm: " + ".join(parts) for arm, parts in REFIT_ARMS.items()},
+           "protocol_auc": {"mean": payload["summary"]["auc_mean"], "std": payload["summary"]["auc_std"]},
+           "summary": refit_summary(rows), "reproduced": _reproduced(payload["folds"], rows),
+           "precision": payload["protocol"]["precision"],
+           "wall_time_s": time.time() - start, "git_commit": training.git_commit(), "cpu": training.cpu_model(),
+           "rows": rows}
+    path = Path(args.results_dir) / "refit" / f"{stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    s = out["summary"]
+    print(f"[{args.dataset}/{mode}] test AUC x100: inner-train {s['inner_train']['mean']:.1f} ± "
+          f"{s['inner_train']['std']:.1f}, inner-train + validation {s['train_val']['mean']:.1f} ± "
+          f"{s['train_val']['std']:.1f} (gain {s['gain']['mean']:+.1f} ± {s['gain']['std']:.1f}); wrote "
+          f"{training.repo_relative(path)}")
+    return out
+
+
+def refit_table(results_dir: Path) -> str:
+    """README block ``real_world_refit``: the ``--refit`` files of ``<results_dir>/refit/``."""
+    paths = sorted((Path(results_dir) / "refit").glob("*.json"))
+    if not paths:
+        return ("No refit yet (`python3 real_world_mil.py --dataset tiger --mode sparse --refit`, after the "
+                "protocol's run).")
+    lines = ["| dataset / mode | search | protocol: chosen test AUC | inner-train, the protocol's init | "
+             "its models without dropout retrained to the same test AUC | inner-train | inner-train + validation | "
+             "gain of the refit (paired) | published |", "|---|---|---|---|---|---|---|---|---|"]
+    for out in sorted((json.loads(p.read_text()) for p in paths),
+                      key=lambda o: (DATASETS.index(o["dataset"]), o["mode"], o["search"])):
+        s, ref = out["summary"], PUBLISHED_AUC.get(out["dataset"])
+        same = out["reproduced"]
+        cells = [_mean_std_cell(out["protocol_auc"], 1), _mean_std_cell(s["inner_train_init0"], 1),
+                 f"{same['same_test_auc']} of {same['no_dropout_folds']}", _mean_std_cell(s["inner_train"], 1), _mean_std_cell(s["train_val"], 1),
+                 f"{s['gain']['mean']:+.1f} ± {s['gain']['std']:.1f}", f"{ref[0]} ± {ref[1]}" if ref else "–"]
+        lines.append(f"| {out['dataset']} / {out['mode']} | {out['search']} | " + " | ".join(cells) + " |")
+    inits = sorted({json.loads(p.read_text())["inits"] for p in paths})
+    return "\n".join(lines + ["", f"Test AUC x 100, mean ± std over repetitions; the arms average {', '.join(map(str, inits))} "
+                               "initializations per fold, the first the protocol's own."])
+
+
+# --------------------------------------------------------------------------------------------------
 # Report: markdown table + plot from the result files
 # --------------------------------------------------------------------------------------------------
 def load_results(results_dir: Path) -> list[dict]:
@@ -795,7 +953,8 @@ def build_report(results_dir: Path, img_dir: Path) -> str:
           + (f" and {training.repo_relative(curve)}" if curve else ""))
     if Path(results_dir).resolve() == (training.REPO_DIR / "results" / "real_world_mil").resolve():
         for block, text in (("real_world_table", table), ("real_world_engine_checks", engine_checks_table()),
-                            ("real_world_cost", sweep_cost_table()), ("real_world_selection", selection_table(results))):
+                            ("real_world_cost", sweep_cost_table()), ("real_world_selection", selection_table(results)),
+                            ("real_world_refit", refit_table(results_dir))):
             if training.write_readme_block(block, text):
                 print(f"wrote the README's {block}")
     return table
@@ -844,14 +1003,18 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--halving_keep", type=training.open_fraction, default=1 / 3,
                       help="share of configs kept at each rung, in (0, 1) (default 1/3)")
     training.add_precision_arg(parser)  # auto = fp32 on the CPU here (measured faster), bf16 on a bf16 GPU
-    parser.add_argument("--chunk_params", type=training.positive_float, default=3e6,
+    parser.add_argument("--chunk_params", type=training.positive_float, default=CHUNK_PARAMS,
                         help="max parameters of one batched model (models per chunk = this / model size); "
                              "~1-3M is fastest on CPU (cache), see bench/bench_real_world.py")
-    parser.add_argument("--chunk_activations", type=training.positive_float, default=1e8,
+    parser.add_argument("--chunk_activations", type=training.positive_float, default=CHUNK_ACTIVATIONS,
                         help="max activation floats of one training step of a chunk (bounds models per chunk)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK}, written under results/quick/ (explicit flags win)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from result files")
+    parser.add_argument("--refit", action="store_true",
+                        help="diagnostic: retrain the chosen config of every fold of this dataset/mode/search's result "
+                             "file on inner-train and on inner-train + validation for its chosen epochs "
+                             f"({REFIT_INITS} inits each) -> <results_dir>/refit/<stem>.json (minutes)")
     parser.add_argument("--results_dir", default=None,
                         help="result files and trials/ (default results/real_world_mil; --quick: results/quick/real_world_mil)")
     parser.add_argument("--img_dir", default=None,
@@ -885,6 +1048,30 @@ def _rungs(text: str) -> tuple[int, ...]:
     return rungs
 
 
+REFIT_FLAGS = ("refit", "dataset", "mode", "search", "num_samples", "results_dir", "data_dir")
+
+
+def _refit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """--refit takes its protocol from the result file: only the flags naming that file apply, and the file
+    of every requested mode must exist."""
+    others = sorted(k for k, v in vars(args).items() if k not in REFIT_FLAGS and v != parser.get_default(k))
+    if others:
+        parser.error("--refit retrains the chosen configs of a result file with that file's protocol and takes only "
+                     f"{', '.join('--' + k for k in REFIT_FLAGS[1:])} (got {', '.join('--' + k for k in others)})")
+    args.search = args.search or FULL["search"]
+    default_dir = training.REPO_DIR / "results" / "real_world_mil"
+    args.results_dir = args.results_dir or str(default_dir)
+    args.img_dir = str(training.REPO_DIR / "imgs" if Path(args.results_dir).resolve() == default_dir.resolve()
+                       else args.results_dir)
+    for mode in available_modes(args.mode):
+        source = Path(args.results_dir) / f"{results_stem(args.dataset, mode, args.search, args.num_samples)}.json"
+        if not source.exists():
+            parser.error(f"--refit needs the result file {training.repo_relative(source)}: run `python3 "
+                         f"real_world_mil.py --dataset {args.dataset} --mode {mode} --search {args.search}` first")
+    training_data(args.dataset, args.data_dir)  # a missing or corrupt file fails here, named
+    return args
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -893,6 +1080,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.dataset = args.dataset.lower()
     if args.mode != "all" and args.mode not in MODES:
         parser.error(f"unknown mode {args.mode!r}; choose one of: {', '.join(MODES)}, all")
+    if args.refit:
+        return _refit_args(parser, args)
     if args.search == "ramsauer":
         if args.pool_width is not None:
             parser.error("--pool_width does not apply to --search ramsauer (its space sets the pooling structure)")
@@ -1029,7 +1218,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         return []
     training.log_config(args)
     training.seed_everything(args.seed)
-    payloads = [run_mode(args, mode) for mode in available_modes(args.mode)]
+    run = run_refit if args.refit else run_mode
+    payloads = [run(args, mode) for mode in available_modes(args.mode)]
     build_report(Path(args.results_dir), Path(args.img_dir))
     return payloads
 

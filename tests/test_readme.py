@@ -36,6 +36,7 @@ def test_readme_tables_are_regenerated_from_the_committed_results(load_bench):
                 "real_world_table": rw.markdown_table(rw.load_results(results / "real_world_mil")),
                 "real_world_engine_checks": rw.engine_checks_table(), "real_world_cost": rw.sweep_cost_table(),
                 "real_world_selection": rw.selection_table(rw.load_results(results / "real_world_mil")),
+                "real_world_refit": rw.refit_table(results / "real_world_mil"),
                 "hopdeq_full": hd.full_report(), "hopdeq_solver": hd.solver_report(),
                 "hopdeq_stability": hs.report(), "hopdeq_reduced": hd.reduced_report(),
                 "bit_pattern_table": bp.readme_report()}

@@ -726,3 +726,76 @@ def test_bag_dropout_batched_equals_reference_models_and_drops_its_share():
     assert torch.equal(drop.eval()(torch.ones(2, 3, 3)), torch.ones(2, 3, 3))
     with pytest.raises(ValueError):
         bm.InstanceDropout(1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# --refit: the chosen configs retrained on inner-train and on inner-train + validation
+# --------------------------------------------------------------------------------------------------
+def test_refit_retrains_the_protocols_own_models_and_refits_on_train_plus_val():
+    """The inner-train arm at init 0 is the protocol's model retrained (the same test AUC, here for the
+    dropout-0 variants that sit beside dropout-0.75 ones in their batch without being its first model); the
+    train_val arm is that config trained on inner-train + validation, standardized with their statistics."""
+    args = rw.parse_args(["--dataset", "fox", "--mode", "sparse", "--search", "small", "--n_folds", "3",
+                          "--n_seeds", "1", "--epochs", "3", "--halving_rungs", "1"])
+    bags = rw.training_data("fox")
+    (config,) = rw.trial_configs(args, "sparse")
+    records = rw.train_group(config, bags=bags)
+    folds = [r for r in records if r["dropout"] == 0.0 and r["scale"] == 10.0]  # variant 1 of each fold
+    assert len(folds) == 3 and {r["variant"] for r in folds} == {1}
+    payload = {"protocol": rw.protocol_of(args, "sparse", bags), "map": "sparsemax", "map_params": {}, "folds": folds}
+    rows = rw.refit_chosen(payload, bags, inits=2)
+    assert len(rows) == 3 * 2 * 2
+    at = {(r["fold"], r["arm"], r["init"]): r["test_auc"] for r in rows}
+    for record in folds:
+        assert at[(record["fold"], "inner_train", 0)] == record["test_auc"]
+    assert rw._reproduced(folds, rows) == {"no_dropout_folds": 3, "same_test_auc": 3}
+    assert any(at[(f, "inner_train", 1)] != at[(f, "inner_train", 0)] for f in range(3))
+    # the train_val arm of fold 0, init 0, rebuilt by hand from the splits
+    split = rw.cv_splits(np.array([y for _, y in bags]), 3, 0, 0.2)[0]
+    union = np.concatenate([split["train"], split["val"]])
+    padded, lengths, pad = bm.pad_dataset([torch.from_numpy(np.array(x)) for x, _ in bags])
+    group = config["group"]
+    gen = torch.Generator().manual_seed(rw._stable_seed(0, 0, 1, group, "sparsemax"))
+    history = rw.fit_models(config, rw.model_shape(padded.shape[-1], group, "per_head"), (padded, lengths, pad),
+                            torch.tensor([y for _, y in bags]), [group["variants"][1]], [gen],
+                            train_sets=[union.tolist()], eval_sets={"test": [split["test"].tolist()]},
+                            standardize=[rw._standardization(padded, lengths, union)], batch_size=4,
+                            epochs=folds[0]["best_epoch"])
+    assert at[(0, "train_val", 0)] == float(history["test_auc"][-1, 0])
+
+
+def test_refit_summary_closed_form():
+    def rows(seed, fold, arm, aucs):
+        return [{"seed": seed, "fold": fold, "arm": arm, "init": i, "test_auc": a} for i, a in enumerate(aucs)]
+
+    data = (rows(0, 0, "inner_train", [0.8, 0.6]) + rows(0, 0, "train_val", [0.9, 0.7])
+            + rows(0, 1, "inner_train", [0.5, 0.5]) + rows(0, 1, "train_val", [0.6, 0.6])
+            + rows(1, 0, "inner_train", [1.0, 1.0]) + rows(1, 0, "train_val", [1.0, 1.0]))
+    s = rw.refit_summary(data)
+    expected = {"inner_train": (80, 20), "train_val": (85, 15), "gain": (5, 5), "inner_train_init0": (82.5, 17.5)}
+    for name, (mean, std) in expected.items():
+        assert s[name]["mean"] == pytest.approx(mean) and s[name]["std"] == pytest.approx(std), name
+
+
+@pytest.mark.parametrize("argv,message", [(["--refit", "--epochs", "3"], "takes only"),
+                                          (["--refit", "--report"], "takes only"),
+                                          (["--refit", "--dataset", "musk2", "--search", "random", "--num_samples", "7"],
+                                           "musk2_sparse_random7.json")])
+def test_refit_refuses_other_flags_and_a_missing_result_file(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        rw.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_refit_table_lists_the_refit_files(tmp_path):
+    assert "No refit yet" in rw.refit_table(tmp_path)
+    (tmp_path / "refit").mkdir()
+    stat = {"mean": 88.0, "std": 2.0}
+    out = {"dataset": "tiger", "mode": "sparse", "search": "hu", "inits": 3, "protocol_auc": stat,
+           "reproduced": {"no_dropout_folds": 27, "same_test_auc": 24},
+           "summary": {"inner_train": stat, "train_val": {"mean": 89.5, "std": 1.0}, "inner_train_init0": stat,
+                       "gain": {"mean": 1.5, "std": 0.5}}}
+    (tmp_path / "refit" / "tiger_sparse.json").write_text(json.dumps(out))
+    row = rw.refit_table(tmp_path).splitlines()[2]
+    assert row == ("| tiger / sparse | hu | 88.0 ± 2.0 | 88.0 ± 2.0 | 24 of 27 | 88.0 ± 2.0 | 89.5 ± 1.0 | +1.5 ± 0.5 | "
+                   "91.3 ± 0.5 |")
