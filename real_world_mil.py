@@ -808,7 +808,8 @@ def markdown_table(results: Sequence[dict]) -> str:
 
 
 def plot_results(results: Sequence[dict], path: Path) -> Path:
-    """Grouped bars: AUC per mode per dataset with std error bars; published reference as a marker."""
+    """Grouped bars: AUC per mode per dataset with std error bars (hatched where the cell is not the published
+    protocol's full grid but a smaller search); published reference as a marker."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -819,15 +820,20 @@ def plot_results(results: Sequence[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.45 * len(datasets) * (len(modes) + 1)), 3.8))
     width = 0.8 / max(1, len(modes))
     for j, mode in enumerate(modes):
-        xs, ys, es = [], [], []
+        xs, ys, es, hatches = [], [], [], []
         for i, dataset in enumerate(datasets):
             match = [r for r in results if r["dataset"] == dataset and r["mode"] == mode]
             if match:
                 xs.append(i + (j - (len(modes) - 1) / 2) * width)
-                summary = _preferred(match)["summary"]
-                ys.append(summary["auc_mean"])
-                es.append(summary["auc_std"])
-        ax.bar(xs, ys, width, yerr=es, capsize=3, label=mode)
+                shown = _preferred(match)
+                ys.append(shown["summary"]["auc_mean"])
+                es.append(shown["summary"]["auc_std"])
+                hatches.append("" if shown["protocol"]["search"] == "hu" else "//")
+        bars = ax.bar(xs, ys, width, yerr=es, capsize=3, label=mode)
+        for bar, hatch in zip(bars, hatches):
+            bar.set_hatch(hatch)
+    if any(bar.get_hatch() for bar in ax.patches):
+        ax.bar([0], [0], 0, color="white", edgecolor="black", hatch="//", label="smaller search (not the full grid)")
     for i, dataset in enumerate(datasets):
         if dataset in PUBLISHED_AUC:
             mean, std = PUBLISHED_AUC[dataset]

@@ -502,6 +502,21 @@ def test_result_files_are_named_by_search_and_the_table_prefers_the_published_pr
     assert "| 64.2 ± 1.0 (small, 5x10) |" in rw.markdown_table([small])
 
 
+
+def test_figure_hatches_the_bars_of_a_smaller_search(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    def result(dataset, search):
+        return {"dataset": dataset, "mode": "sparse", "n_trainings": 1, "protocol": {"search": search, "n_folds": 10},
+                "summary": {"auc_mean": 70.0, "auc_std": 1.0, "n_seeds": 5}}
+
+    drawn = []
+    monkeypatch.setattr(plt, "close", lambda fig: drawn.append(fig))
+    rw.plot_results([result("fox", "hu"), result("tiger", "small")], tmp_path / "auc.png")
+    hatches = [bar.get_hatch() for bar in drawn[0].axes[0].patches if bar.get_height() > 0]
+    assert hatches == ["", "//"]
+
+
 def test_small_real_run_writes_results(local_ray, tmp_path, capsys):
     argv = ["--dataset", "fox", "--mode", "sparse", "--search", "quick", "--n_folds", "3", "--n_seeds", "2",
             "--epochs", "2", "--halving_rungs", "none", "--results_dir", str(tmp_path / "res"),
