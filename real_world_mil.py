@@ -670,6 +670,80 @@ def refit_chosen(payload: dict, bags: list, inits: int = REFIT_INITS) -> list[di
     return sorted(rows, key=lambda row: (row["seed"], row["fold"], row["arm"], row["init"]))
 
 
+INNER_CV_FOLDS = 5  # --reselect: inner stratified folds of the outer training part
+
+
+def experiment_records(payload: dict) -> list[dict]:
+    """Every config's record of a result file's sweep, decoded from its committed trial files."""
+    files = sorted((training.REPO_DIR / payload["experiment"]).glob("*.json"))
+    trials = [json.loads(f.read_text()) for f in files]
+    return [r for t in trials for r in decode_records(t["history"][-1]["records"], t["config"])]
+
+
+def _inner_cv_jobs(protocol: dict, records: Sequence[dict], labels: np.ndarray, top: int,
+                   inner_folds: int) -> dict[str, list]:
+    """``inner_cv_choice``'s trainings by shape group (JSON key): (record, its rank in the protocol's choice,
+    inner fold k, training bags, held-out bags) for the ``top`` configs of every outer fold, whose outer
+    training part (inner-train + validation) is split into ``inner_folds`` stratified folds."""
+    folds: dict[tuple, list[dict]] = {}
+    for record in records:
+        folds.setdefault((record["seed"], record["fold"]), []).append(record)
+    by_group: dict[str, list] = {}
+    for (seed, fold), rows in sorted(folds.items()):
+        split = cv_splits(labels, protocol["n_folds"], seed, protocol["val_fraction"])[fold]
+        rest = np.sort(np.concatenate([split["train"], split["val"]]))
+        inner = stratified_folds(labels[rest], inner_folds, np.random.default_rng([seed, 2, fold]))
+        for rank, record in enumerate(sorted(rows, key=_choice_order)[:top]):
+            group = json.dumps(_protocol_group(protocol, record), sort_keys=True)
+            by_group.setdefault(group, []).extend((record, rank, k, np.setdiff1d(rest, rest[held]), rest[held])
+                                                  for k, held in enumerate(inner))
+    return by_group
+
+
+def inner_cv_choice(payload: dict, records: Sequence[dict], bags: list, top: int,
+                    inner_folds: int = INNER_CV_FOLDS) -> list[dict]:
+    """A less noisy choice than one validation split: per outer fold, the ``top`` configs of the protocol's
+    validation ranking (``_choice_order``), each at its chosen epoch e, are trained for e epochs on the outer
+    training part (inner-train + validation) minus each of ``inner_folds`` stratified inner folds and scored on
+    that fold; the config with the best mean inner-fold AUC (ties: lower mean loss, then the protocol's rank)
+    is chosen. Returns its protocol record per fold (``refit_chosen`` retrains it), with ``inner_cv_auc`` and
+    ``protocol_rank``. No test data enters the choice."""
+    protocol = payload["protocol"]
+    config = {"mode": payload["map"], "map_params": payload["map_params"],
+              **{k: protocol[k] for k in ("weight_decay", "grad_clip", "precision")}}
+    padded, lengths, pad = batched_mil.pad_dataset([torch.from_numpy(np.array(x)) for x, _ in bags])
+    labels = torch.tensor([y for _, y in bags])
+    by_group = _inner_cv_jobs(protocol, records, labels.numpy(), top, inner_folds)
+    scores: dict[tuple, tuple] = {}  # (seed, fold, rank) -> (record, inner-fold AUCs, losses)
+    total, done = sum(map(len, by_group.values())), 0
+    for key, jobs in by_group.items():
+        group = json.loads(key)
+        shape = model_shape(padded.shape[-1], group, protocol["pool_width"])
+        size = models_per_chunk(shape, group["batch_size"], int(lengths.max()), CHUNK_PARAMS, CHUNK_ACTIVATIONS)
+        for part in (jobs[i:i + size] for i in range(0, len(jobs), size)):
+            gens = [torch.Generator().manual_seed(_stable_seed(r["seed"], r["fold"], r["variant"], group, config["mode"],
+                                                               "inner", k)) for r, _, k, _, _ in part]
+            history = fit_models(config, shape, (padded, lengths, pad), labels,
+                                 [group["variants"][r["variant"]] for r, *_ in part], gens,
+                                 train_sets=[train.tolist() for *_, train, _ in part],
+                                 eval_sets={"val": [held.tolist() for *_, held in part]},
+                                 standardize=[_standardization(padded, lengths, train) for *_, train, _ in part],
+                                 batch_size=group["batch_size"], epochs=max(r["best_epoch"] for r, *_ in part))
+            for i, (r, rank, *_) in enumerate(part):
+                record, aucs, losses = scores.setdefault((r["seed"], r["fold"], rank), (r, [], []))
+                aucs.append(float(history["val_auc"][r["best_epoch"] - 1, i]))
+                losses.append(float(history["val_loss"][r["best_epoch"] - 1, i]))
+        done += len(jobs)
+        if done * 10 // total > (done - len(jobs)) * 10 // total:  # about every tenth of the work
+            print(f"inner CV: {done} of {total} trainings done", flush=True)
+    chosen: dict[tuple, tuple] = {}
+    for (seed, fold, rank), (record, aucs, losses) in scores.items():
+        order = (-_nan_to(float(np.nanmean(aucs)), -1.0), _nan_to(float(np.nanmean(losses)), math.inf), rank)
+        if (seed, fold) not in chosen or order < chosen[(seed, fold)][0]:
+            chosen[(seed, fold)] = (order, {**record, "inner_cv_auc": float(np.nanmean(aucs)), "protocol_rank": rank})
+    return [chosen[key][1] for key in sorted(chosen)]
+
+
 def _per_seed_auc(rows: Sequence[dict]) -> dict[int, float]:
     """Test AUC x 100 per repetition: mean over its folds of the fold's mean over the given rows (inits)."""
     folds: dict[tuple, list[float]] = {}
@@ -702,8 +776,9 @@ def _reproduced(chosen: Sequence[dict], rows: Sequence[dict]) -> dict:
 
 
 def run_refit(args: argparse.Namespace, mode: str) -> dict:
-    """``--refit``: ``refit_chosen`` on the result file of (--dataset, mode, --search), written to
-    ``<results_dir>/refit/<stem>.json`` (a diagnostic beside the protocol's result, never in its table)."""
+    """``--refit``: ``refit_chosen`` on the chosen configs of the result file of (--dataset, mode, --search), or
+    with ``--inner_cv_top N`` on those of ``inner_cv_choice``; written to ``<results_dir>/refit/<stem>.json``
+    (``<stem>_inner_cv_top<N>.json``), a diagnostic beside the protocol's result, never in its table."""
     stem = results_stem(args.dataset, mode, args.search, args.num_samples)
     source = Path(args.results_dir) / f"{stem}.json"
     payload = json.loads(source.read_text())
@@ -711,20 +786,24 @@ def run_refit(args: argparse.Namespace, mode: str) -> dict:
     if payload["protocol"]["data"] != dataset_digest(bags):
         raise SystemExit(f"{training.repo_relative(source)} was computed on other data than the embedded "
                          f"{args.dataset} files: rerun the protocol first")
-    print(f"[{args.dataset}/{mode}] refit of the {len(payload['folds'])} chosen configs of "
-          f"{training.repo_relative(source)}: arms {', '.join(REFIT_ARMS)}, {REFIT_INITS} inits each")
+    top = args.inner_cv_top
+    choice = "protocol" if top is None else f"inner {INNER_CV_FOLDS}-fold CV among the top {top}"
+    print(f"[{args.dataset}/{mode}] refit of the chosen configs of {training.repo_relative(source)} (choice: {choice}): "
+          f"arms {', '.join(REFIT_ARMS)}, {REFIT_INITS} inits each")
     training.trial_device({"cpus_per_trial": 1})  # one thread, as the protocol's trials: their float sums
     start = time.time()
-    rows = refit_chosen(payload, bags)
-    out = {"dataset": args.dataset, "mode": mode, "search": payload["protocol"]["search"],
+    chosen = payload["folds"] if top is None else inner_cv_choice(payload, experiment_records(payload), bags, top)
+    rows = refit_chosen({**payload, "folds": chosen}, bags)
+    out = {"dataset": args.dataset, "mode": mode, "search": payload["protocol"]["search"], "choice": choice,
            "source": training.repo_relative(source), "inits": REFIT_INITS,
            "arms": {arm: " + ".join(parts) for arm, parts in REFIT_ARMS.items()},
            "protocol_auc": {"mean": payload["summary"]["auc_mean"], "std": payload["summary"]["auc_std"]},
-           "summary": refit_summary(rows), "reproduced": _reproduced(payload["folds"], rows),
+           "summary": refit_summary(rows), "reproduced": _reproduced(chosen, rows),
+           "changed_choices": sum(_config_key(a) != _config_key(b) for a, b in zip(chosen, payload["folds"])),
            "precision": payload["protocol"]["precision"],
            "wall_time_s": time.time() - start, "git_commit": training.git_commit(), "cpu": training.cpu_model(),
-           "rows": rows}
-    path = Path(args.results_dir) / "refit" / f"{stem}.json"
+           "chosen": chosen, "rows": rows}
+    path = Path(args.results_dir) / "refit" / f"{stem}{'' if top is None else f'_inner_cv_top{top}'}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     s = out["summary"]
@@ -741,20 +820,22 @@ def refit_table(results_dir: Path) -> str:
     if not paths:
         return ("No refit yet (`python3 real_world_mil.py --dataset tiger --mode sparse --refit`, after the "
                 "protocol's run).")
-    lines = ["| dataset / mode | search | protocol: chosen test AUC | inner-train, the protocol's init | "
-             "its models without dropout retrained to the same test AUC | inner-train | inner-train + validation | "
-             "gain of the refit (paired) | published |", "|---|---|---|---|---|---|---|---|---|"]
-    for out in sorted((json.loads(p.read_text()) for p in paths),
-                      key=lambda o: (DATASETS.index(o["dataset"]), o["mode"], o["search"])):
-        s, ref = out["summary"], PUBLISHED_AUC.get(out["dataset"])
-        same = out["reproduced"]
-        cells = [_mean_std_cell(out["protocol_auc"], 1), _mean_std_cell(s["inner_train_init0"], 1),
-                 f"{same['same_test_auc']} of {same['no_dropout_folds']}", _mean_std_cell(s["inner_train"], 1), _mean_std_cell(s["train_val"], 1),
+    lines = ["| dataset / mode | search | choice | folds choosing another config than the protocol | protocol: chosen "
+             "test AUC | chosen configs on inner-train, the protocol's init | of those without dropout, retrained to "
+             "the protocol's test AUC | inner-train | inner-train + validation | gain of the refit (paired) | "
+             "published |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    outs = [json.loads(p.read_text()) for p in paths]
+    for out in sorted(outs, key=lambda o: (DATASETS.index(o["dataset"]), o["mode"], o["search"], o["choice"] != "protocol",
+                                           o["choice"])):
+        s, ref, same = out["summary"], PUBLISHED_AUC.get(out["dataset"]), out["reproduced"]
+        cells = [out["choice"], f"{out['changed_choices']} of {len(out['chosen'])}", _mean_std_cell(out["protocol_auc"], 1),
+                 _mean_std_cell(s["inner_train_init0"], 1), f"{same['same_test_auc']} of {same['no_dropout_folds']}",
+                 _mean_std_cell(s["inner_train"], 1), _mean_std_cell(s["train_val"], 1),
                  f"{s['gain']['mean']:+.1f} ± {s['gain']['std']:.1f}", f"{ref[0]} ± {ref[1]}" if ref else "–"]
         lines.append(f"| {out['dataset']} / {out['mode']} | {out['search']} | " + " | ".join(cells) + " |")
-    inits = sorted({json.loads(p.read_text())["inits"] for p in paths})
-    return "\n".join(lines + ["", f"Test AUC x 100, mean ± std over repetitions; the arms average {', '.join(map(str, inits))} "
-                               "initializations per fold, the first the protocol's own."])
+    inits = sorted({out["inits"] for out in outs})
+    return "\n".join(lines + ["", f"Test AUC x 100, mean ± std over repetitions; the arms average "
+                               f"{', '.join(map(str, inits))} initializations per fold, the first the protocol's own."])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1021,6 +1102,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="diagnostic: retrain the chosen config of every fold of this dataset/mode/search's result "
                              "file on inner-train and on inner-train + validation for its chosen epochs "
                              f"({REFIT_INITS} inits each) -> <results_dir>/refit/<stem>.json (minutes)")
+    parser.add_argument("--inner_cv_top", type=training.positive_int, default=None,
+                        help=f"with --refit: choose per outer fold among the N best configs by the protocol's validation "
+                             f"AUC by their mean AUC over {INNER_CV_FOLDS} inner folds of the outer training part, then "
+                             "refit that choice -> <results_dir>/refit/<stem>_inner_cv_top<N>.json")
     parser.add_argument("--results_dir", default=None,
                         help="result files and trials/ (default results/real_world_mil; --quick: results/quick/real_world_mil)")
     parser.add_argument("--img_dir", default=None,
@@ -1054,7 +1139,7 @@ def _rungs(text: str) -> tuple[int, ...]:
     return rungs
 
 
-REFIT_FLAGS = ("refit", "dataset", "mode", "search", "num_samples", "results_dir", "data_dir")
+REFIT_FLAGS = ("refit", "dataset", "mode", "search", "num_samples", "results_dir", "data_dir", "inner_cv_top")
 
 
 def _refit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -1088,6 +1173,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown mode {args.mode!r}; choose one of: {', '.join(MODES)}, all")
     if args.refit:
         return _refit_args(parser, args)
+    if args.inner_cv_top is not None:
+        parser.error("--inner_cv_top chooses the configs that --refit retrains: give --refit too")
     if args.search == "ramsauer":
         if args.pool_width is not None:
             parser.error("--pool_width does not apply to --search ramsauer (its space sets the pooling structure)")

@@ -795,7 +795,8 @@ def test_refit_summary_closed_form():
 @pytest.mark.parametrize("argv,message", [(["--refit", "--epochs", "3"], "takes only"),
                                           (["--refit", "--report"], "takes only"),
                                           (["--refit", "--dataset", "musk2", "--search", "random", "--num_samples", "7"],
-                                           "musk2_sparse_random7.json")])
+                                           "musk2_sparse_random7.json"),
+                                          (["--inner_cv_top", "3"], "give --refit too")])
 def test_refit_refuses_other_flags_and_a_missing_result_file(argv, message, capsys):
     with pytest.raises(SystemExit):
         rw.main(argv)
@@ -806,11 +807,72 @@ def test_refit_table_lists_the_refit_files(tmp_path):
     assert "No refit yet" in rw.refit_table(tmp_path)
     (tmp_path / "refit").mkdir()
     stat = {"mean": 88.0, "std": 2.0}
-    out = {"dataset": "tiger", "mode": "sparse", "search": "hu", "inits": 3, "protocol_auc": stat,
-           "reproduced": {"no_dropout_folds": 27, "same_test_auc": 24},
+    out = {"dataset": "tiger", "mode": "sparse", "search": "hu", "choice": "protocol", "inits": 3, "protocol_auc": stat,
+           "reproduced": {"no_dropout_folds": 27, "same_test_auc": 24}, "changed_choices": 0, "chosen": [{}] * 50,
            "summary": {"inner_train": stat, "train_val": {"mean": 89.5, "std": 1.0}, "inner_train_init0": stat,
                        "gain": {"mean": 1.5, "std": 0.5}}}
     (tmp_path / "refit" / "tiger_sparse.json").write_text(json.dumps(out))
     row = rw.refit_table(tmp_path).splitlines()[2]
-    assert row == ("| tiger / sparse | hu | 88.0 ± 2.0 | 88.0 ± 2.0 | 24 of 27 | 88.0 ± 2.0 | 89.5 ± 1.0 | +1.5 ± 0.5 | "
-                   "91.3 ± 0.5 |")
+    assert row == ("| tiger / sparse | hu | protocol | 0 of 50 | 88.0 ± 2.0 | 88.0 ± 2.0 | 24 of 27 | 88.0 ± 2.0 | "
+                   "89.5 ± 1.0 | +1.5 ± 0.5 | 91.3 ± 0.5 |")
+    # an inner-CV choice is listed after the protocol's, with how many folds it changed
+    (tmp_path / "refit" / "tiger_sparse_inner_cv_top8.json").write_text(json.dumps(
+        {**out, "choice": "inner 5-fold CV among the top 8", "changed_choices": 31}))
+    rows = rw.refit_table(tmp_path).splitlines()
+    assert rows[2].startswith("| tiger / sparse | hu | protocol |")
+    assert rows[3].startswith("| tiger / sparse | hu | inner 5-fold CV among the top 8 | 31 of 50 |")
+
+
+def _small_protocol_records():
+    args = rw.parse_args(["--dataset", "fox", "--mode", "sparse", "--search", "small", "--n_folds", "3",
+                          "--n_seeds", "1", "--epochs", "3", "--halving_rungs", "none"])
+    bags = rw.training_data("fox")
+    (config,) = rw.trial_configs(args, "sparse")
+    records = rw.train_group(config, bags=bags)
+    payload = {"protocol": rw.protocol_of(args, "sparse", bags), "map": "sparsemax", "map_params": {},
+               "folds": rw.select_configs(records)}
+    return payload, records, bags
+
+
+def test_inner_cv_choice_uses_the_outer_training_part_only_and_top_one_is_the_protocols_choice(monkeypatch):
+    payload, records, bags = _small_protocol_records()
+    only = rw.inner_cv_choice(payload, records, bags, top=1, inner_folds=3)
+    assert [{k: v for k, v in c.items() if k not in ("inner_cv_auc", "protocol_rank")} for c in only] == payload["folds"]
+    assert all(c["protocol_rank"] == 0 and 0.0 <= c["inner_cv_auc"] <= 1.0 for c in only)
+    calls = []
+    fit = rw.fit_models
+    monkeypatch.setattr(rw, "fit_models", lambda *a, **kw: calls.append(kw) or fit(*a, **kw))
+    chosen = rw.inner_cv_choice(payload, records, bags, top=3, inner_folds=3)
+    labels = np.array([y for _, y in bags])
+    splits = rw.cv_splits(labels, 3, 0, 0.2)
+    trained = [(set(train), set(held)) for kw in calls for train, held in zip(kw["train_sets"], kw["eval_sets"]["val"])]
+    assert len(trained) == 3 * 3 * 3 and all(not train & held for train, held in trained)
+    for split in splits:
+        rest = set(split["train"]) | set(split["val"])
+        helds = [held for train, held in trained if train | held == rest]
+        assert len(helds) == 3 * 3  # 3 configs x 3 inner folds, none touching the outer test fold
+        assert sorted(i for h in helds[:3] for i in h) == sorted(rest)  # one config's inner folds partition it
+    for c in chosen:
+        fold_rows = sorted((r for r in records if r["fold"] == c["fold"]), key=rw._choice_order)
+        assert rw._config_key(c) in [rw._config_key(r) for r in fold_rows[:3]]
+        assert c["protocol_rank"] == [rw._config_key(r) for r in fold_rows].index(rw._config_key(c))
+
+
+def test_inner_cv_choice_takes_the_best_mean_inner_fold_auc(monkeypatch):
+    payload, records, bags = _small_protocol_records()
+    inner_auc = {0: 0.6, 1: 0.7, 2: 0.9, 3: 0.8}  # by variant; the same on every inner fold
+
+    def fake_fit(config, shape, data, labels, variants, generators, **kw):
+        aucs = torch.tensor([inner_auc[[v for v, var in enumerate(payload_group["variants"]) if var == x][0]]
+                             for x in variants])
+        return {"val_auc": aucs.expand(kw["epochs"], -1), "val_loss": torch.zeros(kw["epochs"], len(variants))}
+
+    payload_group = rw._protocol_group(payload["protocol"], records[0])
+    monkeypatch.setattr(rw, "fit_models", fake_fit)
+    chosen = rw.inner_cv_choice(payload, records, bags, top=4, inner_folds=3)
+    assert [c["variant"] for c in chosen] == [2, 2, 2] and all(c["inner_cv_auc"] == pytest.approx(0.9) for c in chosen)
+    # among the top 2 of the protocol's ranking only
+    top2 = rw.inner_cv_choice(payload, records, bags, top=2, inner_folds=3)
+    for c in top2:
+        ranked = sorted((r for r in records if r["fold"] == c["fold"]), key=rw._choice_order)[:2]
+        assert c["variant"] == max((r["variant"] for r in ranked), key=inner_auc.get)
