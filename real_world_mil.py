@@ -99,7 +99,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import scipy.stats
@@ -627,6 +627,28 @@ def _protocol_group(protocol: dict, record: dict) -> dict:
     raise ValueError(f"no config of the {protocol['search']!r} search has the shape of the chosen record {record}")
 
 
+def _diagnostic_inputs(payload: dict, bags: list) -> tuple[dict, tuple, torch.Tensor]:
+    """What ``refit_chosen`` and ``inner_cv_choice`` train with: the result's map and training settings (as a
+    trial config for ``fit_models``), the padded bags (padded, lengths, pad) and the labels."""
+    protocol = payload["protocol"]
+    config = {"mode": payload["map"], "map_params": payload["map_params"],
+              **{k: protocol[k] for k in ("weight_decay", "grad_clip", "precision")}}
+    data = batched_mil.pad_dataset([torch.from_numpy(np.array(x)) for x, _ in bags])
+    return config, data, torch.tensor([y for _, y in bags])
+
+
+def _shape_chunks(by_group: dict[str, list], protocol: dict,
+                  data: tuple) -> Iterator[tuple[dict, batched_mil.Shape, list]]:
+    """(group, shape, chunk of jobs) for jobs grouped by shape group (JSON key), chunked as the protocol's trials."""
+    padded, lengths, _ = data
+    for key, jobs in by_group.items():
+        group = json.loads(key)
+        shape = model_shape(padded.shape[-1], group, protocol["pool_width"])
+        size = models_per_chunk(shape, group["batch_size"], int(lengths.max()), CHUNK_PARAMS, CHUNK_ACTIVATIONS)
+        for start in range(0, len(jobs), size):
+            yield group, shape, jobs[start:start + size]
+
+
 def refit_chosen(payload: dict, bags: list, inits: int = REFIT_INITS) -> list[dict]:
     """Standard nested CV refits the chosen config on the outer fold's whole training part before testing it;
     this protocol (as Hu et al.'s code) tests the model trained on inner-train. For every fold's chosen config
@@ -637,10 +659,7 @@ def refit_chosen(payload: dict, bags: list, inits: int = REFIT_INITS) -> list[di
     batch in the protocol's run (a batch's dropout masks draw from its first model's generator, which also
     shuffles that model's bags). One row per (seed, fold, arm, init)."""
     protocol = payload["protocol"]
-    config = {"mode": payload["map"], "map_params": payload["map_params"],
-              **{k: protocol[k] for k in ("weight_decay", "grad_clip", "precision")}}
-    padded, lengths, pad = batched_mil.pad_dataset([torch.from_numpy(np.array(x)) for x, _ in bags])
-    labels = torch.tensor([y for _, y in bags])
+    config, data, labels = _diagnostic_inputs(payload, bags)
     splits = {seed: cv_splits(labels.numpy(), protocol["n_folds"], seed, protocol["val_fraction"])
               for seed in sorted({r["seed"] for r in payload["folds"]})}
     by_group: dict[str, list] = {}
@@ -648,29 +667,24 @@ def refit_chosen(payload: dict, bags: list, inits: int = REFIT_INITS) -> list[di
         group = json.dumps(_protocol_group(protocol, record), sort_keys=True)
         by_group.setdefault(group, []).extend((record, arm, init) for arm in REFIT_ARMS for init in range(inits))
     rows = []
-    for key, jobs in by_group.items():
-        group = json.loads(key)
-        shape = model_shape(padded.shape[-1], group, protocol["pool_width"])
-        size = models_per_chunk(shape, group["batch_size"], int(lengths.max()), CHUNK_PARAMS, CHUNK_ACTIVATIONS)
-        for part in (jobs[i:i + size] for i in range(0, len(jobs), size)):
-            # dropout masks of a batch draw from its first model's generator: never a protocol's own model
-            part = sorted(part, key=lambda job: (job[1], job[2]) == ("inner_train", 0))
-            train = [np.concatenate([splits[r["seed"]][r["fold"]][s] for s in REFIT_ARMS[arm]]) for r, arm, _ in part]
-            gens = [torch.Generator().manual_seed(_stable_seed(r["seed"], r["fold"], r["variant"], group,
-                                                               config["mode"], *([init] if init else [])))
-                    for r, _, init in part]
-            history = fit_models(config, shape, (padded, lengths, pad), labels,
-                                 [group["variants"][r["variant"]] for r, _, _ in part], gens,
-                                 train_sets=[t.tolist() for t in train],
-                                 eval_sets={"test": [splits[r["seed"]][r["fold"]]["test"].tolist() for r, _, _ in part]},
-                                 standardize=[_standardization(padded, lengths, t) for t in train],
-                                 batch_size=group["batch_size"], epochs=max(r["best_epoch"] for r, _, _ in part))
-            rows += [{"seed": r["seed"], "fold": r["fold"], "arm": arm, "init": init, "epochs": r["best_epoch"],
-                      "test_auc": float(history["test_auc"][r["best_epoch"] - 1, i])} for i, (r, arm, init) in enumerate(part)]
+    for group, shape, part in _shape_chunks(by_group, protocol, data):
+        # dropout masks of a batch draw from its first model's generator: never a protocol's own model
+        part = sorted(part, key=lambda job: (job[1], job[2]) == ("inner_train", 0))
+        train = [np.concatenate([splits[r["seed"]][r["fold"]][s] for s in REFIT_ARMS[arm]]) for r, arm, _ in part]
+        gens = [torch.Generator().manual_seed(_stable_seed(r["seed"], r["fold"], r["variant"], group,
+                                                           config["mode"], *([init] if init else [])))
+                for r, _, init in part]
+        history = fit_models(config, shape, data, labels, [group["variants"][r["variant"]] for r, _, _ in part], gens,
+                             train_sets=[t.tolist() for t in train],
+                             eval_sets={"test": [splits[r["seed"]][r["fold"]]["test"].tolist() for r, _, _ in part]},
+                             standardize=[_standardization(data[0], data[1], t) for t in train],
+                             batch_size=group["batch_size"], epochs=max(r["best_epoch"] for r, _, _ in part))
+        rows += [{"seed": r["seed"], "fold": r["fold"], "arm": arm, "init": init, "epochs": r["best_epoch"],
+                  "test_auc": float(history["test_auc"][r["best_epoch"] - 1, i])} for i, (r, arm, init) in enumerate(part)]
     return sorted(rows, key=lambda row: (row["seed"], row["fold"], row["arm"], row["init"]))
 
 
-INNER_CV_FOLDS = 5  # --reselect: inner stratified folds of the outer training part
+INNER_CV_FOLDS = 5  # --inner_cv_top: inner stratified folds of the outer training part
 
 
 def experiment_records(payload: dict) -> list[dict]:
@@ -709,32 +723,24 @@ def inner_cv_choice(payload: dict, records: Sequence[dict], bags: list, top: int
     is chosen. Returns its protocol record per fold (``refit_chosen`` retrains it), with ``inner_cv_auc`` and
     ``protocol_rank``. No test data enters the choice."""
     protocol = payload["protocol"]
-    config = {"mode": payload["map"], "map_params": payload["map_params"],
-              **{k: protocol[k] for k in ("weight_decay", "grad_clip", "precision")}}
-    padded, lengths, pad = batched_mil.pad_dataset([torch.from_numpy(np.array(x)) for x, _ in bags])
-    labels = torch.tensor([y for _, y in bags])
+    config, data, labels = _diagnostic_inputs(payload, bags)
     by_group = _inner_cv_jobs(protocol, records, labels.numpy(), top, inner_folds)
     scores: dict[tuple, tuple] = {}  # (seed, fold, rank) -> (record, inner-fold AUCs, losses)
     total, done = sum(map(len, by_group.values())), 0
-    for key, jobs in by_group.items():
-        group = json.loads(key)
-        shape = model_shape(padded.shape[-1], group, protocol["pool_width"])
-        size = models_per_chunk(shape, group["batch_size"], int(lengths.max()), CHUNK_PARAMS, CHUNK_ACTIVATIONS)
-        for part in (jobs[i:i + size] for i in range(0, len(jobs), size)):
-            gens = [torch.Generator().manual_seed(_stable_seed(r["seed"], r["fold"], r["variant"], group, config["mode"],
-                                                               "inner", k)) for r, _, k, _, _ in part]
-            history = fit_models(config, shape, (padded, lengths, pad), labels,
-                                 [group["variants"][r["variant"]] for r, *_ in part], gens,
-                                 train_sets=[train.tolist() for *_, train, _ in part],
-                                 eval_sets={"val": [held.tolist() for *_, held in part]},
-                                 standardize=[_standardization(padded, lengths, train) for *_, train, _ in part],
-                                 batch_size=group["batch_size"], epochs=max(r["best_epoch"] for r, *_ in part))
-            for i, (r, rank, *_) in enumerate(part):
-                record, aucs, losses = scores.setdefault((r["seed"], r["fold"], rank), (r, [], []))
-                aucs.append(float(history["val_auc"][r["best_epoch"] - 1, i]))
-                losses.append(float(history["val_loss"][r["best_epoch"] - 1, i]))
-        done += len(jobs)
-        if done * 10 // total > (done - len(jobs)) * 10 // total:  # about every tenth of the work
+    for group, shape, part in _shape_chunks(by_group, protocol, data):
+        gens = [torch.Generator().manual_seed(_stable_seed(r["seed"], r["fold"], r["variant"], group, config["mode"],
+                                                           "inner", k)) for r, _, k, _, _ in part]
+        history = fit_models(config, shape, data, labels, [group["variants"][r["variant"]] for r, *_ in part], gens,
+                             train_sets=[train.tolist() for *_, train, _ in part],
+                             eval_sets={"val": [held.tolist() for *_, held in part]},
+                             standardize=[_standardization(data[0], data[1], train) for *_, train, _ in part],
+                             batch_size=group["batch_size"], epochs=max(r["best_epoch"] for r, *_ in part))
+        for i, (r, rank, *_) in enumerate(part):
+            _, aucs, losses = scores.setdefault((r["seed"], r["fold"], rank), (r, [], []))
+            aucs.append(float(history["val_auc"][r["best_epoch"] - 1, i]))
+            losses.append(float(history["val_loss"][r["best_epoch"] - 1, i]))
+        done += len(part)
+        if done * 10 // total > (done - len(part)) * 10 // total:  # about every tenth of the work
             print(f"inner CV: {done} of {total} trainings done", flush=True)
     chosen: dict[tuple, tuple] = {}
     for (seed, fold, rank), (record, aucs, losses) in scores.items():
