@@ -702,9 +702,11 @@ def _inner_cv_jobs(protocol: dict, records: Sequence[dict], labels: np.ndarray, 
     folds: dict[tuple, list[dict]] = {}
     for record in records:
         folds.setdefault((record["seed"], record["fold"]), []).append(record)
+    splits = {seed: cv_splits(labels, protocol["n_folds"], seed, protocol["val_fraction"])
+              for seed in {s for s, _ in folds}}
     by_group: dict[str, list] = {}
     for (seed, fold), rows in sorted(folds.items()):
-        split = cv_splits(labels, protocol["n_folds"], seed, protocol["val_fraction"])[fold]
+        split = splits[seed][fold]
         rest = np.sort(np.concatenate([split["train"], split["val"]]))
         inner = stratified_folds(labels[rest], inner_folds, np.random.default_rng([seed, 2, fold]))
         for rank, record in enumerate(sorted(rows, key=_choice_order)[:top]):
