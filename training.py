@@ -232,12 +232,13 @@ def full_precision(t: Tensor) -> Tensor:
 
 
 def git_commit() -> str:
-    """HEAD of this repository, with '+dirty' when tracked files other than results (``results/``, ``imgs/``,
-    which a sweep itself rewrites) differ from it ('unknown' outside git)."""
+    """HEAD of this repository, with '+dirty' when tracked files other than what a run itself rewrites
+    (``results/``, ``imgs/`` and the README's generated blocks) differ from it ('unknown' outside git)."""
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO_DIR, capture_output=True, text=True, check=True).stdout.strip()
     try:
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results", ":!imgs")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results", ":!imgs",
+                      ":!README.md")
         return git("rev-parse", "HEAD") + ("+dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

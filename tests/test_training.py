@@ -217,3 +217,25 @@ def test_sweep_through_ray_address_and_local_runs_stay_private(ray_cluster, tmp_
     assert "Started a local Ray instance" not in outputs["cluster"]
     assert "Started a local Ray instance" in outputs["local"]
     assert "Connecting to existing Ray cluster" not in outputs["local"]
+
+
+def test_git_commit_marks_code_changes_but_not_what_a_run_rewrites(tmp_path, monkeypatch):
+    def git(*cmd: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=tmp_path, check=True,
+                       capture_output=True)
+    (tmp_path / "results").mkdir()
+    files = {"model.py": "x = 1\n", "README.md": "# r\n", "results/a.json": "{}\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    monkeypatch.setattr(training, "REPO_DIR", tmp_path)
+    (tmp_path / "README.md").write_text("# rewritten block\n")
+    (tmp_path / "results/a.json").write_text('{"auc": 1}\n')
+    (tmp_path / "new_untracked.py").write_text("y = 2\n")
+    assert training.git_commit() == head
+    (tmp_path / "model.py").write_text("x = 2\n")
+    assert training.git_commit() == head + "+dirty"
