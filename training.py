@@ -232,8 +232,9 @@ def full_precision(t: Tensor) -> Tensor:
 
 
 def git_commit() -> str:
-    """HEAD of this repository, with '+dirty' when tracked files other than what a run itself rewrites
-    (``results/``, ``imgs/`` and the README's generated blocks) differ from it ('unknown' outside git)."""
+    """HEAD of this repository, with '+dirty' when tracked files other than those a run itself rewrites
+    (``results/``, ``imgs/`` and README.md, whose blocks ``--report`` writes) differ from it ('unknown' outside
+    git)."""
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO_DIR, capture_output=True, text=True, check=True).stdout.strip()
     try:

@@ -220,9 +220,9 @@ def test_sweep_through_ray_address_and_local_runs_stay_private(ray_cluster, tmp_
 
 
 def test_git_commit_marks_code_changes_but_not_what_a_run_rewrites(tmp_path, monkeypatch):
-    def git(*cmd: str) -> None:
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=tmp_path, check=True,
-                       capture_output=True)
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
     (tmp_path / "results").mkdir()
     files = {"model.py": "x = 1\n", "README.md": "# r\n", "results/a.json": "{}\n"}
     for name, text in files.items():
@@ -230,8 +230,7 @@ def test_git_commit_marks_code_changes_but_not_what_a_run_rewrites(tmp_path, mon
     git("init", "-q")
     git("add", ".")
     git("commit", "-qm", "init")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = git("rev-parse", "HEAD")
     monkeypatch.setattr(training, "REPO_DIR", tmp_path)
     (tmp_path / "README.md").write_text("# rewritten block\n")
     (tmp_path / "results/a.json").write_text('{"auc": 1}\n')
