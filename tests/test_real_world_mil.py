@@ -924,3 +924,23 @@ def test_readme_fox_explanation_holds_for_the_committed_results(mode):
     inner_cv = _committed_real_world("fox", mode, "_inner_cv_top16")["summary"]
     assert abs(inner_cv["train_val"]["mean"] - summary["auc_mean"]) < summary["auc_std"]
     assert inner_cv["train_val"]["mean"] < published
+
+
+@pytest.mark.parametrize("mode", ["sparse", "standard"])
+def test_readme_ucsb_explanation_holds_for_the_committed_results(mode):
+    """The README's 'Why UCSB lands below the published AUC' orderings: the 10-bag validation split saturates
+    (chosen val AUC near 1, about a hundred near-ties), val/test ranks correlate weakly, the refit helps the
+    standard mode only, no refit reaches the published AUC, and the hindsight ceiling lies below it by more
+    than its std."""
+    protocol = _committed_real_world("ucsb", mode)
+    selection = protocol["selection"]
+    published = rw.PUBLISHED_AUC["ucsb"][0]
+    assert selection["chosen_val_auc"]["mean"] > 99
+    assert selection["near_best_configs"]["mean"] >= 80
+    assert selection["val_test_spearman"]["mean"] < 0.5
+    ceiling = selection["global_hindsight_test_auc"]
+    assert ceiling["mean"] + ceiling["std"] < published
+    gain = _committed_real_world("ucsb", mode, "")["summary"]["gain"]
+    assert (gain["mean"] > gain["std"]) == (mode == "standard")
+    for refit in ("", "_inner_cv_top16"):
+        assert _committed_real_world("ucsb", mode, refit)["summary"]["train_val"]["mean"] < published
