@@ -597,6 +597,12 @@ def results_stem(dataset: str, mode: str, search: str, num_samples: int) -> str:
     return f"{dataset}_{mode}{suffix}"
 
 
+def refit_path(results_dir: str | Path, stem: str, inner_cv_top: int | None) -> Path:
+    """Where ``--refit`` writes: ``<results_dir>/refit/<stem>.json``, or ``<stem>_inner_cv_top<N>.json``."""
+    suffix = "" if inner_cv_top is None else f"_inner_cv_top{inner_cv_top}"
+    return Path(results_dir) / "refit" / f"{stem}{suffix}.json"
+
+
 def write_results(path_stem: Path, payload: dict) -> list[Path]:
     """``<stem>.json`` (everything) and ``<stem>.csv`` (one row per seed x fold: chosen config, metrics)."""
     path_stem.parent.mkdir(parents=True, exist_ok=True)
@@ -811,7 +817,7 @@ def run_refit(args: argparse.Namespace, mode: str) -> dict:
            "precision": payload["protocol"]["precision"],
            "wall_time_s": time.time() - start, "git_commit": training.git_commit(), "cpu": training.cpu_model(),
            "chosen": chosen, "rows": rows}
-    path = Path(args.results_dir) / "refit" / f"{stem}{'' if top is None else f'_inner_cv_top{top}'}.json"
+    path = refit_path(args.results_dir, stem, top)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     s = out["summary"]

@@ -880,15 +880,20 @@ def test_inner_cv_choice_takes_the_best_mean_inner_fold_auc(monkeypatch):
         assert c["variant"] == max((r["variant"] for r in ranked), key=inner_auc.get)
 
 
-def _committed_real_world(dataset: str, mode: str, refit: str | None = None) -> dict:
-    """The committed full-protocol result of dataset/mode, or its refit diagnostic (refit='': the protocol's
-    choice refit, '_inner_cv_top16': the inner-CV choice refit)."""
+def _committed_real_world(dataset: str, mode: str) -> dict:
+    """The committed full-protocol (``--search hu``) result of dataset/mode."""
     import training
 
-    results = training.REPO_DIR / "results" / "real_world_mil"
-    name = f"{dataset}_{mode}{refit or ''}.json"
-    path = results / name if refit is None else results / "refit" / name
-    return json.loads(path.read_text())
+    stem = rw.results_stem(dataset, mode, "hu", 0)
+    return json.loads((training.REPO_DIR / "results" / "real_world_mil" / f"{stem}.json").read_text())
+
+
+def _committed_refit(dataset: str, mode: str, inner_cv_top: int | None = None) -> dict:
+    """The committed ``--refit`` diagnostic of that result (of the inner-CV choice with ``inner_cv_top``)."""
+    import training
+
+    stem = rw.results_stem(dataset, mode, "hu", 0)
+    return json.loads(rw.refit_path(training.REPO_DIR / "results" / "real_world_mil", stem, inner_cv_top).read_text())
 
 
 @pytest.mark.parametrize("mode", ["sparse", "standard"])
@@ -904,9 +909,9 @@ def test_readme_elephant_explanation_holds_for_the_committed_results(mode):
     assert selection["near_best_configs"]["mean"] >= 24
     ceiling = selection["global_hindsight_test_auc"]
     assert ceiling["mean"] + ceiling["std"] < published
-    refit = _committed_real_world("elephant", mode, "")["summary"]
+    refit = _committed_refit("elephant", mode)["summary"]
     assert abs(refit["gain"]["mean"]) < summary["auc_std"]
-    inner_cv = _committed_real_world("elephant", mode, "_inner_cv_top16")["summary"]
+    inner_cv = _committed_refit("elephant", mode, 16)["summary"]
     assert inner_cv["train_val"]["mean"] < published
 
 
@@ -921,7 +926,7 @@ def test_readme_fox_explanation_holds_for_the_committed_results(mode):
     assert selection["val_test_spearman"]["mean"] < 0.5
     assert abs(selection["chosen_test_auc"]["mean"] - selection["median_test_auc"]["mean"]) < summary["auc_std"]
     assert selection["global_hindsight_test_auc"]["mean"] > published
-    inner_cv = _committed_real_world("fox", mode, "_inner_cv_top16")["summary"]
+    inner_cv = _committed_refit("fox", mode, 16)["summary"]
     assert abs(inner_cv["train_val"]["mean"] - summary["auc_mean"]) < summary["auc_std"]
     assert inner_cv["train_val"]["mean"] < published
 
@@ -940,7 +945,7 @@ def test_readme_ucsb_explanation_holds_for_the_committed_results(mode):
     assert selection["val_test_spearman"]["mean"] < 0.5
     ceiling = selection["global_hindsight_test_auc"]
     assert ceiling["mean"] + ceiling["std"] < published
-    gain = _committed_real_world("ucsb", mode, "")["summary"]["gain"]
+    gain = _committed_refit("ucsb", mode)["summary"]["gain"]
     assert (gain["mean"] > gain["std"]) == (mode == "standard")
-    for refit in ("", "_inner_cv_top16"):
-        assert _committed_real_world("ucsb", mode, refit)["summary"]["train_val"]["mean"] < published
+    for inner_cv_top in (None, 16):
+        assert _committed_refit("ucsb", mode, inner_cv_top)["summary"]["train_val"]["mean"] < published
