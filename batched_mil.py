@@ -20,7 +20,9 @@ with ``layers.HopfieldPooling``) for each model m:
 
 (``test_real_world_mil.py`` checks batched forward == M separate reference forwards, and one
 optimizer step == torch.optim.AdamW + clip_grad_norm_ per model.) The normalization y_Omega is
-``sparsemax.get_map(mode)``, the same map ``layers.Hopfield`` uses.
+``sparsemax.get_map(mode)``, the same map ``layers.Hopfield`` uses. A training step pads its bags to the
+longest one (``BagGatherer``), or, for bags of very different lengths, passes only the real instances
+through the embedding, bag dropout and LN (``RaggedBagGatherer``, ``RaggedBags``; tested equal to float rounding).
 """
 from __future__ import annotations
 
@@ -318,19 +320,55 @@ class BatchedBagClassifier(nn.Module):
             h = torch.relu(F.max_pool2d(h, 2))
         return h.reshape(b * n, m, -1).transpose(0, 1).reshape(m, b, n, -1)
 
-    def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:
-        """x (M, B, N, d_in) instances (``lenet``: (M, B, N, 28, 28) images), pad (M, B, N) True = padding
-        -> logits (M, B). Padded instances are encoded too; their pooling weight is exactly 0."""
+    def _embed(self, x: Tensor) -> Tensor:
+        """Pooling input of padded bags: norm_in(bag dropout(encoder(x))), x (M, B, N, d_in) -> (M, B, N, w);
+        padded instances are encoded too (their pooling weight is exactly 0)."""
         h = self._lenet(x) if self.shape.lenet else x
         for i in range(self.shape.emb_layers):
             h = torch.relu(self._linear(h, f"enc{i}"))
         if self.shape.emb_proj:
             h = self._linear(h, f"enc{self.shape.emb_layers}")
-        if self.training and bool((self.bag_dropout_p > 0).any()):  # bag dropout (InstanceDropout per model)
-            p = self.bag_dropout_p.view(-1, 1, 1)
-            keep = torch.rand(h.shape[:-1], generator=self.generator, dtype=h.dtype, device=h.device) >= p
-            h = h * keep.unsqueeze(-1) / (1 - p).unsqueeze(-1)
-        h = self._layer_norm(h, "norm_in")
+        return self._layer_norm(self._bag_dropout(h), "norm_in")
+
+    def _embed_ragged(self, bags: "RaggedBags") -> Tensor:
+        """The same of only the real instances: model m's rows x_m (``bags.counts[m]``, d_in) go through its
+        own layers (x_m W_m + b_m, one matmul per model and layer instead of one batched matmul over padded
+        bags), bag dropout and norm_in; the rows are then placed at ``bags.slot`` in (M, B, N, w), 0 at padding."""
+        if self.shape.lenet:
+            raise ValueError("ragged bags hold feature vectors; LeNet shapes take padded image bags")
+        names = [f"enc{i}" for i in range(self.shape.emb_layers + int(self.shape.emb_proj))]
+        layers = [(self.p(f"{n}.w").unbind(0), self.p(f"{n}.b").unbind(0)) for n in names]
+        rows = []
+        for m, h in enumerate(bags.x.split(bags.counts)):
+            for i, (weights, biases) in enumerate(layers):
+                h = torch.addmm(biases[m], h, weights[m])
+                h = torch.relu(h) if i < self.shape.emb_layers else h
+            rows.append(h)
+        h = self._bag_dropout(torch.cat(rows), bags.slot)
+        owner = torch.repeat_interleave(torch.arange(len(bags.counts), device=h.device),
+                                        torch.tensor(bags.counts, device=h.device))  # the model of each row
+        h = F.layer_norm(h, h.shape[-1:], eps=1e-5) * self.p("norm_in.w")[owner] + self.p("norm_in.b")[owner]
+        h = torch.cat([h, h.new_zeros(1, self.shape.width)])  # the row every padding slot reads
+        return h.index_select(0, bags.slot.reshape(-1)).view(*bags.slot.shape, self.shape.width)
+
+    def _bag_dropout(self, h: Tensor, slot: Tensor | None = None) -> Tensor:
+        """Training: instance embedding n of bag b of model m zeroed whole with rate r_m, kept ones x 1/(1 - r_m)
+        (``InstanceDropout`` per model); h (M, B, N, w), or ragged rows (R, w) placed by ``slot`` (M, B, N):
+        the mask is drawn over (M, B, N) either way, so both layouts drop the same instances."""
+        if not self.training or not bool((self.bag_dropout_p > 0).any()):
+            return h
+        grid = h.shape[:-1] if slot is None else slot.shape
+        p = self.bag_dropout_p.view(-1, 1, 1)
+        keep = torch.rand(grid, generator=self.generator, dtype=h.dtype, device=h.device) >= p
+        if slot is None:
+            return h * keep.unsqueeze(-1) / (1 - p).unsqueeze(-1)
+        real = slot < h.shape[0]
+        return h * keep[real].unsqueeze(-1) / (1 - p.expand(grid)[real]).unsqueeze(-1)
+
+    def forward(self, x: Tensor | "RaggedBags", pad: Tensor | None = None) -> Tensor:
+        """x (M, B, N, d_in) instances (``lenet``: (M, B, N, 28, 28) images) or their ``RaggedBags``,
+        pad (M, B, N) True = padding -> logits (M, B)."""
+        h = self._embed_ragged(x) if isinstance(x, RaggedBags) else self._embed(x)
         pooled = self.pool(h, pad)
         return self._linear(self._layer_norm(F.gelu(pooled), "norm_out"), "head").squeeze(-1)
 
@@ -615,6 +653,65 @@ class BagGatherer:
         return x.view(m, b, n, d), self.pad[:, :n][idx]
 
 
+@dataclass(frozen=True)
+class RaggedBags:
+    """Instances of M models' bag batches (M, B) without padding: ``x`` (R, d) holds model 0's rows, then
+    model 1's, ... (``counts[m]`` rows each: its bags in order, each bag's instances in order); ``slot``
+    (M, B, N) is the row of x holding instance n of bag b, R at padding (``BatchedBagClassifier._embed_ragged``)."""
+
+    x: Tensor
+    counts: list[int]
+    slot: Tensor
+
+
+class RaggedBagGatherer:
+    """``BagGatherer`` without padding rows: bags idx (M', B) -> (``RaggedBags``, pad (M', B, N)), the same
+    standardized values (the same element-wise ops), for data whose bags differ much in length.
+
+        table_u = (instances - mean_u) / std_u   (n_instances, d), built once per distinct (mean, std) row
+        (``max_bytes`` bounds the tables, else each call standardizes its rows)
+    """
+
+    def __init__(self, data: tuple[Tensor, Tensor, Tensor], standardize: tuple[Tensor, Tensor] | None = None,
+                 max_bytes: float = 2 ** 28) -> None:
+        padded, self.lengths, self.pad = data
+        if padded.dim() != 3:
+            raise ValueError(f"ragged bags need feature vectors (n_bags, N, d), got shape {tuple(padded.shape)}")
+        self.instances = padded[~self.pad]  # (n_instances, d), bag by bag
+        self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
+        self.standardize, self.group, self.table = standardize, None, None
+        if standardize is None:
+            return
+        mean, std = standardize
+        rows, group = torch.unique(torch.cat([mean, std], 1), dim=0, return_inverse=True)
+        size = rows.shape[0] * self.instances.numel() * torch.promote_types(padded.dtype, mean.dtype).itemsize
+        if size <= max_bytes:
+            d = self.instances.shape[1]
+            self.table = ((self.instances - rows[:, None, :d]) / rows[:, None, d:]).reshape(-1, d)
+            self.group = group
+
+    def __call__(self, idx: Tensor, models: Tensor | None = None) -> tuple[RaggedBags, Tensor]:
+        """Row j of idx belongs to model ``models[j]`` (default: model j)."""
+        m, b = idx.shape
+        n = int(self.lengths[idx].max())
+        pad = self.pad[:, :n][idx]
+        real = ~pad
+        source = (self.offsets[idx].unsqueeze(-1) + torch.arange(n, device=idx.device))[real]
+        counts = real.reshape(m, -1).sum(1)
+        slot = torch.full((m, b, n), len(source), dtype=torch.long, device=idx.device)
+        slot[real] = torch.arange(len(source), device=idx.device)
+        owner = torch.repeat_interleave(torch.arange(m, device=idx.device), counts)  # model of each row
+        models = owner if models is None else models[owner]
+        if self.table is not None:
+            x = self.table[self.group[models] * len(self.instances) + source]
+        elif self.standardize is not None:
+            mean, std = self.standardize
+            x = (self.instances[source] - mean[models]) / std[models]
+        else:
+            x = self.instances[source]
+        return RaggedBags(x, counts.tolist(), slot), pad
+
+
 def batched_auc(scores: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
     """ROC AUC per row: P(s_pos > s_neg) + 1/2 P(s_pos = s_neg) over valid entries (Mann-Whitney).
 
@@ -714,14 +811,16 @@ def train_batched(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tenso
                   standardize: tuple[Tensor, Tensor] | None = None,
                   on_epoch: Callable[[int, dict], None] | None = None,
                   stopping: Stopping = Stopping(), groups: Tensor | None = None,
-                  precision: str = "fp32") -> dict[str, Tensor]:
+                  precision: str = "fp32", ragged: bool = False) -> dict[str, Tensor]:
     """Train model m on bags ``train_sets[m]`` (own shuffle from ``generators[m]``) with BCE-with-logits,
     AdamW(lr_m, weight_decay) + clip, lr_m <- lr_m * lr_decay_m after every epoch (Hu et al.); after
     each epoch evaluate every set of ``eval_sets`` (e.g. val, test) in eval mode. ``standardize``:
     per-model feature (mean, std), see ``gather_bags``; dropout draws from ``generators[0]``.
     ``stopping`` (early stopping, successive halving within ``groups``; it reads the ``val`` set only)
     removes stopped models from the stacked computation; their later epochs are NaN. ``precision``:
-    autocast of the forward pass (``training.autocast``).
+    autocast of the forward pass (``training.autocast``). ``ragged``: the encoder sees only the real
+    instances (``RaggedBagGatherer``; the same function up to float rounding, faster where bags differ much
+    in length), else padded bags (``BagGatherer``).
 
     Returns a dict of (epochs, M) tensors ``<set>_<loss|acc|auc>``.
     """
@@ -737,7 +836,7 @@ def train_batched(model: BatchedBagClassifier, data: tuple[Tensor, Tensor, Tenso
         raise ValueError("early stopping / halving need a 'val' entry in eval_sets")
     groups = torch.zeros(m_total, dtype=torch.long) if groups is None else torch.as_tensor(groups)
     optimizer = BatchedAdamW(list(model.parameters()), lr, weight_decay, grad_clip=grad_clip)
-    gather = BagGatherer(data, standardize)
+    gather = (RaggedBagGatherer if ragged else BagGatherer)(data, standardize)
     decay = lr_decay.to(optimizer.lr)
     train_table = [torch.as_tensor(list(s), dtype=torch.long) for s in train_sets]
     eval_sets = {name: list(sets) for name, sets in eval_sets.items()}

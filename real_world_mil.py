@@ -270,6 +270,15 @@ def _standardization(padded: torch.Tensor, lengths: torch.Tensor, bags: np.ndarr
 
 
 CHUNK_PARAMS, CHUNK_ACTIVATIONS = 3e6, 1e8  # defaults of --chunk_params / --chunk_activations
+BAG_LAYOUTS = ("auto", "padded", "ragged")
+RAGGED_FROM = 4.0  # --bag_layout auto: ragged where the longest bag holds this many times the mean bag's instances
+
+
+def auto_bag_layout(bags: list) -> str:
+    """ragged where padding dominates a padded batch (longest bag / mean bag >= ``RAGGED_FROM``: Musk1 7.7,
+    Musk2 16.1; Fox, Tiger, Elephant, UCSB <= 2.2), else padded (``batched_mil.RaggedBagGatherer``)."""
+    lengths = np.array([len(x) for x, _ in bags])
+    return "ragged" if lengths.max() >= RAGGED_FROM * lengths.mean() else "padded"
 
 
 def models_per_chunk(shape: batched_mil.Shape, batch_size: int, max_bag: int, chunk_params: float,
@@ -332,7 +341,7 @@ def fit_models(config: dict, shape: batched_mil.Shape, data: tuple, labels: torc
                groups: torch.Tensor | None = None, device: torch.device = torch.device("cpu")) -> dict:
     """Model m (hyperparameters ``variants[m]``, init from ``generators[m]``) trained on ``train_sets[m]``,
     features standardized by ``standardize[m]`` = (mean, std), as one batched model of ``shape`` with the trial
-    config's map, weight decay, clipping and precision; ``batched_mil.train_batched``'s history, on the CPU."""
+    config's map, weight decay, clipping, precision and bag layout; ``batched_mil.train_batched``'s history, on the CPU."""
     tensor = lambda key: torch.tensor([float(var[key]) for var in variants])  # noqa: E731
     bag_dropout = tensor("bag_dropout") if "bag_dropout" in variants[0] else None
     model = batched_mil.BatchedBagClassifier.initialized(shape, config["mode"], tensor("scale"), tensor("dropout"),
@@ -343,7 +352,7 @@ def fit_models(config: dict, shape: batched_mil.Shape, data: tuple, labels: torc
         weight_decay=config["weight_decay"], grad_clip=config["grad_clip"], generators=generators,
         standardize=(torch.stack([m for m, _ in standardize]).to(device),
                      torch.stack([s for _, s in standardize]).to(device)),
-        stopping=stopping, groups=groups, precision=config["precision"])
+        stopping=stopping, groups=groups, precision=config["precision"], ragged=config.get("bag_layout") == "ragged")
     return {k: v.cpu() for k, v in history.items()}
 
 
@@ -638,7 +647,8 @@ def _diagnostic_inputs(payload: dict, bags: list) -> tuple[dict, tuple, torch.Te
     trial config for ``fit_models``), the padded bags (padded, lengths, pad) and the labels."""
     protocol = payload["protocol"]
     config = {"mode": payload["map"], "map_params": payload["map_params"],
-              **{k: protocol[k] for k in ("weight_decay", "grad_clip", "precision")}}
+              **{k: protocol[k] for k in ("weight_decay", "grad_clip", "precision")},
+              **{k: protocol[k] for k in ("bag_layout",) if k in protocol}}
     data = batched_mil.pad_dataset([torch.from_numpy(np.array(x)) for x, _ in bags])
     return config, data, torch.tensor([y for _, y in bags])
 
@@ -1104,6 +1114,11 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--halving_keep", type=training.open_fraction, default=1 / 3,
                       help="share of configs kept at each rung, in (0, 1) (default 1/3)")
     training.add_precision_arg(parser)  # auto = fp32 on the CPU here (measured faster), bf16 on a bf16 GPU
+    parser.add_argument("--bag_layout", choices=BAG_LAYOUTS, default="auto",
+                        help="padded: every bag of a training step padded to the longest; ragged: the instance "
+                             "encoder sees only the real instances (the same model up to float rounding; faster "
+                             "where bag lengths differ much); auto (default): ragged for data whose longest bag "
+                             f"holds >= {RAGGED_FROM:g}x the mean bag's instances (Musk1, Musk2), else padded")
     parser.add_argument("--chunk_params", type=training.positive_float, default=CHUNK_PARAMS,
                         help="max parameters of one batched model (models per chunk = this / model size); "
                              "~1-3M is fastest on CPU (cache), see bench/bench_real_world.py")
@@ -1220,7 +1235,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     except ValueError as error:
         parser.error(str(error))
     training.check_ray_args(args)
-    training_data(args.dataset, args.data_dir)  # a missing or corrupt file fails here, named, before Ray starts
+    bags = training_data(args.dataset, args.data_dir)  # a missing or corrupt file fails here, named, before Ray starts
+    if args.bag_layout == "auto":
+        args.bag_layout = auto_bag_layout(bags)
     return args
 
 
@@ -1246,6 +1263,8 @@ def protocol_of(args: argparse.Namespace, mode: str, bags: list) -> dict:
                     halving_rungs=list(args.halving_rungs), data=dataset_digest(bags))
     if args.search == "ramsauer":  # keys of this search only: the other searches' protocols stay as committed
         protocol.update(space={k: RAMSAUER_GRID[k] for k in sorted(RAMSAUER_GRID)}, bag_dropout=BAG_DROPOUT)
+    if args.bag_layout == "ragged":  # as above: padded protocols (and their trial files) stay as committed
+        protocol.update(bag_layout="ragged")
     return protocol
 
 
@@ -1269,7 +1288,7 @@ def trial_configs(args: argparse.Namespace, mode: str) -> list[dict]:
              "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "pool_width": args.pool_width,
              "chunk_params": args.chunk_params, "chunk_activations": args.chunk_activations,
              "precision": args.precision, "patience": args.patience, "halving_rungs": list(args.halving_rungs),
-             "halving_keep": args.halving_keep}
+             "halving_keep": args.halving_keep, **({"bag_layout": "ragged"} if args.bag_layout == "ragged" else {})}
     return [{**fixed, "group": group, "seed": args.seed + r} for r in range(args.n_seeds) for group in groups]
 
 
@@ -1291,7 +1310,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     n_configs = sum(len(g["variants"]) for g in group_by_shape(search_configs(args.search, args.num_samples, args.seed)))
     print(f"[{args.dataset}/{mode}] {n_configs} configs x {args.n_seeds} repetitions x {args.n_folds} folds = "
           f"{n_configs * args.n_seeds * args.n_folds} trainings in {len(configs)} Ray trials "
-          f"(precision {args.precision}, patience {args.patience}, halving rungs {list(args.halving_rungs)} keep "
+          f"(precision {args.precision}, {args.bag_layout} bags, patience {args.patience}, halving rungs {list(args.halving_rungs)} keep "
           f"{args.halving_keep:.3g}; {training.repo_relative(trial_dir)})")
     start = time.time()
     trials = training.run_trials(ray_trainable, configs, args, trial_dir, label=trial_label, params={"bags": bags})

@@ -40,7 +40,27 @@ def test_bench_lenet_smoke_compares_both_layouts(tmp_path, load_bench):
     assert "| K-MIL training step" in (tmp_path / "bench_lenet.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["bench_deq", "bench_engine", "bench_fixed_point_modes", "bench_lenet", "bench_maps",
+def test_bench_bag_layout_smoke_times_both_layouts(tmp_path, load_bench):
+    """bench_bag_layout's quick setting times both layouts on one dataset (no timing is asserted)."""
+    result = load_bench("bench_bag_layout").main(["--quick", "--datasets", "musk1", "--max_models", "4",
+                                                  "--out_dir", str(tmp_path)])
+    (row,) = result["rows"]
+    assert row["dataset"] == "musk1" and row["models"] == 4 and row["auto_layout"] == "ragged"
+    assert row["speedup"] == row["padded_s"] / row["ragged_s"] > 0 and row["val_loss_max_abs_diff"] < 1e-4
+    assert "| musk1 | 4 | 7.7 | ragged |" in (tmp_path / "bench_bag_layout.md").read_text()
+
+
+def test_readme_bag_layout_claims_hold_for_the_committed_bench():
+    """The README's reading of the committed bench_bag_layout run: ragged pays on Musk2, costs on the datasets
+    that --bag_layout auto keeps padded, and breaks even (within 10 %) on Musk1."""
+    rows = {r["dataset"]: r for r in json.loads((REPO_DIR / "results/bench/bench_bag_layout.json").read_text())["rows"]}
+    assert set(rows) == {"fox", "tiger", "elephant", "ucsb", "musk1", "musk2"}
+    assert rows["musk2"]["speedup"] > 2 and 0.9 < rows["musk1"]["speedup"] < 1.1
+    assert all(r["speedup"] < 1 for r in rows.values() if r["auto_layout"] == "padded")
+    assert {d for d, r in rows.items() if r["auto_layout"] == "ragged"} == {"musk1", "musk2"}
+
+
+@pytest.mark.parametrize("name", ["bench_bag_layout", "bench_deq", "bench_engine", "bench_fixed_point_modes", "bench_lenet", "bench_maps",
                                   "bench_mil_epoch"])
 def test_quick_settings_never_write_over_the_committed_results(name, load_bench):
     """--quick writes under results/quick/ (git-ignored), not over the full runs committed in results/bench/."""

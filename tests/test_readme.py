@@ -29,7 +29,7 @@ def test_readme_tables_are_regenerated_from_the_committed_results(load_bench):
     import training
 
     results = README.parent / "results"
-    benches = ("bench_engine", "bench_lenet", "bench_maps", "bench_mil_epoch", "bench_deq", "bench_fixed_point_modes",
+    benches = ("bench_bag_layout", "bench_engine", "bench_lenet", "bench_maps", "bench_mil_epoch", "bench_deq", "bench_fixed_point_modes",
                "bench_real_world")
     expected = {**{name: load_bench(name).committed_report() for name in benches}, "kmil_table": mm.kmil_report(results),
                 "mnist_mil_table": mm.bag_report(results),

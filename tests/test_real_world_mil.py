@@ -211,6 +211,84 @@ def test_bag_gatherer_equals_gather_bags(max_bytes):
     assert torch.equal(bm.BagGatherer(data)(idx)[0], bm.gather_bags(data, idx)[0])  # no standardization
 
 
+def _uneven_bags(seed: int, n: int, d: int) -> list[torch.Tensor]:
+    """Bags of 1 to 40 instances, most short (as Musk2: the padding dominates a padded batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [int(x) for x in torch.randint(1, 6, (n,), generator=gen)]
+    lengths[::7] = [40] * len(lengths[::7])
+    return [torch.randn(k, d, generator=gen) for k in lengths]
+
+
+@pytest.mark.parametrize("max_bytes", [2 ** 28, 0])
+def test_ragged_gatherer_holds_the_padded_batch_without_its_padding(max_bytes):
+    """Every real instance of the padded batch (same standardized values, bit for bit) is a row of the
+    ragged batch, at its slot, model by model in bag order; padding slots point past the last row."""
+    data = bm.pad_dataset(_uneven_bags(0, 25, 5))
+    gen = torch.Generator().manual_seed(1)
+    folds = torch.tensor([0, 1, 1, 2, 0, 2])
+    mean, std = torch.randn(3, 5, generator=gen)[folds], (torch.rand(3, 5, generator=gen) + 0.5)[folds]
+    ragged = bm.RaggedBagGatherer(data, (mean, std), max_bytes=max_bytes)
+    assert (ragged.table is None) == (max_bytes == 0)
+    for models in (None, torch.tensor([5, 0, 3])):
+        idx = torch.randint(0, 25, (6 if models is None else 3, 4), generator=gen)
+        bags, pad = ragged(idx, models)
+        x_ref, pad_ref = bm.BagGatherer(data, (mean, std))(idx, models)
+        assert torch.equal(pad, pad_ref)
+        assert bags.counts == (~pad).reshape(len(idx), -1).sum(1).tolist() and len(bags.x) == sum(bags.counts)
+        assert torch.equal(bags.x[bags.slot[~pad]], x_ref[~pad]) and (bags.slot[pad] == len(bags.x)).all()
+        assert torch.equal(bags.slot[~pad], torch.arange(len(bags.x)))  # model-major, bag by bag, in order
+    bags, _ = bm.RaggedBagGatherer(data)(idx)
+    assert torch.equal(bags.x, data[0][idx][~data[2][idx]])  # no standardization
+
+
+def test_ragged_forward_and_gradients_equal_the_padded_ones():
+    """The ragged layout computes the padded model's function: logits and every parameter's gradient
+    agree to float rounding, in training mode with attention and bag dropout (the same masks)."""
+    data = bm.pad_dataset(_uneven_bags(2, 30, 6))
+    idx = torch.randint(0, 30, (4, 4), generator=torch.Generator().manual_seed(3))
+    shape = bm.Shape(6, 8, 2, 5, 2, head_dim=3)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    model = bm.BatchedBagClassifier.initialized(shape, "sparsemax", torch.tensor([0.1, 1.0, 10.0, 1.0]),
+                                                torch.tensor([0.0, 0.5, 0.0, 0.5]), gens,
+                                                bag_dropout=torch.tensor([0.0, 0.0, 0.75, 0.5]))
+    results = []
+    for gather in (bm.BagGatherer(data), bm.RaggedBagGatherer(data)):
+        model.zero_grad()
+        model.generator = torch.Generator().manual_seed(7)
+        logits = model(*gather(idx))
+        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+        results.append((logits.detach(), {n: model.p(n).grad.clone() for n in model.names}))
+    (padded, grads), (ragged, ragged_grads) = results
+    torch.testing.assert_close(ragged, padded, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(ragged_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(float(g.abs().sum()) > 0 for n, g in grads.items() if n.startswith("enc"))
+
+
+def test_ragged_training_follows_the_padded_training():
+    bags = _uneven_bags(4, 40, 5)
+    labels = torch.tensor([int(b[:, 0].max() > 1.0) for b in bags])
+    data = bm.pad_dataset(bags)
+    sets = [list(range(0, 30)), list(range(10, 40))]
+
+    def run(ragged):
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(2)]
+        model = bm.BatchedBagClassifier.initialized(bm.Shape(5, 8, 1, 8, 2), "softmax", torch.ones(2),
+                                                    torch.zeros(2), gens)
+        return bm.train_batched(model, data, labels, sets, {"val": [list(range(30, 40)), list(range(0, 10))]},
+                                torch.full((2,), 1e-2), torch.full((2,), 0.98), epochs=3, generators=gens,
+                                ragged=ragged)
+
+    torch.testing.assert_close(run(True)["val_loss"], run(False)["val_loss"], rtol=1e-4, atol=1e-5)
+
+
+def test_ragged_bags_reject_image_bags():
+    lengths = torch.tensor([2, 3])
+    images = (torch.zeros(2, 3, 28, 28), lengths, torch.arange(3)[None] >= lengths[:, None])
+    with pytest.raises(ValueError, match="feature vectors"):
+        bm.RaggedBagGatherer(images)
+
+
 def test_models_do_not_interact_in_a_batch():
     """Training model 0 together with others gives the same history as training it alone."""
     gen = torch.Generator().manual_seed(0)
@@ -635,6 +713,46 @@ def test_committed_real_world_sweeps_reopen_with_the_current_code():
                               "--num_samples", str(stored["num_samples"])])  # the README's sample count
         protocol = rw.protocol_of(args, mode, rw.training_data(dataset))
         assert training._canonical(protocol) == stored, path.name
+
+
+@pytest.mark.parametrize("dataset", rw.DATASETS)
+def test_bag_layout_auto_is_ragged_for_musk_only_and_recorded_only_when_ragged(dataset):
+    """auto: ragged where the longest bag holds >= RAGGED_FROM x the mean bag (Musk1, Musk2); a padded run
+    keeps the protocol and trial configs of before (their committed trial files are reused), a ragged one
+    records its layout in both, and explicit flags win."""
+    bags = rw.training_data(dataset)
+    lengths = [len(x) for x, _ in bags]
+    expected = "ragged" if dataset.startswith("musk") else "padded"
+    assert (max(lengths) >= rw.RAGGED_FROM * np.mean(lengths)) == (expected == "ragged")
+    for flag, layout in ((None, expected), ("padded", "padded"), ("ragged", "ragged")):
+        args = rw.parse_args(["--dataset", dataset, "--search", "small"] + (["--bag_layout", flag] if flag else []))
+        assert args.bag_layout == layout
+        protocol, (config, *_) = rw.protocol_of(args, "sparse", bags), rw.trial_configs(args, "sparse")
+        assert protocol.get("bag_layout", "padded") == config.get("bag_layout", "padded") == layout
+        assert ("bag_layout" in protocol) == (layout == "ragged")
+
+
+def test_a_ragged_trial_trains_the_models_of_the_padded_trial(monkeypatch):
+    """train_group reads the trial config's layout: Musk1's (ragged by default) trial gathers ragged bags and
+    gives the records of the same trial run padded, up to float rounding."""
+    (config, *_) = rw.trial_configs(rw.parse_args(["--dataset", "musk1", "--quick"]), "sparse")
+    assert config["bag_layout"] == "ragged"
+    built, gatherer = [], bm.RaggedBagGatherer
+    monkeypatch.setattr(bm, "RaggedBagGatherer", lambda *a, **k: built.append(1) or gatherer(*a, **k))
+    ragged = rw.train_group(config)
+    assert built
+    built.clear()
+    padded = rw.train_group({k: v for k, v in config.items() if k != "bag_layout"})
+    assert not built
+    assert [(r["fold"], r["variant"]) for r in ragged] == [(r["fold"], r["variant"]) for r in padded]
+    for key in ("val_loss", "test_loss"):
+        np.testing.assert_allclose([r[key] for r in ragged], [r[key] for r in padded], rtol=1e-4, atol=1e-5)
+
+
+def test_bag_layout_rejects_unknown_values(capsys):
+    with pytest.raises(SystemExit):
+        rw.parse_args(["--dataset", "musk2", "--bag_layout", "packed"])
+    assert "invalid choice: 'packed'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
