@@ -562,9 +562,24 @@ def _mean_std_cell(stat: dict, digits: int) -> str:
     return "–" if math.isnan(stat["mean"]) else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+SELECTION_SEARCHES = ("hu", "ramsauer")  # the searches whose selection diagnostics the README tabulates
+
+
+def _selection_order(result: dict) -> tuple:
+    return DATASETS.index(result["dataset"]), result["mode"], SELECTION_SEARCHES.index(result["protocol"]["search"])
+
+
+def _selection_label(result: dict) -> str:
+    """'fox / sparse' for the full protocol, 'fox / sparse, ramsauer 64' for a sample of Ramsauer et al.'s space."""
+    protocol = result["protocol"]
+    search = "" if protocol["search"] == "hu" else f", {protocol['search']} {protocol['num_samples']}"
+    return f"{result['dataset']} / {result['mode']}{search}"
+
+
 def selection_table(results: Sequence[dict]) -> str:
-    """README block ``real_world_selection``: ``selection_diagnostics`` of every full-protocol result."""
-    rows = [r for r in results if r["protocol"]["search"] == "hu" and "selection" in r]
+    """README block ``real_world_selection``: ``selection_diagnostics`` of every full-protocol result and of
+    every ``--search ramsauer`` result (the published space, labeled with its sample count)."""
+    rows = [r for r in results if r["protocol"]["search"] in SELECTION_SEARCHES and "selection" in r]
     if not rows:
         return ("No full-protocol result yet (`python3 real_world_mil.py --dataset fox --mode sparse`); the table "
                 "appears when one is written.")
@@ -574,11 +589,11 @@ def selection_table(results: Sequence[dict]) -> str:
              "best single config in hindsight: test AUC", "best config for all repetitions in hindsight: test AUC",
              "Spearman val/test")
     lines = ["| dataset / mode | configs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for r in sorted(rows, key=lambda r: (DATASETS.index(r["dataset"]), r["mode"])):
+    for r in sorted(rows, key=_selection_order):
         sel = r["selection"]
         nan = {"mean": math.nan, "std": math.nan}  # a key a result file predates
         cells = [_mean_std_cell(sel.get(k, nan), digits=2 if k == "val_test_spearman" else 1) for k in SELECTION_KEYS]
-        lines.append(f"| {r['dataset']} / {r['mode']} | {sel['configs_per_fold']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_selection_label(r)} | {sel['configs_per_fold']} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", search_size_table(rows)])
 
 
@@ -590,10 +605,10 @@ def search_size_table(rows: Sequence[dict]) -> str:
              "| dataset / mode | " + " | ".join(f"n = {n}" for n in SEARCH_SIZES) + " | all configs |",
              "|---|" + "---|" * (len(SEARCH_SIZES) + 1)]
     nan = {"mean": math.nan, "std": math.nan}
-    for r in sorted(rows, key=lambda r: (DATASETS.index(r["dataset"]), r["mode"])):
+    for r in sorted(rows, key=_selection_order):
         sizes = r["selection"].get("by_search_size", {})
         cells = [_mean_std_cell(sizes.get(str(n), nan), 1) for n in SEARCH_SIZES]
-        lines.append(f"| {r['dataset']} / {r['mode']} | " + " | ".join(cells)
+        lines.append(f"| {_selection_label(r)} | " + " | ".join(cells)
                      + f" | {_mean_std_cell(r['selection']['chosen_test_auc'], 1)} |")
     return "\n".join(lines)
 
