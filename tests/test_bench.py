@@ -52,10 +52,10 @@ def test_bench_bag_layout_smoke_times_both_layouts(tmp_path, load_bench):
 
 def test_readme_bag_layout_claims_hold_for_the_committed_bench():
     """The README's reading of the committed bench_bag_layout run: ragged pays on Musk2, costs on the datasets
-    that --bag_layout auto keeps padded, and breaks even (within 10 %) on Musk1."""
+    that --bag_layout auto keeps padded, and gains little (less than 1.5x) on Musk1."""
     rows = {r["dataset"]: r for r in json.loads((REPO_DIR / "results/bench/bench_bag_layout.json").read_text())["rows"]}
     assert set(rows) == {"fox", "tiger", "elephant", "ucsb", "musk1", "musk2"}
-    assert rows["musk2"]["speedup"] > 2 and 0.9 < rows["musk1"]["speedup"] < 1.1
+    assert rows["musk2"]["speedup"] > 2 and 0.9 < rows["musk1"]["speedup"] < 1.5
     assert all(r["speedup"] < 1 for r in rows.values() if r["auto_layout"] == "padded")
     assert {d for d, r in rows.items() if r["auto_layout"] == "ragged"} == {"musk1", "musk2"}
 
