@@ -345,9 +345,7 @@ class BatchedBagClassifier(nn.Module):
                 h = torch.relu(h) if i < self.shape.emb_layers else h
             rows.append(h)
         h = self._bag_dropout(torch.cat(rows), bags.slot)
-        owner = torch.repeat_interleave(torch.arange(len(bags.counts), device=h.device),
-                                        torch.tensor(bags.counts, device=h.device))  # the model of each row
-        h = F.layer_norm(h, h.shape[-1:], eps=1e-5) * self.p("norm_in.w")[owner] + self.p("norm_in.b")[owner]
+        h = F.layer_norm(h, h.shape[-1:], eps=1e-5) * self.p("norm_in.w")[bags.owner] + self.p("norm_in.b")[bags.owner]
         h = torch.cat([h, h.new_zeros(1, self.shape.width)])  # the row every padding slot reads
         return h.index_select(0, bags.slot.reshape(-1)).view(*bags.slot.shape, self.shape.width)
 
@@ -656,11 +654,13 @@ class BagGatherer:
 @dataclass(frozen=True)
 class RaggedBags:
     """Instances of M models' bag batches (M, B) without padding: ``x`` (R, d) holds model 0's rows, then
-    model 1's, ... (``counts[m]`` rows each: its bags in order, each bag's instances in order); ``slot``
-    (M, B, N) is the row of x holding instance n of bag b, R at padding (``BatchedBagClassifier._embed_ragged``)."""
+    model 1's, ... (``counts[m]`` rows each: its bags in order, each bag's instances in order; ``owner`` (R,)
+    the model of each row); ``slot`` (M, B, N) is the row of x holding instance n of bag b, R at padding
+    (``BatchedBagClassifier._embed_ragged``)."""
 
     x: Tensor
     counts: list[int]
+    owner: Tensor
     slot: Tensor
 
 
@@ -700,7 +700,7 @@ class RaggedBagGatherer:
         counts = real.reshape(m, -1).sum(1)
         slot = torch.full((m, b, n), len(source), dtype=torch.long, device=idx.device)
         slot[real] = torch.arange(len(source), device=idx.device)
-        owner = torch.repeat_interleave(torch.arange(m, device=idx.device), counts)  # model of each row
+        owner = torch.repeat_interleave(torch.arange(m, device=idx.device), counts)
         models = owner if models is None else models[owner]
         if self.table is not None:
             x = self.table[self.group[models] * len(self.instances) + source]
@@ -709,7 +709,7 @@ class RaggedBagGatherer:
             x = (self.instances[source] - mean[models]) / std[models]
         else:
             x = self.instances[source]
-        return RaggedBags(x, counts.tolist(), slot), pad
+        return RaggedBags(x, counts.tolist(), owner, slot), pad
 
 
 def batched_auc(scores: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
