@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO_DIR))
 
 import batched_mil as bm  # noqa: E402
 import real_world_mil as rw  # noqa: E402
+from bench import bench_real_world  # noqa: E402
 import training  # noqa: E402
 from bench.common import (committed_report as common_report, fastest_seconds, measured_at, provenance,  # noqa: E402
                           report_block, write_result)
@@ -63,20 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def chunk_training(dataset: str, max_models: int, seed: int):
     """A function training the first chunk of one protocol trial (shape ``SHAPE``, sparsemax) for given epochs
     and layout, returning its history; the chunk's model count; the dataset's longest / mean bag."""
-    bags = rw.training_data(dataset)
-    data = bm.pad_dataset([torch.from_numpy(np.array(x)) for x, _ in bags])
+    data, labels = bench_real_world.load(dataset)
     padded, lengths, _ = data
-    labels = torch.tensor([y for _, y in bags])
     group = next(g for g in rw.group_by_shape(rw.search_configs("hu", 0, 0)) if all(g[k] == v for k, v in SHAPE.items()))
     shape = rw.model_shape(padded.shape[-1], group, "per_head")
-    splits = rw.cv_splits(labels.numpy(), 10, seed, 0.2)
-    jobs = [(f, v) for f in range(10) for v in range(len(group["variants"]))]
     per_chunk = rw.models_per_chunk(shape, 4, int(lengths.max()), rw.CHUNK_PARAMS, rw.CHUNK_ACTIVATIONS)
-    jobs = jobs[:min(max_models, rw.chunk_size(len(jobs), len(group["variants"]), per_chunk))]
+    n_models = min(max_models, rw.chunk_size(10 * len(group["variants"]), len(group["variants"]), per_chunk))
+    splits, jobs = bench_real_world.trial_jobs(labels, group, n_models, seed)
     variants = [group["variants"][v] for _, v in jobs]
     tensor = lambda key: torch.tensor([float(var[key]) for var in variants])  # noqa: E731
-    stats = [rw._standardization(padded, lengths, splits[f]["train"]) for f, _ in jobs]
-    standardize = torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
+    standardize = bench_real_world.standardization(data, splits, jobs)
 
     def train(epochs: int, ragged: bool) -> dict:
         gens = [torch.Generator().manual_seed(seed + i) for i in range(len(jobs))]
