@@ -602,6 +602,24 @@ def gather_bags(data: tuple[Tensor, Tensor, Tensor], idx: Tensor,
     return x, mask
 
 
+def _fold_tables(values: Tensor, standardize: tuple[Tensor, Tensor], max_bytes: float,
+                 pad: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """One standardized copy of ``values`` (..., d) per distinct row u of ``standardize = (mean, std)``
+    (M, d), the same element-wise ops as ``gather_bags``:
+
+        tables[u] = (values - mean_u) / std_u   (positions where ``pad`` is True -> 0);   group (M,): u of model m
+
+    Returns (None, None) when the tables would take more than ``max_bytes``."""
+    mean, std = standardize
+    rows, group = torch.unique(torch.cat([mean, std], 1), dim=0, return_inverse=True)
+    if rows.shape[0] * values.numel() * torch.promote_types(values.dtype, mean.dtype).itemsize > max_bytes:
+        return None, None
+    d = mean.shape[1]
+    per_row = (rows.shape[0],) + (1,) * (values.dim() - 1) + (d,)
+    tables = (values.unsqueeze(0) - rows[:, :d].reshape(per_row)) / rows[:, d:].reshape(per_row)
+    return (tables if pad is None else tables.masked_fill(pad[None, ..., None], 0.0)), group
+
+
 class BagGatherer:
     """``gather_bags`` for repeated calls: the standardized dataset is computed once per distinct
     (mean, std) row (one per fold; ``max_bytes`` bounds the table, else each call standardizes as
@@ -619,15 +637,7 @@ class BagGatherer:
         self.data, self.standardize, self.group = data, standardize, None
         table = padded.unsqueeze(0)
         if standardize is not None:
-            mean, std = standardize
-            rows, self.group = torch.unique(torch.cat([mean, std], 1), dim=0, return_inverse=True)
-            size = rows.shape[0] * padded.numel() * torch.promote_types(padded.dtype, mean.dtype).itemsize
-            if size <= max_bytes:
-                u_mean, u_std = rows[:, :mean.shape[1]], rows[:, mean.shape[1]:]
-                table = ((padded.unsqueeze(0) - u_mean[:, None, None]) / u_std[:, None, None]).masked_fill(
-                    self.pad[None, :, :, None], 0.0)
-            else:
-                table, self.group = None, None
+            table, self.group = _fold_tables(padded, standardize, max_bytes, pad=self.pad)
         self.n_bags = padded.shape[0]
         self.flat = None if table is None else table.reshape(-1, *padded.shape[1:])
         self.buffer = torch.empty(0, dtype=padded.dtype if table is None else table.dtype, device=padded.device)
@@ -682,13 +692,9 @@ class RaggedBagGatherer:
         self.standardize, self.group, self.table = standardize, None, None
         if standardize is None:
             return
-        mean, std = standardize
-        rows, group = torch.unique(torch.cat([mean, std], 1), dim=0, return_inverse=True)
-        size = rows.shape[0] * self.instances.numel() * torch.promote_types(padded.dtype, mean.dtype).itemsize
-        if size <= max_bytes:
-            d = self.instances.shape[1]
-            self.table = ((self.instances - rows[:, None, :d]) / rows[:, None, d:]).reshape(-1, d)
-            self.group = group
+        tables, self.group = _fold_tables(self.instances, standardize, max_bytes)
+        if tables is not None:
+            self.table = tables.reshape(-1, self.instances.shape[1])
 
     def __call__(self, idx: Tensor, models: Tensor | None = None) -> tuple[RaggedBags, Tensor]:
         """Row j of idx belongs to model ``models[j]`` (default: model j)."""
