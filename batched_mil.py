@@ -22,7 +22,8 @@ with ``layers.HopfieldPooling``) for each model m:
 optimizer step == torch.optim.AdamW + clip_grad_norm_ per model.) The normalization y_Omega is
 ``sparsemax.get_map(mode)``, the same map ``layers.Hopfield`` uses. A training step pads its bags to the
 longest one (``BagGatherer``), or, for bags of very different lengths, passes only the real instances
-through the embedding, bag dropout and LN (``RaggedBagGatherer``, ``RaggedBags``; tested equal to float rounding).
+through the embedding, bag dropout, LN, scores and pooled sums (``RaggedBagGatherer``, ``RaggedBags``; tested equal
+to float rounding); only the normalization y_Omega reads the padded grid of scores.
 """
 from __future__ import annotations
 
@@ -289,20 +290,56 @@ class BatchedBagClassifier(nn.Module):
         so the w x Hd key/value projections act once per bag instead of once per instance.
         """
         m, b, n, w = x.shape
-        h, d = self.shape.n_heads, self.shape.d_head
-        q = torch.baddbmm(self.p("q.b").unsqueeze(1), self.p("query").unsqueeze(1), self.p("q.w")).view(m, h, d)
-        u = (self.p("k.w").view(m, w, h, d) * q.unsqueeze(1)).sum(-1)  # (M, w, H)
-        c = torch.einsum("mhd,mhd->mh", self.p("k.b").view(m, h, d), q)  # (M, H)
-        scores = torch.baddbmm(c.unsqueeze(1), x.reshape(m, b * n, w), u).view(m, b, n, h).transpose(2, 3)
-        scores = self.scale.view(m, 1, 1, 1) * scores  # (M, B, H, N)
+        u, c = self._key_query()
+        scores = torch.baddbmm(c.unsqueeze(1), x.reshape(m, b * n, w), u).view(m, b, n, self.shape.n_heads)
+        scores = self.scale.view(m, 1, 1, 1) * scores.transpose(2, 3)  # (M, B, H, N)
         if pad is not None:
             scores = scores.masked_fill(pad[:, :, None, :], float("-inf"))
+        weights = self._attention(scores)
+        return self._pooled_output(weights @ x, weights)  # weights @ x: sum_n A_hn x_n, (M, B, H, w)
+
+    def _pool_ragged(self, rows: Tensor, bags: "RaggedBags") -> Tensor:
+        """``pool`` of the real instances only, rows (R, w) placed at ``bags.slot`` (M, B, N) -> (M, B, w):
+        score_hn = beta (x_n u_h + c_h) per row with its model's u, c; A = y_Omega over the padded grid
+        (M, B, H, N), -inf at padding, as ``pool``; then per bag g the segment sum over its rows
+
+            pooled_gh = sum_{n in g} A_hn x_n    (instead of a matmul over the padded grid)."""
+        m, b, n = bags.slot.shape
+        h = self.shape.n_heads
+        u, c = self._key_query()
+        scores = torch.bmm(rows.unsqueeze(1), u[bags.owner]).squeeze(1) + c[bags.owner]
+        scores = self.scale[bags.owner].unsqueeze(1) * scores  # (R, H)
+        grid = torch.cat([scores, scores.new_full((1, h), float("-inf"))]).index_select(0, bags.slot.reshape(-1))
+        weights = self._attention(grid.view(m, b, n, h).transpose(2, 3))  # (M, B, H, N)
+        real = bags.slot.reshape(-1) < len(rows)
+        row_weights = weights.transpose(2, 3).reshape(-1, h)[real]  # (R, H), A_hn of each real instance
+        bag_of_row = torch.repeat_interleave(torch.arange(m * b, device=rows.device), real.view(m * b, n).sum(1))
+        terms = row_weights.unsqueeze(-1) * rows.unsqueeze(1)  # (R, H, w): A_hn x_n
+        pooled = rows.new_zeros(m * b, h, rows.shape[1]).index_add(0, bag_of_row, terms)
+        return self._pooled_output(pooled.view(m, b, h, -1), weights)
+
+    def _key_query(self) -> tuple[Tensor, Tensor]:
+        """The learned query folded into the key projection: u (M, w, H), u_h = W_{K,h} q_h;
+        c (M, H), c_h = <b_{K,h}, q_h>."""
+        m, h, d = self.num_models, self.shape.n_heads, self.shape.d_head
+        q = torch.baddbmm(self.p("q.b").unsqueeze(1), self.p("query").unsqueeze(1), self.p("q.w")).view(m, h, d)
+        u = (self.p("k.w").view(m, -1, h, d) * q.unsqueeze(1)).sum(-1)
+        return u, torch.einsum("mhd,mhd->mh", self.p("k.b").view(m, h, d), q)
+
+    def _attention(self, scores: Tensor) -> Tensor:
+        """A = y_Omega(scores) (M, B, H, N), in training with dropout rate p_m (kept weights x 1/(1 - p_m))."""
         weights = self._normalize(scores)
         if self.training and bool((self.dropout_p > 0).any()):
-            p = self.dropout_p.view(m, 1, 1, 1)
+            p = self.dropout_p.view(-1, 1, 1, 1)
             keep = torch.rand(weights.shape, generator=self.generator, dtype=weights.dtype) >= p
             weights = weights * keep / (1 - p)
-        pooled = weights @ x  # (M, B, H, w): sum_n A_hn x_n
+        return weights
+
+    def _pooled_output(self, pooled: Tensor, weights: Tensor) -> Tensor:
+        """pooled (M, B, H, w) = sum_n A_hn x_n -> (M, B, w):
+        z_h = pooled_h W_{V,h} + (sum_n A_hn) b_{V,h},  out = z W_O + b_O."""
+        m, b, h, w = pooled.shape
+        d = self.shape.d_head
         # head h reads its own column block of W_V
         z = torch.einsum("mbhw,mwhd->mbhd", pooled, self.p("v.w").view(m, w, h, d))  # (M, B, H, d)
         z = z + weights.sum(-1, keepdim=True) * self.p("v.b").view(m, 1, h, d)
@@ -333,7 +370,7 @@ class BatchedBagClassifier(nn.Module):
     def _embed_ragged(self, bags: "RaggedBags") -> Tensor:
         """The same of only the real instances: model m's rows x_m (``bags.counts[m]``, d_in) go through its
         own layers (x_m W_m + b_m, one matmul per model and layer instead of one batched matmul over padded
-        bags), bag dropout and norm_in; the rows are then placed at ``bags.slot`` in (M, B, N, w), 0 at padding."""
+        bags), bag dropout and norm_in -> rows (R, w) in ``bags.x``'s order (``_pool_ragged`` reads them)."""
         if self.shape.lenet:
             raise ValueError("ragged bags hold feature vectors; LeNet shapes take padded image bags")
         names = [f"enc{i}" for i in range(self.shape.emb_layers + int(self.shape.emb_proj))]
@@ -345,9 +382,7 @@ class BatchedBagClassifier(nn.Module):
                 h = torch.relu(h) if i < self.shape.emb_layers else h
             rows.append(h)
         h = self._bag_dropout(torch.cat(rows), bags.slot)
-        h = F.layer_norm(h, h.shape[-1:], eps=1e-5) * self.p("norm_in.w")[bags.owner] + self.p("norm_in.b")[bags.owner]
-        h = torch.cat([h, h.new_zeros(1, self.shape.width)])  # the row every padding slot reads
-        return h.index_select(0, bags.slot.reshape(-1)).view(*bags.slot.shape, self.shape.width)
+        return F.layer_norm(h, h.shape[-1:], eps=1e-5) * self.p("norm_in.w")[bags.owner] + self.p("norm_in.b")[bags.owner]
 
     def _bag_dropout(self, h: Tensor, slot: Tensor | None = None) -> Tensor:
         """Training: instance embedding n of bag b of model m zeroed whole with rate r_m, kept ones x 1/(1 - r_m)
@@ -365,9 +400,11 @@ class BatchedBagClassifier(nn.Module):
 
     def forward(self, x: Tensor | "RaggedBags", pad: Tensor | None = None) -> Tensor:
         """x (M, B, N, d_in) instances (``lenet``: (M, B, N, 28, 28) images) or their ``RaggedBags``,
-        pad (M, B, N) True = padding -> logits (M, B)."""
-        h = self._embed_ragged(x) if isinstance(x, RaggedBags) else self._embed(x)
-        pooled = self.pool(h, pad)
+        pad (M, B, N) True = padding (``RaggedBags`` carry it in ``slot``) -> logits (M, B)."""
+        if isinstance(x, RaggedBags):
+            pooled = self._pool_ragged(self._embed_ragged(x), x)
+        else:
+            pooled = self.pool(self._embed(x), pad)
         return self._linear(self._layer_norm(F.gelu(pooled), "norm_out"), "head").squeeze(-1)
 
 

@@ -1,11 +1,11 @@
 """Padded vs ragged bags in the batched real-world MIL trainer (``batched_mil.train_batched(ragged=...)``):
 ratios measured in one process, per dataset, on one chunk of a protocol trial.
 
-Padded: every bag of a training step is padded to the step's longest bag and the instance encoder runs on
-the padding too. Ragged (``batched_mil.RaggedBagGatherer``): the encoder, bag dropout and the input
-LayerNorm see only the real instances; the pooling reads them placed back in the padded grid. Both compute
-the same model (tests/test_real_world_mil.py); the table also shows how far their validation losses drift
-apart by float rounding over the timed epochs. ``real_world_mil.py --bag_layout auto`` picks ragged where the
+Padded: every bag of a training step is padded to the step's longest bag and the instance encoder and the
+pooling run on the padding too. Ragged (``batched_mil.RaggedBagGatherer``): the encoder, bag dropout, the input
+LayerNorm, the pooling scores and the pooled sums see only the real instances; only the map y_Omega reads the
+scores placed back in the padded grid. Both compute the same model (tests/test_real_world_mil.py); the table
+also shows how far their validation losses drift apart by float rounding over the timed epochs. ``real_world_mil.py --bag_layout auto`` picks ragged where the
 longest bag holds >= ``real_world_mil.RAGGED_FROM`` times the mean bag's instances.
 
     python3 bench/bench_bag_layout.py            # writes results/bench/bench_bag_layout.{json,md}

@@ -242,15 +242,17 @@ def test_ragged_gatherer_holds_the_padded_batch_without_its_padding(max_bytes):
     assert torch.equal(bags.x, data[0][idx][~data[2][idx]])  # no standardization
 
 
-def test_ragged_forward_and_gradients_equal_the_padded_ones():
+@pytest.mark.parametrize("mode,map_params", [("sparsemax", None), ("softmax", None), ("entmax", None),
+                                             ("gsh", None), ("normmax", {"alpha": 2.0})])
+def test_ragged_forward_and_gradients_equal_the_padded_ones(mode, map_params):
     """The ragged layout computes the padded model's function: logits and every parameter's gradient
-    agree to float rounding, in training mode with attention and bag dropout (the same masks)."""
+    agree to float rounding, in training mode with attention and bag dropout (the same masks), for each map."""
     data = bm.pad_dataset(_uneven_bags(2, 30, 6))
     idx = torch.randint(0, 30, (4, 4), generator=torch.Generator().manual_seed(3))
     shape = bm.Shape(6, 8, 2, 5, 2, head_dim=3)
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
-    model = bm.BatchedBagClassifier.initialized(shape, "sparsemax", torch.tensor([0.1, 1.0, 10.0, 1.0]),
-                                                torch.tensor([0.0, 0.5, 0.0, 0.5]), gens,
+    model = bm.BatchedBagClassifier.initialized(shape, mode, torch.tensor([0.1, 1.0, 10.0, 1.0]),
+                                                torch.tensor([0.0, 0.5, 0.0, 0.5]), gens, map_params,
                                                 bag_dropout=torch.tensor([0.0, 0.0, 0.75, 0.5]))
     results = []
     for gather in (bm.BagGatherer(data), bm.RaggedBagGatherer(data)):
