@@ -5,7 +5,9 @@ Padded: every bag of a training step is padded to the step's longest bag and the
 pooling run on the padding too. Ragged (``batched_mil.RaggedBagGatherer``): the encoder, bag dropout, the input
 LayerNorm, the pooling scores and the pooled sums see only the real instances; only the map y_Omega reads the
 scores placed back in the padded grid. Both compute the same model (tests/test_real_world_mil.py); the table
-also shows how far their validation losses drift apart by float rounding over the timed epochs. ``real_world_mil.py --bag_layout auto`` picks ragged where the
+also shows how far their validation losses drift apart by float rounding over the timed epochs, beside a
+control: the padded training again on inputs changed by a relative 1e-7 (a model near a tie of the sparse map
+amplifies any rounding difference alike). ``real_world_mil.py --bag_layout auto`` picks ragged where the
 longest bag holds >= ``real_world_mil.RAGGED_FROM`` times the mean bag's instances.
 
     python3 bench/bench_bag_layout.py            # writes results/bench/bench_bag_layout.{json,md}
@@ -31,6 +33,7 @@ import training  # noqa: E402
 from bench.common import (committed_report as common_report, fastest_seconds, measured_at, provenance,  # noqa: E402
                           report_block, write_result)
 
+NOISE = 1e-7  # relative input noise of the rounding control: how far float rounding alone moves the training
 SHAPE = {"emb_dims": 64, "emb_layers": 2, "hidden_dim": 32, "n_heads": 8, "batch_size": 4}  # mid-grid of Hu et al.
 
 
@@ -65,7 +68,8 @@ def chunk_training(dataset: str, max_models: int, seed: int):
     and layout, returning its history; the chunk's model count; the dataset's longest / mean bag."""
     data, labels = bench_real_world.load(dataset)
     padded, lengths, _ = data
-    group = next(g for g in rw.group_by_shape(rw.search_configs("hu", 0, 0)) if all(g[k] == v for k, v in SHAPE.items()))
+    group = next(g for g in rw.group_by_shape(rw.search_configs("hu", 0, 0))
+                 if all(g[k] == v for k, v in SHAPE.items()))
     shape = rw.model_shape(padded.shape[-1], group, "per_head")
     per_chunk = rw.models_per_chunk(shape, 4, int(lengths.max()), rw.CHUNK_PARAMS, rw.CHUNK_ACTIVATIONS)
     n_models = min(max_models, rw.chunk_size(10 * len(group["variants"]), len(group["variants"]), per_chunk))
@@ -74,10 +78,13 @@ def chunk_training(dataset: str, max_models: int, seed: int):
     tensor = lambda key: torch.tensor([float(var[key]) for var in variants])  # noqa: E731
     standardize = bench_real_world.standardization(data, splits, jobs)
 
-    def train(epochs: int, ragged: bool) -> dict:
+    def train(epochs: int, ragged: bool, noise: float = 0.0) -> dict:
+        """``noise`` > 0: the instances times (1 + noise * N(0, 1)), a rounding-sized change of the data."""
         gens = [torch.Generator().manual_seed(seed + i) for i in range(len(jobs))]
         model = bm.BatchedBagClassifier.initialized(shape, "sparsemax", tensor("scale"), tensor("dropout"), gens)
-        return bm.train_batched(model, data, labels, [splits[f]["train"].tolist() for f, _ in jobs],
+        jitter = noise * torch.randn(padded.shape, generator=torch.Generator().manual_seed(seed))
+        inputs = (padded * (1 + jitter), *data[1:]) if noise else data
+        return bm.train_batched(model, inputs, labels, [splits[f]["train"].tolist() for f, _ in jobs],
                                 {"val": [splits[f]["val"].tolist() for f, _ in jobs]}, tensor("lr"),
                                 tensor("lr_decay"), epochs, generators=gens, standardize=standardize, ragged=ragged)
     return train, len(jobs), float(lengths.max() / lengths.float().mean())
@@ -87,11 +94,13 @@ def measure(dataset: str, args: argparse.Namespace) -> dict:
     train, n_models, spread = chunk_training(dataset, args.max_models, args.seed)
     seconds = {layout: fastest_seconds(lambda: train(args.epochs, layout == "ragged"), rounds=args.rounds)
                for layout in ("padded", "ragged")}
-    drift = float((train(args.epochs, True)["val_loss"] - train(args.epochs, False)["val_loss"]).abs().max())
+    padded_loss = train(args.epochs, False)["val_loss"]
+    drift = float((train(args.epochs, True)["val_loss"] - padded_loss).abs().max())
+    noise_drift = float((train(args.epochs, False, NOISE)["val_loss"] - padded_loss).abs().max())
     row = {"dataset": dataset, "models": n_models, "longest_over_mean_bag": spread,
            "auto_layout": "ragged" if spread >= rw.RAGGED_FROM else "padded",
            **{f"{k}_s": v for k, v in seconds.items()}, "speedup": seconds["padded"] / seconds["ragged"],
-           "val_loss_max_abs_diff": drift}
+           "val_loss_max_abs_diff": drift, "noise_val_loss_max_abs_diff": noise_drift}
     print(f"{dataset:9s} {n_models} models, longest/mean bag {spread:.1f}: padded {seconds['padded']:.2f} s, "
           f"ragged {seconds['ragged']:.2f} s, {row['speedup']:.2f}x", flush=True)
     return row
@@ -117,9 +126,11 @@ def markdown(result: dict) -> str:
              f"d{SHAPE['hidden_dim']} H{SHAPE['n_heads']}, sparsemax), {config['epochs']} epoch(s) of training + "
              f"validation, fastest of {config['rounds']}, {config['threads']} thread(s), one process:", "",
              "| dataset | models | longest / mean bag | --bag_layout auto | padded (s) | ragged (s) | speed-up | "
-             "val loss, max abs difference |", "|---|---|---|---|---|---|---|---|"]
+             f"val loss, max abs difference: ragged vs padded | padded, inputs x (1 + {NOISE:.0e} N(0,1)), vs padded |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['dataset']} | {r['models']} | {r['longest_over_mean_bag']:.1f} | {r['auto_layout']} | "
-              f"{r['padded_s']:.2f} | {r['ragged_s']:.2f} | {r['speedup']:.2f}x | {r['val_loss_max_abs_diff']:.1e} |"
+              f"{r['padded_s']:.2f} | {r['ragged_s']:.2f} | {r['speedup']:.2f}x | {r['val_loss_max_abs_diff']:.1e} | "
+              f"{r['noise_val_loss_max_abs_diff']:.1e} |"
               for r in result["rows"]]
     return "\n".join(lines + ["", measured_at(result)])
 
