@@ -52,12 +52,16 @@ def test_bench_bag_layout_smoke_times_both_layouts(tmp_path, load_bench):
 
 def test_readme_bag_layout_claims_hold_for_the_committed_bench():
     """The README's reading of the committed bench_bag_layout run: ragged pays on Musk2, costs on the datasets
-    that --bag_layout auto keeps padded, and gains little (less than 1.5x) on Musk1."""
+    that --bag_layout auto keeps padded, gains little (less than 1.5x) on Musk1, and drifts from padded no further than
+    float rounding moves the padded training itself."""
     rows = {r["dataset"]: r for r in json.loads((REPO_DIR / "results/bench/bench_bag_layout.json").read_text())["rows"]}
     assert set(rows) == {"fox", "tiger", "elephant", "ucsb", "musk1", "musk2"}
     assert rows["musk2"]["speedup"] > 2 and 0.9 < rows["musk1"]["speedup"] < 1.5
     assert all(r["speedup"] < 1 for r in rows.values() if r["auto_layout"] == "padded")
     assert {d for d, r in rows.items() if r["auto_layout"] == "ragged"} == {"musk1", "musk2"}
+    # ragged-vs-padded drift: of the order of the rounding control's (padded, inputs x (1 + 1e-7 noise))
+    drift = max(r["val_loss_max_abs_diff"] for r in rows.values())
+    assert drift < 3 * max(r["noise_val_loss_max_abs_diff"] for r in rows.values())
 
 
 @pytest.mark.parametrize("name", ["bench_bag_layout", "bench_deq", "bench_engine", "bench_fixed_point_modes", "bench_lenet", "bench_maps",
