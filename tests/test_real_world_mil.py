@@ -1053,22 +1053,26 @@ def test_readme_elephant_ramsauer_space_does_not_close_the_gap(mode):
     assert space["val_test_spearman"]["mean"] < grid["val_test_spearman"]["mean"]
 
 
-@pytest.mark.parametrize("mode", ["sparse"])
+@pytest.mark.parametrize("mode", ["sparse", "standard"])
 def test_readme_ucsb_ramsauer_space_does_not_close_the_gap(mode):
     """The README's UCSB paragraph on --search ramsauer: a better mean and median config than Hu et al.'s grid,
     a choice no better than the space's median config and within the std of the grid's choice, weaker val/test
-    rank correlation, and a hindsight ceiling below the published AUC by more than its std."""
+    rank correlation, and a hindsight ceiling below the published AUC, by more than its std in the sparse mode
+    only."""
     grid = _committed_real_world("ucsb", mode)["selection"]
     space = _committed_real_world("ucsb", mode, "ramsauer", 64)["selection"]
     assert space["configs_per_fold"] == 64
     assert space["by_search_size"]["1"]["mean"] > grid["by_search_size"]["1"]["mean"]
     assert space["median_test_auc"]["mean"] > grid["median_test_auc"]["mean"]
     chosen = space["chosen_test_auc"]
-    assert abs(chosen["mean"] - space["median_test_auc"]["mean"]) < chosen["std"]
+    assert chosen["mean"] < space["median_test_auc"]["mean"] + chosen["std"]
+    if mode == "standard":  # 'tests even below the space's median config'
+        assert chosen["mean"] < space["median_test_auc"]["mean"]
     assert abs(chosen["mean"] - grid["chosen_test_auc"]["mean"]) < max(chosen["std"], grid["chosen_test_auc"]["std"])
     assert space["val_test_spearman"]["mean"] < grid["val_test_spearman"]["mean"]
-    ceiling = space["global_hindsight_test_auc"]
-    assert ceiling["mean"] + ceiling["std"] < rw.PUBLISHED_AUC["ucsb"][0]
+    ceiling, published = space["global_hindsight_test_auc"], rw.PUBLISHED_AUC["ucsb"][0]
+    assert ceiling["mean"] < published
+    assert (ceiling["mean"] + ceiling["std"] < published) == (mode == "sparse")
 
 
 @pytest.mark.parametrize("mode", ["sparse", "standard"])
