@@ -82,8 +82,10 @@ def chunk_training(dataset: str, max_models: int, seed: int):
         """``noise`` > 0: the instances times (1 + noise * N(0, 1)), a rounding-sized change of the data."""
         gens = [torch.Generator().manual_seed(seed + i) for i in range(len(jobs))]
         model = bm.BatchedBagClassifier.initialized(shape, "sparsemax", tensor("scale"), tensor("dropout"), gens)
-        jitter = noise * torch.randn(padded.shape, generator=torch.Generator().manual_seed(seed))
-        inputs = (padded * (1 + jitter), *data[1:]) if noise else data
+        inputs = data
+        if noise:
+            jitter = noise * torch.randn(padded.shape, generator=torch.Generator().manual_seed(seed))
+            inputs = (padded * (1 + jitter), *data[1:])
         return bm.train_batched(model, inputs, labels, [splits[f]["train"].tolist() for f, _ in jobs],
                                 {"val": [splits[f]["val"].tolist() for f, _ in jobs]}, tensor("lr"),
                                 tensor("lr_decay"), epochs, generators=gens, standardize=standardize, ragged=ragged)
