@@ -77,6 +77,7 @@ from tqdm import tqdm  # noqa: E402
 import datasets  # noqa: E402
 import layers  # noqa: E402
 import sparsemax  # noqa: E402
+import training  # noqa: E402
 from datasets.mnist import MNIST_SIZES  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -167,6 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{name}", type=kind, nargs="+" if isinstance(value, list) else None,
                             default=None, help=f"default {value} ({QUICK[name]} with --quick)")
     args = parser.parse_args(argv)
+    if args.report:
+        training.refuse_flags_besides(parser, args, "report", ("out_dir", "quick"),
+                                      "prints the capacity table of <out_dir>")
     preset = QUICK if args.quick else FULL
     for name, value in preset.items():
         if getattr(args, name) is None:

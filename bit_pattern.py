@@ -291,6 +291,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check every flag before any work (data, Ray); --quick fills only the flags not given."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.report:
+        training.refuse_flags_besides(parser, args, "report", (),
+                                      "rebuilds the README table from the committed summary")
+        return args
     for name, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -701,15 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check every flag (before any data is read or Ray started); fill the budget's defaults."""
-    from training import check_ray_args
+    from training import check_ray_args, refuse_flags_besides
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.report:
-        others = sorted(k for k, v in vars(args).items() if k != "report" and v != parser.get_default(k))
-        if others:
-            parser.error("--report rebuilds the README tables from the committed results and takes no other flag "
-                         f"(got {', '.join('--' + k for k in others)})")
+        refuse_flags_besides(parser, args, "report", (), "rebuilds the README tables from the committed results")
         return args
     budget = "quick" if args.quick else "full" if args.full else "default"
     for name, value in {**DEFAULTS, **{"quick": QUICK, "full": FULL}.get(budget, {})}.items():

@@ -151,6 +151,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.report == (args.state is not None):
         parser.error("give either --state PATH.pt (analyse it) or --report (rebuild the README block)")
+    if args.report:
+        from training import refuse_flags_besides
+
+        refuse_flags_besides(parser, args, "report", ("out_dir",), "rebuilds the README block from the JSONs")
     return args
 
 

@@ -55,11 +55,15 @@ import sparsemax
 import training
 
 REPO_DIR = Path(__file__).resolve().parent
+COMMITTED_RESULTS = REPO_DIR / "results"  # the published-protocol results the README's tables show
 METRICS = ("train_acc", "test_acc", "train_loss", "test_loss")
 DEFAULT_MODES = ("softmax", "sparsemax", "entmax", "gsh")
 # Santos et al.'s K-MIL table rows: the dense and sparse maps, normmax, SparseMAP k-subsets and sequential k-subsets
 KMIL_DEFAULT_MODES = ("softmax", "sparsemax", "entmax", "normmax", "k_subsets:2", "k_subsets:3", "k_subsets:5",
                       "sequential_k_subsets:2")
+DEFAULT_BAG_SIZE = 5
+DEFAULT_K = 2  # SparseMAP k of k_subsets modes without ':k'
+DEFAULT_NUM_SAMPLES = 8  # --tune configurations per mode
 MODE_PARAM = {"k_subsets": ("k", int), "sequential_k_subsets": ("k", int), "entmax_alpha": ("alpha", float),
               "normmax": ("alpha", float), "gsh": ("alpha", float)}
 
@@ -100,6 +104,7 @@ def sample_tune_space(rng: np.random.Generator) -> dict:
             "d_model": choice([128, 256, 512]), "n_heads": choice([1, 2, 4]), "num_pattern": choice([1, 2, 4])}
 
 
+TUNED = ("lr", "weight_decay", "dropout", "scale", "d_model", "n_heads", "num_pattern")  # sample_tune_space's keys
 TUNE_SPACE_DOC = ("lr ~ loguniform(1e-5, 1e-3), weight_decay ~ loguniform(1e-4, 1e-2), dropout in {0, .1, .3, .5}, "
                   "scale in {.05, .1, .25, .5, 1}, d_model in {128, 256, 512}, n_heads in {1, 2, 4}, "
                   "num_pattern in {1, 2, 4}")
@@ -115,13 +120,15 @@ def _scale(text: str) -> float | str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     task = parser.add_argument_group("task")
-    task.add_argument("--bag_size", type=training.positive_int, default=5, help="instances per MNIST bag (default 5)")
+    task.add_argument("--bag_size", type=training.positive_int, default=None,
+                      help=f"instances per MNIST bag (default {DEFAULT_BAG_SIZE}; not with --k_mil)")
     task.add_argument("--k_mil", type=training.positive_int, default=None,
                       help="run K-MIL instead: a bag is positive iff it holds >= K nines (LeNet encoder)")
     task.add_argument("--modes", nargs="+", default=None,
                       help=f"retrieval maps, from {', '.join(sparsemax.MODES)}; 'name:param' sets k or alpha "
                            f"(default: {' '.join(DEFAULT_MODES)}; K-MIL: {' '.join(KMIL_DEFAULT_MODES)})")
-    task.add_argument("--k", type=training.positive_int, default=2, help="SparseMAP k of k_subsets modes without ':k' (default 2)")
+    task.add_argument("--k", type=training.positive_int, default=None,
+                      help=f"SparseMAP k of k_subsets modes without ':k' (default {DEFAULT_K})")
     task.add_argument("--alpha", type=training.positive_float, default=None,
                       help="alpha of entmax_alpha/normmax/gsh modes without ':alpha' (default: the map's)")
     task.add_argument("--seed", type=int, default=0, help="data seed; trial i trains with seed + i")
@@ -129,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"smoke setting: {BAG_QUICK} (K-MIL: {KMIL_QUICK}); explicit flags still win")
     task.add_argument("--tune", action="store_true",
                       help=f"hyperparameter search instead of the fixed config: {TUNE_SPACE_DOC}")
-    task.add_argument("--num_samples", type=training.positive_int, default=8, help="configurations per mode with --tune")
+    task.add_argument("--num_samples", type=training.positive_int, default=None,
+                      help=f"configurations per mode with --tune (default {DEFAULT_NUM_SAMPLES})")
     hyper = parser.add_argument_group("hyperparameters (defaults depend on the task, see BAG_DEFAULTS/KMIL_DEFAULTS)")
     pos_int, pos_float = training.positive_int, training.positive_float
     for name, kind in (("n_train", pos_int), ("n_val", pos_int), ("n_test", pos_int), ("epochs", pos_int),
@@ -171,6 +179,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset hyperparameters from the task's defaults (quick overrides first); expand and check the
     modes and the Ray settings (SystemExit naming the flag, before any work)."""
     training.check_ray_args(args)
+    refuse_task_flags(args)
+    args.bag_size, args.num_samples = args.bag_size or DEFAULT_BAG_SIZE, args.num_samples or DEFAULT_NUM_SAMPLES
     defaults = dict(KMIL_DEFAULTS if args.k_mil else {**BAG_DEFAULTS, **BAG_SIZE_DEFAULTS.get(args.bag_size, {})})
     if args.quick:
         defaults.update(KMIL_QUICK if args.k_mil else BAG_QUICK)
@@ -182,6 +192,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.modes is None:
         args.modes = list(KMIL_DEFAULT_MODES if args.k_mil else DEFAULT_MODES)
     try:
+        refuse_map_flags(args)
+        args.k = args.k or DEFAULT_K
         args.modes = [canonical_mode(spec, args.k, args.alpha) for spec in args.modes]
         for spec in args.modes:
             build_model({**defaults_for_check(args), "mode": spec})  # the map accepts its parameters
@@ -206,7 +218,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     task_tag = f"kmil{args.k_mil}" if args.k_mil else str(args.bag_size)
     args.tag = args.tag or task_tag
     smoke = REPO_DIR / "results" / "quick"
-    args.results_dir = args.results_dir or str(smoke if args.quick else REPO_DIR / "results")
+    args.results_dir = args.results_dir or str(smoke if args.quick else COMMITTED_RESULTS)
     args.img_dir = args.img_dir or str(smoke / "imgs" if args.quick else REPO_DIR / "imgs")
     if args.data_dir is not None:
         import datasets
@@ -228,8 +240,15 @@ def defaults_for_check(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    return args if args.report else resolve_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.report:
+        return resolve_args(args)
+    training.refuse_flags_besides(parser, args, "report", ("results_dir",), "rebuilds the tables from result files")
+    args.results_dir = args.results_dir or str(COMMITTED_RESULTS)
+    if not Path(args.results_dir).is_dir():
+        parser.error(f"--results_dir {args.results_dir}: no such directory")
+    return args
 
 
 # Flags that do not change any trial's result (so they may differ on resume).
@@ -283,6 +302,27 @@ def parse_mode(spec: str) -> tuple[str, dict]:
     except ValueError:
         raise ValueError(f"mode {spec!r}: {key} must be {'an integer' if kind is int else 'a number'}, "
                          f"got {param!r}") from None
+
+
+def refuse_task_flags(args: argparse.Namespace) -> None:
+    """Flags the task would not read are errors (SystemExit): --num_samples without --tune; with --tune the
+    hyperparameters it draws and --trials (one seed per draw); --bag_size with --k_mil (K-MIL bags vary)."""
+    training.refuse_unused_flag("num_samples", args.num_samples, args.tune, "--tune")
+    for name in (*TUNED, "trials"):
+        training.refuse_unused_flag(name, getattr(args, name), not args.tune,
+                                    f"runs without --tune (--tune draws {', '.join(TUNED)} and trains one seed each)")
+    training.refuse_unused_flag("bag_size", args.bag_size, not args.k_mil,
+                                f"MNIST bags, not --k_mil (K-MIL bag sizes are drawn: {KMIL_BAGS})")
+
+
+def refuse_map_flags(args: argparse.Namespace) -> None:
+    """--k / --alpha when no mode reads them: errors (SystemExit; an unknown mode name: ValueError from
+    parse_mode)."""
+    for param in ("k", "alpha"):
+        users = sorted(name for name, (key, _) in MODE_PARAM.items() if key == param)
+        reads = any(name in users and not params for name, params in map(parse_mode, args.modes))
+        training.refuse_unused_flag(param, getattr(args, param), reads, f"--modes {' / '.join(users)} without "
+                                    f"':{param}' (got --modes {' '.join(args.modes)})")
 
 
 def canonical_mode(spec: str, k: int, alpha: float | None) -> str:
@@ -870,12 +910,15 @@ def kmil_report(results_dir: Path) -> str:
 
 
 def write_bag_report(results_dir: Path) -> str:
-    """The bag-size table (and the K-MIL table) into results/ and the README's blocks."""
+    """The bag-size table (and the K-MIL table) into ``results_dir``; into the README's blocks only from the
+    committed results/ (a smoke run's tables never replace them)."""
     table, kmil = bag_report(results_dir), kmil_report(results_dir)
     (results_dir / "mnist_mil_table.md").write_text(table + "\n")
     (results_dir / "mnist_kmil_table.md").write_text(kmil + "\n")
-    in_readme = training.write_readme_block("mnist_mil_table", table)
-    training.write_readme_block("kmil_table", kmil)
+    committed = results_dir.resolve() == COMMITTED_RESULTS.resolve()
+    in_readme = committed and training.write_readme_block("mnist_mil_table", table)
+    if in_readme:
+        training.write_readme_block("kmil_table", kmil)
     print(table + "\n\n" + kmil + f"\n\nwrote {training.repo_relative(results_dir / 'mnist_mil_table.md')}, "
           f"{training.repo_relative(results_dir / 'mnist_kmil_table.md')}" + (" and the README's tables" if in_readme else ""))
     return table
@@ -886,7 +929,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ``{"summary": [...], "files": {...}, "trials": [...]}``. ``--report``: only the bag-size table."""
     args = parse_args(argv)
     if args.report:
-        return {"table": write_bag_report(Path(args.results_dir or REPO_DIR / "results"))}
+        return {"table": write_bag_report(Path(args.results_dir))}
     config = training.log_config(args, Path(args.results_dir) / f"mnist_mil_{args.tag}_config.json")
     training.seed_everything(args.seed)
     data = build_kmil_data(args) if args.k_mil else build_bag_data(args)

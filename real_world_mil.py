@@ -141,6 +141,8 @@ RAMSAUER_GRID = {"lr": [1e-3, 1e-5], "lr_decay": [0.98, 0.96, 0.94], "batch_size
                  "dropout": [0.0], "bag_dropout": [0.0, 0.75]}
 RAMSAUER_EPOCHS = 160  # Table A.2; the default --epochs of --search ramsauer (explicit --epochs wins)
 SEARCHES = ("hu", "small", "random", "quick", "ramsauer")
+SAMPLED_SEARCHES = ("random", "ramsauer")  # --num_samples configs drawn from a space
+DEFAULT_NUM_SAMPLES = 32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,14 +154,20 @@ def grid_configs(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def sampled_space(search: str) -> dict:
+    """The grid a sampled search draws from: random -> Hu et al.'s, ramsauer -> Ramsauer et al.'s."""
+    return HU_GRID if search == "random" else RAMSAUER_GRID
+
+
 def search_configs(search: str, num_samples: int, seed: int) -> list[dict]:
     """Configs of ``--search``: hu (full grid), small, quick, random (``num_samples`` distinct configs
     drawn uniformly from the Hu et al. grid) or ramsauer (the same from Ramsauer et al.'s Table A.2
     space, ``RAMSAUER_GRID``); samples are drawn up front, deterministic in ``seed``, so equal shapes batch."""
-    if search in ("random", "ramsauer"):
-        configs = grid_configs(HU_GRID if search == "random" else RAMSAUER_GRID)
-        pick = np.random.default_rng(seed).choice(len(configs), size=min(num_samples, len(configs)),
-                                                  replace=False)
+    if search in SAMPLED_SEARCHES:
+        configs = grid_configs(sampled_space(search))
+        if num_samples > len(configs):
+            raise ValueError(f"--num_samples {num_samples}: --search {search} has only {len(configs)} configs")
+        pick = np.random.default_rng(seed).choice(len(configs), size=num_samples, replace=False)
         return [configs[i] for i in sorted(pick)]
     return grid_configs({"hu": HU_GRID, "small": SMALL_GRID, "quick": QUICK_GRID}[search])
 
@@ -617,7 +625,7 @@ def results_stem(dataset: str, mode: str, search: str, num_samples: int) -> str:
     """Name of a run's result files: ``<dataset>_<mode>`` for the published protocol (``--search hu``), else
     suffixed by the search (``fox_sparse_small``, ``fox_sparse_random32``), so that no smaller search
     overwrites the published protocol's result."""
-    suffix = {"hu": ""}.get(search, f"_{search}" + (str(num_samples) if search in ("random", "ramsauer") else ""))
+    suffix = {"hu": ""}.get(search, f"_{search}" + (str(num_samples) if search in SAMPLED_SEARCHES else ""))
     return f"{dataset}_{mode}{suffix}"
 
 
@@ -1101,8 +1109,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "SMALL_GRID); random: --num_samples configs from the hu grid; quick: a tiny smoke grid; "
                              "ramsauer: --num_samples configs from Ramsauer et al.'s Table A.2 space (19,440 "
                              f"configs, RAMSAUER_GRID; default --epochs {RAMSAUER_EPOCHS}; its own pooling structure)")
-    parser.add_argument("--num_samples", type=training.positive_int, default=32,
-                        help="configs for --search random / ramsauer")
+    parser.add_argument("--num_samples", type=training.positive_int, default=None,
+                        help=f"configs for --search {' / '.join(SAMPLED_SEARCHES)} (default {DEFAULT_NUM_SAMPLES})")
     parser.add_argument("--seed", type=int, default=0, help="repetition r uses seed + r (splits and inits)")
     parser.add_argument("--n_seeds", type=training.positive_int, default=None, help="repetitions, each a different "
                                                                                      "split (default 5)")
@@ -1185,16 +1193,15 @@ def _rungs(text: str) -> tuple[int, ...]:
     return rungs
 
 
-REFIT_FLAGS = ("refit", "dataset", "mode", "search", "num_samples", "results_dir", "data_dir", "inner_cv_top")
+REFIT_FLAGS = ("dataset", "mode", "search", "num_samples", "results_dir", "data_dir", "inner_cv_top")
+REPORT_FLAGS = ("quick", "results_dir", "img_dir")  # --quick: the smoke results under results/quick/
 
 
 def _refit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """--refit takes its protocol from the result file: only the flags naming that file apply, and the file
     of every requested mode must exist."""
-    others = sorted(k for k, v in vars(args).items() if k not in REFIT_FLAGS and v != parser.get_default(k))
-    if others:
-        parser.error("--refit retrains the chosen configs of a result file with that file's protocol and takes only "
-                     f"{', '.join('--' + k for k in REFIT_FLAGS[1:])} (got {', '.join('--' + k for k in others)})")
+    training.refuse_flags_besides(parser, args, "refit", REFIT_FLAGS,
+                                  "retrains the chosen configs of a result file with that file's protocol")
     args.search = args.search or FULL["search"]
     default_dir = training.REPO_DIR / "results" / "real_world_mil"
     args.results_dir = args.results_dir or str(default_dir)
@@ -1209,6 +1216,18 @@ def _refit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ar
     return args
 
 
+def refuse_unused_flags(args: argparse.Namespace) -> None:
+    """--num_samples outside a sampled search, --alpha / --k for maps without that parameter: errors."""
+    search = args.search or ("quick" if args.quick else FULL["search"])
+    training.refuse_unused_flag("num_samples", args.num_samples, search in SAMPLED_SEARCHES,
+                                f"--search {' / '.join(SAMPLED_SEARCHES)} (got --search {search})")
+    modes = ALL_MODES if args.mode == "all" else (args.mode,)
+    for param in ("alpha", "k"):
+        users = [mode for mode in MODES if param in MAP_PARAMS.get(mode, ())]
+        training.refuse_unused_flag(param, getattr(args, param), any(mode in users for mode in modes),
+                                    f"--mode {' / '.join(users)} (got --mode {args.mode})")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1217,6 +1236,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.dataset = args.dataset.lower()
     if args.mode != "all" and args.mode not in MODES:
         parser.error(f"unknown mode {args.mode!r}; choose one of: {', '.join(MODES)}, all")
+    if args.report:
+        training.refuse_flags_besides(parser, args, "report", REPORT_FLAGS,
+                                      "rebuilds the table and figures from result files")
+    refuse_unused_flags(args)
+    args.num_samples = args.num_samples or DEFAULT_NUM_SAMPLES  # recorded in every protocol, read by sampled searches
+    if args.search in SAMPLED_SEARCHES:
+        size = len(grid_configs(sampled_space(args.search)))
+        if args.num_samples > size:
+            parser.error(f"--num_samples {args.num_samples}: --search {args.search} has only {size} configs")
     if args.refit:
         return _refit_args(parser, args)
     if args.inner_cv_top is not None:
@@ -1315,14 +1343,18 @@ def trial_label(config: dict) -> str:
             f"_b{g['batch_size']}" + (f"_d{g['head_dim']}" if "head_dim" in g else ""))
 
 
+def experiment_name(protocol: dict) -> str:
+    """<dataset>_<mode>_<search>_<sha1 of the protocol, 8 hex>: the trial folder a run resumes from."""
+    digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{protocol['dataset']}_{protocol['mode']}_{protocol['search']}_{digest}"
+
+
 def run_mode(args: argparse.Namespace, mode: str) -> dict:
     """Run the protocol for one mode through Ray Tune (trial files under ``<results_dir>/trials/``,
     the experiment named by dataset, mode, search and a digest of the protocol) and write the result files."""
     bags = training_data(args.dataset, args.data_dir)  # sha256-checked: corrupt data fails before any resume
     protocol = protocol_of(args, mode, bags)
-    digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:8]
-    name = f"{args.dataset}_{mode}_{args.search}_{digest}"
-    trial_dir = training.open_experiment(Path(args.results_dir) / "trials" / name, protocol)
+    trial_dir = training.open_experiment(Path(args.results_dir) / "trials" / experiment_name(protocol), protocol)
     configs = trial_configs(args, mode)
     n_configs = sum(len(g["variants"]) for g in group_by_shape(search_configs(args.search, args.num_samples, args.seed)))
     print(f"[{args.dataset}/{mode}] {n_configs} configs x {args.n_seeds} repetitions x {args.n_folds} folds = "

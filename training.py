@@ -93,6 +93,23 @@ def log_config(args: argparse.Namespace, path: Path | None = None) -> dict:
     return config
 
 
+def refuse_flags_besides(parser: argparse.ArgumentParser, args: argparse.Namespace, flag: str,
+                         allowed: Sequence[str], purpose: str) -> None:
+    """``--flag`` reads only the flags ``allowed``: any other flag given (not at its default) is an error,
+    raised by ``parser.error`` before any work, naming them."""
+    others = sorted(k for k, v in vars(args).items() if k not in (flag, *allowed) and v != parser.get_default(k))
+    if others:
+        takes = f"takes only {', '.join('--' + k for k in allowed)}" if allowed else "takes no other flag"
+        parser.error(f"--{flag} {purpose} and {takes} (got {', '.join('--' + k for k in others)})")
+
+
+def refuse_unused_flag(flag: str, value: object, used: bool, applies_to: str) -> None:
+    """A flag given where the run would not read it is an error, not silently dropped (``value`` None = not
+    given): SystemExit naming the flag and where it applies."""
+    if value is not None and not used:
+        raise SystemExit(f"--{flag} {value} would be ignored: it applies to {applies_to}")
+
+
 def check_ray_args(args: argparse.Namespace) -> None:
     """Refuse, before any work, Ray settings that would hang or fail later: GPUs asked of a local Ray on
     a machine without any, more CPUs per trial than a local Ray has, an unreachable ``--ray_address``."""

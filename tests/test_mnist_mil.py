@@ -370,6 +370,32 @@ def test_bad_arguments_are_refused_before_any_work(argv, flag, capsys, monkeypat
     assert exit_info.value.code != 0 and flag in captured.err + str(exit_info.value.code)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--num_samples", "3"], "--num_samples 3 would be ignored: it applies to --tune"),
+    (["--alpha", "1.3", "--modes", "softmax", "entmax_alpha:1.2"], "--alpha 1.3 would be ignored"),
+    (["--k", "3", "--modes", "k_subsets:2"], "--k 3 would be ignored: it applies to --modes k_subsets / "
+                                             "sequential_k_subsets without ':k'"),
+    (["--tune", "--lr", "1e-3"], "--lr 0.001 would be ignored: it applies to runs without --tune"),
+    (["--tune", "--trials", "3"], "--trials 3 would be ignored"),
+    (["--k_mil", "2", "--bag_size", "10"], "--bag_size 10 would be ignored: it applies to MNIST bags, not --k_mil"),
+])
+def test_flags_no_mode_reads_are_refused(argv, message, capsys, no_work):
+    no_work((mm, "build_bag_data"), (mm, "build_kmil_data"))
+    with pytest.raises(SystemExit) as exit_info:
+        mm.main(argv)
+    assert message in capsys.readouterr().err + str(exit_info.value.code)
+
+
+def test_tune_refuses_exactly_the_flags_it_draws():
+    assert set(mm.sample_tune_space(np.random.default_rng(0))) == set(mm.TUNED)
+
+
+def test_map_parameters_fill_the_modes_that_read_them():
+    args = mm.parse_args(["--modes", "k_subsets", "gsh", "softmax", "--k", "3", "--alpha", "1.2"])
+    assert args.modes == ["k_subsets:3", "gsh:1.2", "softmax"] and args.num_samples == mm.DEFAULT_NUM_SAMPLES
+    assert mm.parse_args(["--modes", "k_subsets"]).modes == [f"k_subsets:{mm.DEFAULT_K}"]
+
+
 def test_stacked_batches_keep_k_slots_for_k_subsets():
     """Bags shorter than k: the stacked trainer pads each batch to at least k slots (k_subsets needs k entries;
     the padded ones get weight 0), so SparseMAP with k = 5 trains on bags of 2-3 digits."""

@@ -534,6 +534,26 @@ def test_bad_arguments_are_refused_before_ray_starts(args, flag, capsys, no_work
     assert exit_info.value.code != 0
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--num_samples", "5"], "--num_samples 5 would be ignored: it applies to --search random / ramsauer (got --search hu)"),
+    (["--quick", "--num_samples", "5"], "(got --search quick)"),
+    (["--alpha", "1.5"], "--alpha 1.5 would be ignored: it applies to --mode entmax_alpha / gsh / normmax (got --mode sparse)"),
+    (["--k", "3", "--mode", "normmax"], "--k 3 would be ignored: it applies to --mode k_subsets / sequential_k_subsets"),
+    (["--search", "random", "--num_samples", "865"], "--num_samples 865: --search random has only 864 configs"),
+])
+def test_flags_the_run_would_not_read_are_refused(args, message, capsys, no_work):
+    no_work((rw, "training_data"))
+    with pytest.raises(SystemExit) as exit_info:
+        rw.parse_args(args)
+    assert exit_info.value.code != 0 and message in capsys.readouterr().err + str(exit_info.value.code)
+
+
+def test_map_parameters_and_samples_are_accepted_where_they_are_read():
+    assert rw.parse_args(["--mode", "all", "--search", "small", "--alpha", "1.3", "--k", "3"]).k == 3
+    assert rw.parse_args(["--search", "ramsauer", "--num_samples", "19440"]).num_samples == 19440
+    assert rw.parse_args([]).num_samples == rw.DEFAULT_NUM_SAMPLES  # recorded in every protocol
+
+
 def test_quick_keeps_explicit_flags_and_writes_apart():
     args = rw.parse_args(["--quick", "--n_folds", "4"])
     assert (args.n_folds, args.search, args.epochs) == (4, "quick", 2)
@@ -712,10 +732,11 @@ def test_committed_real_world_sweeps_reopen_with_the_current_code():
     for path in dirs:
         dataset, mode, search, _ = path.name.split("_")
         stored = json.loads((path / "experiment.json").read_text())
-        args = rw.parse_args(["--dataset", dataset, "--mode", mode, "--search", search,
-                              "--num_samples", str(stored["num_samples"])])  # the README's sample count
+        samples = ["--num_samples", str(stored["num_samples"])] if search in rw.SAMPLED_SEARCHES else []
+        args = rw.parse_args(["--dataset", dataset, "--mode", mode, "--search", search] + samples)  # the README's
         protocol = rw.protocol_of(args, mode, rw.training_data(dataset))
         assert training._canonical(protocol) == stored, path.name
+        assert rw.experiment_name(protocol) == path.name
 
 
 @pytest.mark.parametrize("dataset", rw.DATASETS)
@@ -786,7 +807,9 @@ def test_ramsauer_sampler_is_deterministic_uniform_and_batches_equal_shapes():
     for key, values in rw.RAMSAUER_GRID.items():  # every value of every axis is drawn, about uniformly
         counts = [sum(c[key] == v for c in sampled) for v in values]
         assert min(counts) > 0.5 * 400 / len(values), (key, counts)
-    assert rw.search_configs("ramsauer", 10 ** 6, 0) == space
+    assert rw.search_configs("ramsauer", len(space), 0) == space
+    with pytest.raises(ValueError, match="has only 19440 configs"):  # never silently fewer than asked
+        rw.search_configs("ramsauer", len(space) + 1, 0)
     groups = rw.group_by_shape(sampled)
     assert sum(len(g["variants"]) for g in groups) == 400
     for g in groups:  # head_dim separates shapes; bag dropout varies along the model axis

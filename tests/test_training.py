@@ -152,6 +152,32 @@ def test_sweep_wall_clock_is_the_time_some_trial_ran():
     assert training.sweep_wall_clock_s([{"wall_time_s": 1.0}]) is None
 
 
+@pytest.mark.parametrize("script,argv,message", [
+    ("real_world_mil", ["--report", "--epochs", "3"], "--report rebuilds the table and figures from result files and "
+                                                      "takes only --quick, --results_dir, --img_dir (got --epochs)"),
+    ("real_world_mil", ["--refit", "--report"], "(got --refit)"),
+    ("mnist_mil_main", ["--report", "--bag_size", "20"], "takes only --results_dir (got --bag_size)"),
+    ("mnist_mil_main", ["--report", "--results_dir", "/nonexistent/results"], "no such directory"),
+    ("bit_pattern", ["--report", "--n_bits", "4"], "takes no other flag (got --n_bits)"),
+    ("hopfield_deq", ["--report", "--runs", "2"], "takes no other flag (got --runs)"),
+    ("hopfield_deq_stability", ["--report", "--n_images", "2"], "takes only --out_dir (got --n_images)"),
+    ("Plotting", ["--report", "--seed", "3"], "takes only --out_dir, --quick (got --seed)"),
+])
+def test_report_refuses_the_flags_it_would_ignore(script, argv, message, capsys):
+    """Every script's --report only rebuilds tables from result files: a training flag beside it is an error."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(argv)
+    assert exit_info.value.code != 0 and message in capsys.readouterr().err
+
+
+def test_mnist_report_of_other_results_leaves_the_readme_alone(tmp_path, monkeypatch):
+    """Tables from a smoke run's results_dir go into that directory only, never into the README's blocks."""
+    monkeypatch.setattr(training, "write_readme_block", lambda *a, **k: pytest.fail("README block rewritten"))
+    mm.main(["--report", "--results_dir", str(tmp_path)])
+    assert (tmp_path / "mnist_mil_table.md").exists() and (tmp_path / "mnist_kmil_table.md").exists()
+
+
 def test_expand_grid_covers_every_combination():
     grid = training.expand_grid({"a": {"grid_search": [1, 2]}, "b": {"grid_search": ["x", "y", "z"]}, "c": 0})
     assert len(grid) == 6 and all(g["c"] == 0 for g in grid)
