@@ -63,6 +63,9 @@ probability = _typed(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 open_fraction = _typed(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
+RAY_FLAGS = ("ray_address", "cpus_per_trial", "gpus_per_trial", "gpus_id", "num_cpus", "exp_name", "ray_dir")
+
+
 def add_ray_args(parser: argparse.ArgumentParser, default_exp_name: str) -> argparse.ArgumentParser:
     """Add the Ray flags shared by every experiment script."""
     group = parser.add_argument_group("ray")
@@ -74,7 +77,7 @@ def add_ray_args(parser: argparse.ArgumentParser, default_exp_name: str) -> argp
     group.add_argument("--gpus_id", default=None,
                        help="comma-separated GPU ids visible to Ray (sets CUDA_VISIBLE_DEVICES)")
     group.add_argument("--num_cpus", type=positive_int, default=None,
-                       help="CPUs a local Ray may use (default: all); ignored with --ray_address")
+                       help="CPUs a local Ray may use (default: all); not with --ray_address")
     group.add_argument("--exp_name", default=default_exp_name,
                        help="experiment name; rerunning with the same name resumes it")
     group.add_argument("--ray_dir", default=str(REPO_DIR / "results" / "ray"),
@@ -112,7 +115,10 @@ def refuse_unused_flag(flag: str, value: object, used: bool, applies_to: str) ->
 
 def check_ray_args(args: argparse.Namespace) -> None:
     """Refuse, before any work, Ray settings that would hang or fail later: GPUs asked of a local Ray on
-    a machine without any, more CPUs per trial than a local Ray has, an unreachable ``--ray_address``."""
+    a machine without any, more CPUs per trial than a local Ray has, an unreachable ``--ray_address``,
+    ``--num_cpus`` beside ``--ray_address`` (the cluster has its own)."""
+    refuse_unused_flag("num_cpus", args.num_cpus, not args.ray_address,
+                       "a local Ray (the cluster of --ray_address has its own CPUs)")
     if args.ray_address:
         _check_reachable(args.ray_address)
         return

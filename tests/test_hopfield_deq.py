@@ -258,6 +258,8 @@ BAD_ARGS = [  # (argv, the flag the message must name)
     (["--report", "--runs", "2"], "--runs"), (["--deq_solver", "broyden"], "--deq_solver"),
     (["--deq_solver", "anderson_hopdeq"], "--deq_solver"),  # --variant all: sync and eo have no Anderson
     (["--deq_solver", "anderson_hopdeq", "--variant", "eo"], "--deq_solver"),
+    (["--no_ray", "--cpus_per_trial", "2"], "--cpus_per_trial 2.0 would be ignored"),  # no Ray to reserve them
+    (["--ray_address", "127.0.0.1:1", "--num_cpus", "2"], "--num_cpus 2 would be ignored"),
 ]
 if torch.cuda.device_count() == 0:
     BAD_ARGS.append((["--gpus_per_trial", "1"], "--gpus_per_trial"))
