@@ -122,6 +122,15 @@ QUICK = dict(
     basin_grid=31, basin_steps=30, basin_trajectories=3, sparsity_n=200, sparsity_queries=32,
     sparsity_betas=10, energy_queries=6, energy_steps=12)
 N_TRAJECTORY_STARTS = 6  # fixed starting points of figure 5
+# The figures that read each figure-specific flag (tests/test_plotting.py checks it against the code): a flag
+# given for a --figures subset that does not read it is refused, not ignored.
+FIGURE_FLAGS = {
+    "modes": "12356", "seed": "12346", "betas": "12", "no_hu": "12", "runs": "12", "steps": "12",
+    "threshold": "12", "max_queries": "12", "capacity_ns": "1", "capacity_level": "1", "mask_rows": "1",
+    "noise_n": "2", "sigmas": "2", "conv_beta": "3", "conv_sigma": "3", "conv_n": "3", "conv_queries": "3",
+    "conv_steps": "3", "margin_n": "4", "margin_betas": "4", "basin_betas": "5", "basin_grid": "5",
+    "basin_steps": "5", "basin_trajectories": "5", "energy_beta": "6", "energy_queries": "6", "energy_steps": "6",
+    "sparsity_n": "6", "sparsity_queries": "6", "sparsity_betas": "6"}
 
 # flag: (lowest, highest) allowed value of each element (None: unbounded), checked before any work
 INT_RANGES = {
@@ -171,6 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.report:
         training.refuse_flags_besides(parser, args, "report", ("out_dir", "quick"),
                                       "prints the capacity table of <out_dir>")
+    refuse_flags_of_other_figures(parser, args)
     preset = QUICK if args.quick else FULL
     for name, value in preset.items():
         if getattr(args, name) is None:
@@ -184,6 +194,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except (OSError, ValueError, datasets.DataIntegrityError) as error:
             parser.error(f"argument --data_dir: {error}")
     return args
+
+
+def refuse_flags_of_other_figures(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A figure-specific flag given (not at its default) while no figure of --figures reads it: exit 2."""
+    for name, figures in FIGURE_FLAGS.items():
+        value = getattr(args, name)
+        if value not in (None, parser.get_default(name)) and not set(figures) & set(args.figures):
+            parser.error(f"argument --{name}: {value!r} would be ignored: only --figures {' '.join(figures)} "
+                         f"read it (got --figures {' '.join(args.figures)})")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

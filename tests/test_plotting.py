@@ -7,6 +7,7 @@ The Hopfield-Fenchel-Young energy never increases along q <- X^T y(beta X q).
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import subprocess
@@ -344,6 +345,46 @@ def test_bad_arguments_are_refused_up_front(argv, flag, capsys, tmp_path):
     value = argv[-1].split("=")[-1] if "=" in argv[-1] else argv[-1]
     assert f"argument {flag}:" in err and value in err and "allowed:" in err, err
     assert not out.exists()  # refused before any work
+
+
+def _figure_flag_reads() -> dict[str, set[str]]:
+    """{flag: the figures whose code reads args.<flag>}, from the source: each figN closure of make_figures and
+    the module functions it calls, followed transitively."""
+    tree = ast.parse(Path(Plotting.__file__).read_text())
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+    def reads(node: ast.AST, seen: set[str]) -> set[str]:
+        found = set()
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "args":
+                found.add(sub.attr)
+            if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Name) and sub.func.id in functions \
+                    and sub.func.id not in seen:
+                seen.add(sub.func.id)
+                found |= reads(functions[sub.func.id], seen)
+        return found
+
+    figures = {node.name[3:]: node for node in functions["make_figures"].body
+               if isinstance(node, ast.FunctionDef) and node.name.startswith("fig")}
+    assert set(figures) == set(Plotting.FIGURES)
+    flags: dict[str, set[str]] = {}
+    for figure, node in figures.items():
+        for flag in reads(node, set()):
+            flags.setdefault(flag, set()).add(figure)
+    return flags
+
+
+def test_figure_flags_name_exactly_the_figures_that_read_them():
+    assert {flag: set(figures) for flag, figures in Plotting.FIGURE_FLAGS.items()} == _figure_flag_reads()
+
+
+@pytest.mark.parametrize("flag, value, unread, read", [("--modes", "softmax", "4", "3"), ("--betas", "5", "3", "2"),
+                                                      ("--seed", "2", "5", "6")])
+def test_flags_no_chosen_figure_reads_are_refused(flag, value, unread, read, capsys):
+    with pytest.raises(SystemExit) as exc:
+        Plotting.parse_args(["--figures", unread, flag, value])
+    assert exc.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+    Plotting.parse_args(["--figures", unread, read, flag, value])  # accepted once a chosen figure reads it
 
 
 def test_smoke_runs_write_apart_from_the_committed_figures():
