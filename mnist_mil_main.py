@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--tag", default=None,
                      help="name of the output files (default: the bag size, or kmil<K>), e.g. 5_fp32")
     out.add_argument("--report", action="store_true",
-                     help="only rebuild the bag-size table (results/mnist_mil_table.md and the README's copy) "
-                          "from the committed summaries results/mnist_mil_<N>_summary.json")
+                     help="only rebuild the bag-size and K-MIL tables (<results_dir>/mnist_mil_table.md, "
+                          "mnist_kmil_table.md) from the run summaries in <results_dir> "
+                          "(default results/; the README's copies only from results/); takes only --results_dir")
     training.add_ray_args(parser, default_exp_name="auto")
     return parser
 
