@@ -226,6 +226,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         for v in values(name):
             if not (lo <= v <= hi) or math.isnan(v):
                 refuse(name, v, f"numbers in [{lo:g}, {hi:g}]")
+    for queries, stored in (("conv_queries", "conv_n"), ("sparsity_queries", "sparsity_n")):
+        if getattr(args, queries) > getattr(args, stored):  # the queries are stored patterns, none drawn twice
+            refuse(queries, getattr(args, queries), f"integers in [1, {getattr(args, stored)}] (--{stored})")
     if args.runs * args.noise_n > MNIST_TRAIN:
         refuse("noise_n", args.noise_n, f"--runs x --noise_n <= {MNIST_TRAIN} (disjoint MNIST subsets), "
                                         f"i.e. <= {MNIST_TRAIN // args.runs} with --runs {args.runs}")
@@ -542,7 +545,7 @@ def convergence_experiment(args: argparse.Namespace, raw: Tensor, mean: Tensor) 
     stored_raw = raw[idx].double()
     patterns = to_pattern(stored_raw, mean.double())
     generator = torch.Generator().manual_seed(args.seed + 3)
-    n_q = min(args.conv_queries, args.conv_n)
+    n_q = args.conv_queries  # <= conv_n (check_args)
     targets = patterns[:n_q]
     q0 = noisy_query(stored_raw[:n_q], mean.double(), args.conv_sigma, generator)
     one_hot_target = torch.nn.functional.one_hot(torch.arange(n_q), args.conv_n).bool()
@@ -786,7 +789,7 @@ def sparsity_experiment(args: argparse.Namespace, raw: Tensor, mean: Tensor) -> 
     (idx,) = run_subsets(len(raw), 1, args.sparsity_n, args.seed + 5)
     stored_raw = raw[idx].double()
     patterns = to_pattern(stored_raw, mean.double())
-    n_q = min(args.sparsity_queries, args.sparsity_n)
+    n_q = args.sparsity_queries  # <= sparsity_n (check_args)
     queries = masked_query(stored_raw[:n_q], mean.double())
     rows = []
     for mode in tqdm(args.modes, desc="fig6 sparsity", leave=False):

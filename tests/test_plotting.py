@@ -335,7 +335,9 @@ def test_readme_numbers_are_the_committed_results():
     (["--sigmas=-1"], "--sigmas"), (["--threads=-3"], "--threads"), (["--mask_rows", "28"], "--mask_rows"),
     (["--capacity_level", "1.5"], "--capacity_level"), (["--max_queries", "0"], "--max_queries"),
     (["--basin_trajectories", "7"], "--basin_trajectories"), (["--conv_beta", "0"], "--conv_beta"),
-    (["--runs", "61", "--noise_n", "1000"], "--noise_n"), (["--seed=-1"], "--seed")])
+    (["--runs", "61", "--noise_n", "1000"], "--noise_n"), (["--seed=-1"], "--seed"),
+    (["--conv_queries", "101", "--conv_n", "100"], "--conv_queries"),
+    (["--sparsity_queries", "300"], "--sparsity_queries")])
 def test_bad_arguments_are_refused_up_front(argv, flag, capsys, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as exc:
