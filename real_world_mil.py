@@ -1203,6 +1203,9 @@ def _refit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ar
     training.refuse_flags_besides(parser, args, "refit", REFIT_FLAGS,
                                   "retrains the chosen configs of a result file with that file's protocol")
     args.search = args.search or FULL["search"]
+    n_configs = len(search_configs(args.search, args.num_samples, 0))  # the count does not depend on the seed
+    if args.inner_cv_top is not None and args.inner_cv_top > n_configs:
+        parser.error(f"--inner_cv_top {args.inner_cv_top}: --search {args.search} has only {n_configs} configs")
     default_dir = training.REPO_DIR / "results" / "real_world_mil"
     args.results_dir = args.results_dir or str(default_dir)
     args.img_dir = str(training.REPO_DIR / "imgs" if Path(args.results_dir).resolve() == default_dir.resolve()

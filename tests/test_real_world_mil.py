@@ -942,7 +942,9 @@ def test_refit_summary_closed_form():
                                           (["--refit", "--report"], "takes only"),
                                           (["--refit", "--dataset", "musk2", "--search", "random", "--num_samples", "7"],
                                            "musk2_sparse_random7.json"),
-                                          (["--inner_cv_top", "3"], "give --refit too")])
+                                          (["--inner_cv_top", "3"], "give --refit too"),
+                                          (["--refit", "--search", "small", "--inner_cv_top", "5"],
+                                           "--inner_cv_top 5: --search small has only 4 configs")])
 def test_refit_refuses_other_flags_and_a_missing_result_file(argv, message, capsys):
     with pytest.raises(SystemExit):
         rw.main(argv)
