@@ -116,9 +116,11 @@ def refuse_unused_flag(flag: str, value: object, used: bool, applies_to: str) ->
 def check_ray_args(args: argparse.Namespace) -> None:
     """Refuse, before any work, Ray settings that would hang or fail later: GPUs asked of a local Ray on
     a machine without any, more CPUs per trial than a local Ray has, an unreachable ``--ray_address``,
-    ``--num_cpus`` beside ``--ray_address`` (the cluster has its own)."""
+    ``--num_cpus`` or ``--gpus_id`` where they would be ignored (a cluster has its own; GPU ids without GPUs)."""
     refuse_unused_flag("num_cpus", args.num_cpus, not args.ray_address,
                        "a local Ray (the cluster of --ray_address has its own CPUs)")
+    refuse_unused_flag("gpus_id", args.gpus_id, args.gpus_per_trial > 0 and not args.ray_address,
+                       "a local Ray with --gpus_per_trial > 0 (the cluster of --ray_address has its own GPUs)")
     if args.ray_address:
         _check_reachable(args.ray_address)
         return
