@@ -701,17 +701,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check every flag (before any data is read or Ray started); fill the budget's defaults."""
-    from training import RAY_FLAGS, check_ray_args, refuse_flags_besides, refuse_unused_flag
+    from training import RAY_FLAGS, check_ray_args, refuse_flags_besides
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.report:
         refuse_flags_besides(parser, args, "report", (), "rebuilds the README tables from the committed results")
         return args
-    if args.no_ray:  # the trials run in this process: a Ray flag given would be ignored
-        for name in RAY_FLAGS:
-            value = getattr(args, name)
-            refuse_unused_flag(name, None if value == parser.get_default(name) else value, False, "runs without --no_ray")
+    given_to_ray = [name for name in RAY_FLAGS if getattr(args, name) != parser.get_default(name)]
+    if args.no_ray and given_to_ray:
+        parser.error(f"--no_ray runs the trials in this process, without Ray: "
+                     f"{', '.join('--' + name for name in given_to_ray)} would be ignored")
     budget = "quick" if args.quick else "full" if args.full else "default"
     for name, value in {**DEFAULTS, **{"quick": QUICK, "full": FULL}.get(budget, {})}.items():
         if getattr(args, name) is None:

@@ -258,7 +258,7 @@ BAD_ARGS = [  # (argv, the flag the message must name)
     (["--report", "--runs", "2"], "--runs"), (["--deq_solver", "broyden"], "--deq_solver"),
     (["--deq_solver", "anderson_hopdeq"], "--deq_solver"),  # --variant all: sync and eo have no Anderson
     (["--deq_solver", "anderson_hopdeq", "--variant", "eo"], "--deq_solver"),
-    (["--no_ray", "--cpus_per_trial", "2"], "--cpus_per_trial 2.0 would be ignored"),  # no Ray to reserve them
+    (["--no_ray", "--cpus_per_trial", "2"], "--cpus_per_trial would be ignored"),  # no Ray to reserve them
     (["--ray_address", "127.0.0.1:1", "--num_cpus", "2"], "--num_cpus 2 would be ignored"),
     (["--gpus_id", "0"], "--gpus_id 0 would be ignored"),  # no --gpus_per_trial: no trial asks for a GPU
 ]
