@@ -154,17 +154,12 @@ def grid_configs(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def sampled_space(search: str) -> dict:
-    """The grid a sampled search draws from: random -> Hu et al.'s, ramsauer -> Ramsauer et al.'s."""
-    return HU_GRID if search == "random" else RAMSAUER_GRID
-
-
 def search_configs(search: str, num_samples: int, seed: int) -> list[dict]:
     """Configs of ``--search``: hu (full grid), small, quick, random (``num_samples`` distinct configs
     drawn uniformly from the Hu et al. grid) or ramsauer (the same from Ramsauer et al.'s Table A.2
     space, ``RAMSAUER_GRID``); samples are drawn up front, deterministic in ``seed``, so equal shapes batch."""
     if search in SAMPLED_SEARCHES:
-        configs = grid_configs(sampled_space(search))
+        configs = grid_configs(HU_GRID if search == "random" else RAMSAUER_GRID)
         if num_samples > len(configs):
             raise ValueError(f"--num_samples {num_samples}: --search {search} has only {len(configs)} configs")
         pick = np.random.default_rng(seed).choice(len(configs), size=num_samples, replace=False)
@@ -1245,9 +1240,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     refuse_unused_flags(args)
     args.num_samples = args.num_samples or DEFAULT_NUM_SAMPLES  # recorded in every protocol, read by sampled searches
     if args.search in SAMPLED_SEARCHES:
-        size = len(grid_configs(sampled_space(args.search)))
-        if args.num_samples > size:
-            parser.error(f"--num_samples {args.num_samples}: --search {args.search} has only {size} configs")
+        try:  # more samples than the space holds
+            search_configs(args.search, args.num_samples, args.seed)
+        except ValueError as error:
+            parser.error(str(error))
     if args.refit:
         return _refit_args(parser, args)
     if args.inner_cv_top is not None:
