@@ -245,7 +245,7 @@ class BatchedBagClassifier(nn.Module):
             params[f"{ln}.w"] = torch.ones(m, shape.width)
             params[f"{ln}.b"] = torch.zeros(m, shape.width)
         if mode == "gsh":
-            alpha0 = float((map_params or {}).get("alpha", 1.5))
+            alpha0 = float(sparsemax.with_defaults(mode, map_params or {})["alpha"])
             params["alpha_logit"] = torch.full((m, shape.n_heads), math.log((alpha0 - 1) / (2 - alpha0)))
         return cls(params, shape, mode, scale, dropout, map_params, bag_dropout)
 

@@ -66,25 +66,26 @@ def retrieve(q: Tensor, X: Tensor, beta: float, mode: str = "softmax", steps: in
 
 def _regularizer(mode: str, y: Tensor, map_params: dict) -> Tensor:
     """Omega(y) on the (scaled) polytope of each map, summed over the last dim."""
+    map_params = sparsemax.with_defaults(mode, map_params)
     if mode == "softmax":
         return torch.special.xlogy(y, y).sum(-1)
     if mode == "sparsemax":
         return 0.5 * (y.pow(2).sum(-1) - 1)
     if mode in ("entmax", "entmax_alpha", "gsh"):
-        alpha = 1.5 if mode == "entmax" else map_params.get("alpha", 1.5)
+        alpha = 1.5 if mode == "entmax" else map_params["alpha"]
         alpha = torch.as_tensor(alpha, dtype=y.dtype, device=y.device)
         if alpha.dim() > 0:
             alpha = alpha.squeeze(-1)
         return (y.clamp_min(0).pow(alpha.unsqueeze(-1) if alpha.dim() else alpha).sum(-1) - 1) / (
             alpha * (alpha - 1))
     if mode == "normmax":
-        alpha = map_params.get("alpha", 2.0)
+        alpha = map_params["alpha"]
         return y.abs().pow(alpha).sum(-1).pow(1.0 / alpha) - 1
     if mode == "k_subsets":
         # weights w = mu / k with mu = argmax_{mu in M_k} <theta, mu> - 1/2 ||mu||^2, so on M_k / k
         # the map is argmax_w <theta, w> - (k/2) ||w||^2.
         # (with normalize=False the weights are the marginals themselves: Omega = 1/2 ||mu||^2)
-        k = map_params.get("k", 2) if map_params.get("normalize", True) else 1
+        k = map_params["k"] if map_params["normalize"] else 1
         return 0.5 * k * y.pow(2).sum(-1)
     raise NotImplementedError(f"energy is not available for mode {mode!r}")
 
@@ -306,7 +307,7 @@ class Hopfield(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self._build_extra_patterns(concat_bias_pattern, add_zero_association)
         if mode == "gsh":
-            alpha0 = float(self.map_params.pop("alpha", 1.5))
+            alpha0 = float(self.map_params.pop("alpha", sparsemax.MODE_DEFAULTS["gsh"]["alpha"]))
             if not 1.0 < alpha0 < 2.0:
                 raise ValueError("gsh initial alpha must lie in (1, 2)")
             # alpha_h = 1 + sigmoid(a_h) stays in (1, 2)

@@ -114,7 +114,17 @@ MODE_ALIASES = {"sparse": "sparsemax", "standard": "softmax"}  # names of Hu et 
 MODES = ("sparse", "standard") + tuple(sparsemax.MODES)
 ALL_MODES = ("sparse", "standard") + tuple(m for m in sparsemax.MODES if m not in MODE_ALIASES.values())
 MAP_PARAMS = {"entmax_alpha": ("alpha",), "gsh": ("alpha",), "normmax": ("alpha",),
-              "k_subsets": ("k",), "sequential_k_subsets": ("k",)}
+              "k_subsets": ("k",), "sequential_k_subsets": ("k",)}  # the map parameters --alpha / --k set
+
+
+def explicit_map_params(args: argparse.Namespace, mode: str) -> dict:
+    """The map parameters given on the command line (--alpha, --k) that ``mode``'s map takes."""
+    return {p: getattr(args, p) for p in MAP_PARAMS.get(MODE_ALIASES.get(mode, mode), ()) if getattr(args, p) is not None}
+
+
+def map_label(mode: str, map_params: dict) -> str:
+    """A result's map as the tables name it: the mode, then its explicit parameters ('normmax alpha=3')."""
+    return mode + "".join(f" {name}={value:g}" for name, value in sorted(map_params.items()))
 # Ramsauer et al. 2021, Table 1 (AUC x 100, Hopfield pooling): mean, std
 PUBLISHED_AUC = {"tiger": (91.3, 0.5), "fox": (64.05, 0.4), "elephant": (94.9, 0.3), "ucsb": (89.5, 0.8)}
 
@@ -569,14 +579,14 @@ SELECTION_SEARCHES = ("hu", "ramsauer")  # the searches whose selection diagnost
 
 
 def _selection_order(result: dict) -> tuple:
-    return DATASETS.index(result["dataset"]), result["mode"], SELECTION_SEARCHES.index(result["protocol"]["search"])
+    return DATASETS.index(result["dataset"]), _result_map(result), SELECTION_SEARCHES.index(result["protocol"]["search"])
 
 
 def _selection_label(result: dict) -> str:
     """'fox / sparse' for the full protocol, 'fox / sparse, ramsauer 64' for a sample of Ramsauer et al.'s space."""
     protocol = result["protocol"]
     search = "" if protocol["search"] == "hu" else f", {protocol['search']} {protocol['num_samples']}"
-    return f"{result['dataset']} / {result['mode']}{search}"
+    return f"{result['dataset']} / {_result_map(result)}{search}"
 
 
 def selection_table(results: Sequence[dict]) -> str:
@@ -616,12 +626,14 @@ def search_size_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def results_stem(dataset: str, mode: str, search: str, num_samples: int) -> str:
+def results_stem(dataset: str, mode: str, search: str, num_samples: int, map_params: dict | None = None) -> str:
     """Name of a run's result files: ``<dataset>_<mode>`` for the published protocol (``--search hu``), else
     suffixed by the search (``fox_sparse_small``, ``fox_sparse_random32``), so that no smaller search
-    overwrites the published protocol's result."""
+    overwrites the published protocol's result; explicit map parameters follow the mode
+    (``fox_normmax_alpha3_small``), so that no run with other parameters overwrites the defaults' result."""
+    params = "".join(f"_{name}{value:g}" for name, value in sorted((map_params or {}).items()))
     suffix = {"hu": ""}.get(search, f"_{search}" + (str(num_samples) if search in SAMPLED_SEARCHES else ""))
-    return f"{dataset}_{mode}{suffix}"
+    return f"{dataset}_{mode}{params}{suffix}"
 
 
 def refit_path(results_dir: str | Path, stem: str, inner_cv_top: int | None) -> Path:
@@ -821,7 +833,7 @@ def run_refit(args: argparse.Namespace, mode: str) -> dict:
     """``--refit``: ``refit_chosen`` on the chosen configs of the result file of (--dataset, mode, --search), or
     with ``--inner_cv_top N`` on those of ``inner_cv_choice``; written to ``<results_dir>/refit/<stem>.json``
     (``<stem>_inner_cv_top<N>.json``), a diagnostic beside the protocol's result, never in its table."""
-    stem = results_stem(args.dataset, mode, args.search, args.num_samples)
+    stem = results_stem(args.dataset, mode, args.search, args.num_samples, explicit_map_params(args, mode))
     source = Path(args.results_dir) / f"{stem}.json"
     payload = json.loads(source.read_text())
     bags = training_data(args.dataset, args.data_dir)
@@ -892,6 +904,31 @@ def load_results(results_dir: Path) -> list[dict]:
     return out
 
 
+def _result_map(result: dict) -> str:
+    """The table column of a result: its ``map_label``."""
+    return map_label(result["mode"], result.get("map_params", {}))
+
+
+def _map_columns(results: Sequence[dict]) -> list[str]:
+    """The ``_result_map`` labels of these results, in ``MODES`` order (explicit parameters after the defaults)."""
+    return sorted({_result_map(r) for r in results},
+                  key=lambda label: (MODES.index(label.split(" ")[0]), label))
+
+
+def map_defaults_note(results: Sequence[dict]) -> str:
+    """The caption's account of the columns: what the aliases name, and the parameters a column without explicit
+    ones ran with (``sparsemax.MODE_DEFAULTS`` of the parameters that --alpha / --k set)."""
+    modes = {r["mode"] for r in results}
+    named = [f"{mode} = {name}" for mode, name in {**MODE_ALIASES, "entmax": "1.5-entmax"}.items() if mode in modes]
+    defaults = [f"{mode} {name}={sparsemax.MODE_DEFAULTS[mode][name]:g}" for mode in MODES if mode in modes
+                for name in MAP_PARAMS.get(mode, ())]
+    parts = [", ".join(named)] if named else []
+    if defaults:
+        parts.append("a column without parameters ran with " + ", ".join(defaults)
+                     + (" (gsh: the initial alpha, then learned per head)" if "gsh" in modes else ""))
+    return f"Maps: {'; '.join(parts)}." if parts else ""
+
+
 def _preferred(results: Sequence[dict]) -> dict:
     """The result a table cell (and bar) shows: the published protocol (search hu) where it exists, else the
     run with the most trainings (ties: the first file)."""
@@ -902,14 +939,14 @@ def markdown_table(results: Sequence[dict]) -> str:
     """Datasets x modes table of test AUC x 100 (mean +- std over repetitions; the published protocol where it
     has run, see ``_preferred``, then the other searches' results) with the Hopfield-pooling reference of
     Ramsauer et al. (2021, Table 1)."""
-    modes = [m for m in MODES if any(r["mode"] == m for r in results)]
+    modes = _map_columns(results)
     datasets = [d for d in DATASETS if any(r["dataset"] == d for r in results)]
     header = "| dataset | " + " | ".join(modes) + " | published (Ramsauer et al. 2021) |"
     lines = [header, "|" + "---|" * (len(modes) + 2)]
     for dataset in datasets:
         cells = []
         for mode in modes:
-            match = [r for r in results if r["dataset"] == dataset and r["mode"] == mode]
+            match = [r for r in results if r["dataset"] == dataset and _result_map(r) == mode]
             if match:
                 chosen = _preferred(match)
                 s, p = chosen["summary"], chosen["protocol"]
@@ -928,7 +965,8 @@ def markdown_table(results: Sequence[dict]) -> str:
                  "early stopping and successive halving; after ';': the same cell's other searches); nested CV, "
                  "configs chosen on inner validation splits only. Published: Ramsauer et al.'s Table 1, which reports "
                  f"{', '.join(PUBLISHED_AUC)} only ('–' for "
-                 f"{', '.join(d for d in DATASETS if d not in PUBLISHED_AUC)}).")
+                 f"{', '.join(d for d in DATASETS if d not in PUBLISHED_AUC)}). "
+                 + map_defaults_note(results))
     return "\n".join(lines)
 
 
@@ -940,14 +978,14 @@ def plot_results(results: Sequence[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [m for m in MODES if any(r["mode"] == m for r in results)]
+    modes = _map_columns(results)
     datasets = [d for d in DATASETS if any(r["dataset"] == d for r in results)]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.45 * len(datasets) * (len(modes) + 1)), 3.8))
     width = 0.8 / max(1, len(modes))
     for j, mode in enumerate(modes):
         xs, ys, es, hatches = [], [], [], []
         for i, dataset in enumerate(datasets):
-            match = [r for r in results if r["dataset"] == dataset and r["mode"] == mode]
+            match = [r for r in results if r["dataset"] == dataset and _result_map(r) == mode]
             if match:
                 xs.append(i + (j - (len(modes) - 1) / 2) * width)
                 shown = _preferred(match)
@@ -992,12 +1030,12 @@ def plot_search_size(results: Sequence[dict], path: Path) -> Path | None:
     datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(1.0 + 3.6 * len(datasets), 3.6), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):  # one panel per dataset (their AUC ranges differ), a line per mode
-        for r in sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: r["mode"]):
+        for r in sorted((r for r in rows if r["dataset"] == dataset), key=_result_map):
             sel = r["selection"]
             sizes = sorted(sel["by_search_size"], key=int)
             stats = [sel["by_search_size"][n] for n in sizes] + [sel["chosen_test_auc"]]
             ax.errorbar([int(n) for n in sizes] + [sel["configs_per_fold"]], [s["mean"] for s in stats],
-                        yerr=[s["std"] for s in stats], marker="o", capsize=3, label=r["mode"])
+                        yerr=[s["std"] for s in stats], marker="o", capsize=3, label=_result_map(r))
         if dataset in PUBLISHED_AUC:
             ax.axhline(PUBLISHED_AUC[dataset][0], color="k", linestyle=":", linewidth=1, label="Ramsauer et al. 2021")
         ax.set_xscale("log")
@@ -1188,7 +1226,7 @@ def _rungs(text: str) -> tuple[int, ...]:
     return rungs
 
 
-REFIT_FLAGS = ("dataset", "mode", "search", "num_samples", "results_dir", "data_dir", "inner_cv_top")
+REFIT_FLAGS = ("dataset", "mode", "alpha", "k", "search", "num_samples", "results_dir", "data_dir", "inner_cv_top")
 REPORT_FLAGS = ("quick", "results_dir", "img_dir")  # --quick: the smoke results under results/quick/
 
 
@@ -1206,7 +1244,8 @@ def _refit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ar
     args.img_dir = str(training.REPO_DIR / "imgs" if Path(args.results_dir).resolve() == default_dir.resolve()
                        else args.results_dir)
     for mode in available_modes(args.mode):
-        source = Path(args.results_dir) / f"{results_stem(args.dataset, mode, args.search, args.num_samples)}.json"
+        stem = results_stem(args.dataset, mode, args.search, args.num_samples, explicit_map_params(args, mode))
+        source = Path(args.results_dir) / f"{stem}.json"
         if not source.exists():
             parser.error(f"--refit needs the result file {training.repo_relative(source)}: run `python3 "
                          f"real_world_mil.py --dataset {args.dataset} --mode {mode} --search {args.search}` first")
@@ -1325,7 +1364,7 @@ def dataset_digest(bags: list) -> str:
 def trial_configs(args: argparse.Namespace, mode: str) -> list[dict]:
     """One trial per (shape group, repetition): every fold and config of that shape, batched."""
     map_name = MODE_ALIASES.get(mode, mode)
-    map_params = {p: getattr(args, p) for p in MAP_PARAMS.get(map_name, ()) if getattr(args, p) is not None}
+    map_params = explicit_map_params(args, mode)
     groups = group_by_shape(search_configs(args.search, args.num_samples, args.seed))
     fixed = {"dataset": args.dataset, "mode": map_name, "map_params": map_params,
              "n_folds": args.n_folds, "val_fraction": args.val_fraction, "epochs": args.epochs,
@@ -1375,7 +1414,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
                "git_commits": sorted({t["git_commit"] for t in trials}), "cpus": training.trial_cpus(trials),
                "experiment": training.repo_relative(trial_dir),
                "selection": selection_diagnostics(records), "folds": chosen}
-    paths = write_results(Path(args.results_dir) / results_stem(args.dataset, mode, args.search, args.num_samples), payload)
+    stem = results_stem(args.dataset, mode, args.search, args.num_samples, payload["map_params"])
+    paths = write_results(Path(args.results_dir) / stem, payload)
     ref = PUBLISHED_AUC.get(args.dataset)
     print(f"[{args.dataset}/{mode}] test AUC x100 = {summary['auc_mean']:.2f} ± {summary['auc_std']:.2f}, "
           f"acc = {summary['acc_mean']:.1f} ± {summary['acc_std']:.1f} over {summary['n_seeds']} repetitions "

@@ -1071,6 +1071,15 @@ def sequential_k_subsets_value(x: Tensor, k: int = 2,
 MODE_PARAMS = {"softmax": (), "sparsemax": (), "entmax": (), "entmax_alpha": ("alpha",), "gsh": ("alpha",),
                "normmax": ("alpha",), "k_subsets": ("k", "normalize"),
                "sequential_k_subsets": ("k", "transition", "normalize")}
+# the value a map parameter takes when not given (get_map, layers.energy, the gsh layers' initial alpha)
+MODE_DEFAULTS = {"entmax_alpha": {"alpha": 1.5}, "gsh": {"alpha": 1.5}, "normmax": {"alpha": 2.0},
+                 "k_subsets": {"k": 2, "normalize": True},
+                 "sequential_k_subsets": {"k": 2, "transition": SEQUENTIAL_TRANSITION_DEFAULT, "normalize": True}}
+
+
+def with_defaults(mode: str, params: dict) -> dict:
+    """``params`` completed by the mode's ``MODE_DEFAULTS``."""
+    return {**MODE_DEFAULTS.get(mode, {}), **params}
 
 
 def _check_params(mode: str, params: dict) -> None:
@@ -1101,6 +1110,7 @@ def get_map(mode: str, **params) -> Callable[[Tensor], Tensor]:
     alpha = params.get("alpha")
     if alpha is not None and not isinstance(alpha, Tensor):
         _check_alpha(alpha, mode, strict=mode == "normmax")
+    params = with_defaults(mode, params)
     if mode == "softmax":
         return partial(softmax, dim=-1)
     if mode == "sparsemax":
@@ -1108,15 +1118,14 @@ def get_map(mode: str, **params) -> Callable[[Tensor], Tensor]:
     if mode == "entmax":
         return partial(entmax15, dim=-1)
     if mode == "entmax_alpha":
-        return partial(entmax, alpha=params.get("alpha", 1.5), dim=-1)
+        return partial(entmax, alpha=params["alpha"], dim=-1)
     if mode == "gsh":
-        alpha = params.get("alpha", 1.5)
+        alpha = params["alpha"]
         alpha = alpha.clamp(1.0 + 1e-3, 2.0) if isinstance(alpha, Tensor) else min(max(alpha, 1.0 + 1e-3), 2.0)
         return partial(entmax, alpha=alpha, dim=-1)
     if mode == "normmax":
-        return partial(normmax, alpha=params.get("alpha", 2.0), dim=-1)
+        return partial(normmax, alpha=params["alpha"], dim=-1)
     if mode == "k_subsets":
-        return partial(k_subsets, k=params.get("k", 2), dim=-1, normalize=params.get("normalize", True))
-    return partial(sequential_k_subsets, k=params.get("k", 2), dim=-1,
-                   transition=params.get("transition", SEQUENTIAL_TRANSITION_DEFAULT),
-                   normalize=params.get("normalize", True))
+        return partial(k_subsets, k=params["k"], dim=-1, normalize=params["normalize"])
+    return partial(sequential_k_subsets, k=params["k"], dim=-1, transition=params["transition"],
+                   normalize=params["normalize"])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import batched_mil as bm
 import real_world_mil as rw
+import sparsemax
 import training
 
 
@@ -603,6 +604,27 @@ def test_result_files_are_named_by_search_and_the_table_prefers_the_published_pr
     assert "| 64.2 ± 1.0 (small, 5x10) |" in rw.markdown_table([small])
 
 
+def test_explicit_map_parameters_name_their_own_result_file_and_table_column():
+    """A run with --alpha / --k neither overwrites the defaults' result file nor shares its table column; the
+    caption names the defaults a column without parameters ran with."""
+    assert rw.results_stem("fox", "normmax", "small", 32, {}) == "fox_normmax_small"
+    assert rw.results_stem("fox", "normmax", "small", 32, {"alpha": 3.0}) == "fox_normmax_alpha3_small"
+    assert rw.results_stem("fox", "k_subsets", "hu", 32, {"k": 4}) == "fox_k_subsets_k4"
+    args = rw.parse_args(["--dataset", "fox", "--mode", "normmax", "--alpha", "3", "--search", "small"])
+    assert rw.explicit_map_params(args, "normmax") == {"alpha": 3.0}
+    assert rw.explicit_map_params(rw.parse_args(["--mode", "normmax"]), "normmax") == {}
+
+    def result(map_params, auc):
+        return {"dataset": "fox", "mode": "normmax", "map_params": map_params, "n_trainings": 200,
+                "protocol": {"search": "small", "n_folds": 10}, "summary": {"auc_mean": auc, "auc_std": 1.0, "n_seeds": 5}}
+
+    table = rw.markdown_table([result({"alpha": 3.0}, 61.0), result({}, 64.0)])
+    assert table.splitlines()[0] == "| dataset | normmax | normmax alpha=3 | published (Ramsauer et al. 2021) |"
+    assert "| fox | 64.0 ± 1.0 (small, 5x10) | 61.0 ± 1.0 (small, 5x10) | 64.05 ± 0.4 |" in table
+    default = sparsemax.MODE_DEFAULTS["normmax"]["alpha"]
+    assert f"a column without parameters ran with normmax alpha={default:g}." in table
+
+
 
 def test_figure_hatches_the_bars_of_a_smaller_search(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
@@ -730,9 +752,11 @@ def test_committed_real_world_sweeps_reopen_with_the_current_code():
     dirs = sorted(p for p in root.iterdir() if (p / "experiment.json").exists()) if root.exists() else []
     assert dirs, "no committed real-world sweep"
     for path in dirs:
-        dataset, mode, search, _ = path.name.split("_")
+        dataset, rest = path.name.split("_", 1)
+        mode, search, _ = rest.rsplit("_", 2)  # a mode may hold '_' (k_subsets)
         stored = json.loads((path / "experiment.json").read_text())
         samples = ["--num_samples", str(stored["num_samples"])] if search in rw.SAMPLED_SEARCHES else []
+        samples += [arg for p in ("alpha", "k") if stored.get(p) is not None for arg in (f"--{p}", str(stored[p]))]
         args = rw.parse_args(["--dataset", dataset, "--mode", mode, "--search", search] + samples)  # the README's
         protocol = rw.protocol_of(args, mode, rw.training_data(dataset))
         assert training._canonical(protocol) == stored, path.name
@@ -1135,3 +1159,14 @@ def test_readme_ucsb_explanation_holds_for_the_committed_results(mode):
     assert (gain["mean"] > gain["std"]) == (mode == "standard")
     for inner_cv_top in (None, 16):
         assert _committed_refit("ucsb", mode, inner_cv_top)["summary"]["train_val"]["mean"] < published
+
+
+@pytest.mark.parametrize("dataset", sorted(rw.PUBLISHED_AUC))
+def test_readme_other_maps_at_the_small_search_lie_within_a_std_of_sparse_or_standard(dataset):
+    """The README's sentence on the other maps: at --search small each lies within one std (the larger) of the
+    sparse or the standard result of that search."""
+    base = [_committed_real_world(dataset, mode, "small")["summary"] for mode in ("sparse", "standard")]
+    for mode in ("entmax", "gsh", "normmax", "k_subsets"):
+        s = _committed_real_world(dataset, mode, "small")["summary"]
+        assert any(abs(s["auc_mean"] - b["auc_mean"]) <= max(s["auc_std"], b["auc_std"]) for b in base), mode
+

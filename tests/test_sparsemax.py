@@ -572,6 +572,20 @@ def test_get_map_modes():
     assert math.isclose(S.SEQUENTIAL_TRANSITION_DEFAULT, 100.0)
 
 
+def test_get_map_without_parameters_uses_the_documented_defaults():
+    """MODE_DEFAULTS names only parameters a mode takes, and get_map without them computes the map at exactly
+    those values (1.5-entmax for entmax_alpha and gsh, 2-normmax, normalized 2-subsets)."""
+    x = rand(4, 9, scale=3.0, seed=25)
+    expect = {"entmax_alpha": S.entmax(x, 1.5), "gsh": S.entmax(x, 1.5), "normmax": S.normmax(x, 2.0),
+              "k_subsets": S.k_subsets(x, 2), "sequential_k_subsets": S.sequential_k_subsets(x, 2, transition=100.0)}
+    assert set(S.MODE_DEFAULTS) == set(expect)
+    for mode, defaults in S.MODE_DEFAULTS.items():
+        assert set(defaults) == set(S.MODE_PARAMS[mode])
+        torch.testing.assert_close(S.get_map(mode)(x), expect[mode])
+        torch.testing.assert_close(S.get_map(mode, **defaults)(x), expect[mode])
+    assert S.with_defaults("normmax", {"alpha": 3.0}) == {"alpha": 3.0}
+
+
 # --------------------------------------------------------------------------------------------------
 # the two CPU implementations agree
 # --------------------------------------------------------------------------------------------------
