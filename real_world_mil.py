@@ -115,16 +115,6 @@ MODES = ("sparse", "standard") + tuple(sparsemax.MODES)
 ALL_MODES = ("sparse", "standard") + tuple(m for m in sparsemax.MODES if m not in MODE_ALIASES.values())
 MAP_PARAMS = {"entmax_alpha": ("alpha",), "gsh": ("alpha",), "normmax": ("alpha",),
               "k_subsets": ("k",), "sequential_k_subsets": ("k",)}  # the map parameters --alpha / --k set
-
-
-def explicit_map_params(args: argparse.Namespace, mode: str) -> dict:
-    """The map parameters given on the command line (--alpha, --k) that ``mode``'s map takes."""
-    return {p: getattr(args, p) for p in MAP_PARAMS.get(MODE_ALIASES.get(mode, mode), ()) if getattr(args, p) is not None}
-
-
-def map_label(mode: str, map_params: dict) -> str:
-    """A result's map as the tables name it: the mode, then its explicit parameters ('normmax alpha=3')."""
-    return mode + "".join(f" {name}={value:g}" for name, value in sorted(map_params.items()))
 # Ramsauer et al. 2021, Table 1 (AUC x 100, Hopfield pooling): mean, std
 PUBLISHED_AUC = {"tiger": (91.3, 0.5), "fox": (64.05, 0.4), "elephant": (94.9, 0.3), "ucsb": (89.5, 0.8)}
 
@@ -624,6 +614,16 @@ def search_size_table(rows: Sequence[dict]) -> str:
         lines.append(f"| {_selection_label(r)} | " + " | ".join(cells)
                      + f" | {_mean_std_cell(r['selection']['chosen_test_auc'], 1)} |")
     return "\n".join(lines)
+
+
+def explicit_map_params(args: argparse.Namespace, mode: str) -> dict:
+    """The map parameters given on the command line (--alpha, --k) that ``mode``'s map takes."""
+    return {p: getattr(args, p) for p in MAP_PARAMS.get(MODE_ALIASES.get(mode, mode), ()) if getattr(args, p) is not None}
+
+
+def map_label(mode: str, map_params: dict) -> str:
+    """A result's map as the tables name it: the mode, then its explicit parameters ('normmax alpha=3')."""
+    return mode + "".join(f" {name}={value:g}" for name, value in sorted(map_params.items()))
 
 
 def results_stem(dataset: str, mode: str, search: str, num_samples: int, map_params: dict | None = None) -> str:
@@ -1247,8 +1247,10 @@ def _refit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ar
         stem = results_stem(args.dataset, mode, args.search, args.num_samples, explicit_map_params(args, mode))
         source = Path(args.results_dir) / f"{stem}.json"
         if not source.exists():
+            params = "".join(f" --{p} {v:g}" for p, v in explicit_map_params(args, mode).items())
             parser.error(f"--refit needs the result file {training.repo_relative(source)}: run `python3 "
-                         f"real_world_mil.py --dataset {args.dataset} --mode {mode} --search {args.search}` first")
+                         f"real_world_mil.py --dataset {args.dataset} --mode {mode}{params} --search {args.search}` "
+                         "first")
     training_data(args.dataset, args.data_dir)  # a missing or corrupt file fails here, named
     return args
 
