@@ -311,9 +311,8 @@ class BatchedBagClassifier(nn.Module):
         scores = self.scale[bags.owner].unsqueeze(1) * scores  # (R, H)
         grid = torch.cat([scores, scores.new_full((1, h), float("-inf"))]).index_select(0, bags.slot.reshape(-1))
         weights = self._attention(grid.view(m, b, n, h).transpose(2, 3))  # (M, B, H, N)
-        real = bags.slot.reshape(-1) < len(rows)
-        row_weights = weights.transpose(2, 3).reshape(-1, h)[real]  # (R, H), A_hn of each real instance
-        bag_of_row = torch.repeat_interleave(torch.arange(m * b, device=rows.device), real.view(m * b, n).sum(1))
+        row_weights = weights.transpose(2, 3).reshape(-1, h)[bags.real.reshape(-1)]  # (R, H), A_hn of each real instance
+        bag_of_row = torch.repeat_interleave(torch.arange(m * b, device=rows.device), bags.real.view(m * b, n).sum(1))
         terms = row_weights.unsqueeze(-1) * rows.unsqueeze(1)  # (R, H, w): A_hn x_n
         pooled = rows.new_zeros(m * b, h, rows.shape[1]).index_add(0, bag_of_row, terms)
         return self._pooled_output(pooled.view(m, b, h, -1), weights)
@@ -381,21 +380,20 @@ class BatchedBagClassifier(nn.Module):
                 h = torch.addmm(biases[m], h, weights[m])
                 h = torch.relu(h) if i < self.shape.emb_layers else h
             rows.append(h)
-        h = self._bag_dropout(torch.cat(rows), bags.slot)
+        h = self._bag_dropout(torch.cat(rows), bags.real)
         return F.layer_norm(h, h.shape[-1:], eps=1e-5) * self.p("norm_in.w")[bags.owner] + self.p("norm_in.b")[bags.owner]
 
-    def _bag_dropout(self, h: Tensor, slot: Tensor | None = None) -> Tensor:
+    def _bag_dropout(self, h: Tensor, real: Tensor | None = None) -> Tensor:
         """Training: instance embedding n of bag b of model m zeroed whole with rate r_m, kept ones x 1/(1 - r_m)
-        (``InstanceDropout`` per model); h (M, B, N, w), or ragged rows (R, w) placed by ``slot`` (M, B, N):
-        the mask is drawn over (M, B, N) either way, so both layouts drop the same instances."""
+        (``InstanceDropout`` per model); h (M, B, N, w), or ragged rows (R, w) of the instances that ``real``
+        (M, B, N) marks: the mask is drawn over (M, B, N) either way, so both layouts drop the same instances."""
         if not self.training or not bool((self.bag_dropout_p > 0).any()):
             return h
-        grid = h.shape[:-1] if slot is None else slot.shape
+        grid = h.shape[:-1] if real is None else real.shape
         p = self.bag_dropout_p.view(-1, 1, 1)
         keep = torch.rand(grid, generator=self.generator, dtype=h.dtype, device=h.device) >= p
-        if slot is None:
+        if real is None:
             return h * keep.unsqueeze(-1) / (1 - p).unsqueeze(-1)
-        real = slot < h.shape[0]
         return h * keep[real].unsqueeze(-1) / (1 - p.expand(grid)[real]).unsqueeze(-1)
 
     def forward(self, x: Tensor | "RaggedBags", pad: Tensor | None = None) -> Tensor:
@@ -702,13 +700,14 @@ class BagGatherer:
 class RaggedBags:
     """Instances of M models' bag batches (M, B) without padding: ``x`` (R, d) holds model 0's rows, then
     model 1's, ... (``counts[m]`` rows each: its bags in order, each bag's instances in order; ``owner`` (R,)
-    the model of each row); ``slot`` (M, B, N) is the row of x holding instance n of bag b, R at padding
-    (``BatchedBagClassifier._embed_ragged``)."""
+    the model of each row); ``slot`` (M, B, N) is the row of x holding instance n of bag b, R at padding,
+    and ``real`` (M, B, N) = slot < R marks the real instances (``BatchedBagClassifier._embed_ragged``)."""
 
     x: Tensor
     counts: list[int]
     owner: Tensor
     slot: Tensor
+    real: Tensor
 
 
 class RaggedBagGatherer:
@@ -752,7 +751,7 @@ class RaggedBagGatherer:
             x = (self.instances[source] - mean[models]) / std[models]
         else:
             x = self.instances[source]
-        return RaggedBags(x, counts.tolist(), owner, slot), pad
+        return RaggedBags(x, counts.tolist(), owner, slot, real), pad
 
 
 def batched_auc(scores: Tensor, labels: Tensor, valid: Tensor) -> Tensor:

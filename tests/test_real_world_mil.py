@@ -238,6 +238,7 @@ def test_ragged_gatherer_holds_the_padded_batch_without_its_padding(max_bytes):
         assert bags.counts == (~pad).reshape(len(idx), -1).sum(1).tolist() and len(bags.x) == sum(bags.counts)
         assert torch.equal(bags.x[bags.slot[~pad]], x_ref[~pad]) and (bags.slot[pad] == len(bags.x)).all()
         assert torch.equal(bags.slot[~pad], torch.arange(len(bags.x)))  # model-major, bag by bag, in order
+        assert torch.equal(bags.real, ~pad)
         assert torch.equal(bags.owner, torch.arange(len(idx)).repeat_interleave(torch.tensor(bags.counts)))
     bags, _ = bm.RaggedBagGatherer(data)(idx)
     assert torch.equal(bags.x, data[0][idx][~data[2][idx]])  # no standardization
